@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 KEY_PREFIX = "qvq:task:"
+CANCEL_CHANNEL = "qvq:cancel"  # carries task ids whose cancel was asked for, to every worker
 
 QUEUED = "task.queued"
 STARTED = "task.started"

@@ -1,0 +1,286 @@
+"""Persistence through SQLAlchemy: one task row per job, one usage row per billed attempt.
+
+The terminal write is the exactly-once claim: it only succeeds while the task is not yet terminal,
+and the usage row is unique per (task, attempt), so a redelivered task never doubles a result or a bill.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from contracts.job import JobRequest
+
+QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = "queued", "running", "completed", "failed", "cancelled"
+TERMINAL = (COMPLETED, FAILED, CANCELLED)
+
+metadata = sa.MetaData()
+
+tasks = sa.Table(
+    "qvq_tasks", metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("model", sa.String(64), nullable=False),
+    sa.Column("tenant", sa.String(128), index=True),
+    sa.Column("conversation_id", sa.String(128), index=True),
+    sa.Column("idempotency_key", sa.String(256), unique=True),
+    sa.Column("request", sa.JSON, nullable=False),
+    sa.Column("reasoning", sa.Text),
+    sa.Column("answer", sa.Text),
+    sa.Column("error_code", sa.String(64)),
+    sa.Column("error_message", sa.Text),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("images", sa.JSON),
+    sa.Column("usage", sa.JSON),
+    sa.Column("cost", sa.JSON),
+    sa.Column("timings", sa.JSON),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True)),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+)
+
+usage = sa.Table(
+    "qvq_usage", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("task_id", sa.String(128), sa.ForeignKey("qvq_tasks.id"), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("model", sa.String(64), nullable=False),
+    sa.Column("tenant", sa.String(128)),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False),
+    sa.Column("completion_tokens", sa.Integer, nullable=False),
+    sa.Column("total_tokens", sa.Integer, nullable=False),
+    sa.Column("input_cost", sa.Numeric(18, 6), nullable=False),
+    sa.Column("output_cost", sa.Numeric(18, 6), nullable=False),
+    sa.Column("total_cost", sa.Numeric(18, 6), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("task_id", "attempt", name="uq_qvq_usage_task_attempt"),
+)
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    id: str
+    status: str
+    model: str
+    tenant: str | None
+    conversation_id: str | None
+    request: dict[str, Any]
+    reasoning: str | None
+    answer: str | None
+    error_code: str | None
+    error_message: str | None
+    attempts: int
+    images: list[dict[str, Any]] | None
+    usage: dict[str, Any] | None
+    cost: dict[str, Any] | None
+    timings: dict[str, Any] | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        for name in ("created_at", "started_at", "finished_at"):
+            out[name] = out[name].isoformat() if out[name] else None
+        out["task_id"] = out.pop("id")
+        out["metadata"] = self.request.get("metadata") or {}
+        out["error"] = (
+            {"code": self.error_code, "message": self.error_message} if self.error_code else None
+        )
+        return out
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a finished attempt leaves behind."""
+
+    status: str
+    attempt: int
+    reasoning: str = ""
+    answer: str = ""
+    error_code: str | None = None
+    error_message: str | None = None
+    images: list[dict[str, Any]] | None = None
+    usage: dict[str, Any] | None = None
+    cost: dict[str, Any] | None = None
+    timings: dict[str, Any] | None = None
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                                  pool_size=20, max_overflow=200)
+        sa.event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return sa.create_engine(url, pool_size=20, max_overflow=50, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+class Store:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def from_url(cls, url: str) -> Store:
+        store = cls(make_engine(url))
+        store.create_schema()
+        return store
+
+    def create_schema(self) -> None:
+        metadata.create_all(self.engine, checkfirst=True)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- producer side -------------------------------------------------------------------------
+    def create_task(self, job: JobRequest) -> tuple[TaskRecord, bool]:
+        """Insert the queued task; with an idempotency key already used, return the first task instead."""
+        if job.idempotency_key:
+            existing = self.find_by_idempotency_key(job.idempotency_key)
+            if existing:
+                return existing, False
+        row = {
+            "id": job.task_id, "status": QUEUED, "model": job.model, "tenant": job.tenant,
+            "conversation_id": job.conversation_id, "idempotency_key": job.idempotency_key,
+            "request": job.to_payload(), "attempts": 0, "created_at": now(),
+        }
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(tasks.insert().values(**row))
+        except sa.exc.IntegrityError:
+            existing = (self.find_by_idempotency_key(job.idempotency_key) if job.idempotency_key else None)
+            if existing:
+                return existing, False
+            raise
+        record = self.get(job.task_id)
+        assert record is not None
+        return record, True
+
+    def find_by_idempotency_key(self, key: str) -> TaskRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(tasks.select().where(tasks.c.idempotency_key == key)).mappings().first()
+        return TaskRecord(**row) if row else None
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(tasks.select().where(tasks.c.id == task_id)).mappings().first()
+        return TaskRecord(**row) if row else None
+
+    def delete(self, task_id: str) -> None:
+        """Remove a task that could not be enqueued, so no row stays queued forever."""
+        with self.engine.begin() as conn:
+            conn.execute(usage.delete().where(usage.c.task_id == task_id))
+            conn.execute(tasks.delete().where(tasks.c.id == task_id))
+
+    # -- worker side ---------------------------------------------------------------------------
+    def start_attempt(self, task_id: str) -> int | None:
+        """Mark the task running and count the attempt; None when it is terminal (never run it again)."""
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                tasks.update()
+                .where(tasks.c.id == task_id, tasks.c.status.in_((QUEUED, RUNNING)))
+                .values(status=RUNNING, attempts=tasks.c.attempts + 1,
+                        started_at=sa.func.coalesce(tasks.c.started_at, now()))
+                .returning(tasks.c.attempts)
+            ).first()
+        return int(result[0]) if result else None
+
+    def finish(self, task_id: str, outcome: Outcome) -> bool:
+        """Write the terminal state and the bill in one transaction; False when already terminal."""
+        values: dict[str, Any] = {
+            "status": outcome.status, "reasoning": outcome.reasoning, "answer": outcome.answer,
+            "error_code": outcome.error_code, "error_message": outcome.error_message,
+            "usage": outcome.usage, "cost": outcome.cost, "timings": outcome.timings, "finished_at": now(),
+        }
+        if outcome.images is not None:
+            values["images"] = outcome.images
+        with self.engine.begin() as conn:
+            claimed = conn.execute(
+                tasks.update().where(tasks.c.id == task_id, tasks.c.status.notin_(TERMINAL)).values(**values)
+            ).rowcount
+            if not claimed:
+                return False
+            if outcome.usage and outcome.cost:
+                self._insert_usage(conn, task_id, outcome)
+        return True
+
+    def _insert_usage(self, conn: sa.Connection, task_id: str, outcome: Outcome) -> None:
+        task = conn.execute(sa.select(tasks.c.model, tasks.c.tenant).where(tasks.c.id == task_id)).first()
+        assert task is not None and outcome.usage is not None and outcome.cost is not None
+        conn.execute(usage.insert().values(
+            task_id=task_id, attempt=outcome.attempt, model=task.model, tenant=task.tenant,
+            prompt_tokens=int(outcome.usage.get("prompt_tokens") or 0),
+            completion_tokens=int(outcome.usage.get("completion_tokens") or 0),
+            total_tokens=int(outcome.usage.get("total_tokens") or 0),
+            input_cost=Decimal(str(outcome.cost["input"])), output_cost=Decimal(str(outcome.cost["output"])),
+            total_cost=Decimal(str(outcome.cost["total"])), created_at=now(),
+        ))
+
+    def cancel_if_queued(self, task_id: str) -> bool:
+        with self.engine.begin() as conn:
+            return bool(conn.execute(
+                tasks.update().where(tasks.c.id == task_id, tasks.c.status == QUEUED)
+                .values(status=CANCELLED, finished_at=now())
+            ).rowcount)
+
+    def history(self, conversation_id: str, before: dt.datetime) -> list[tuple[str, str]]:
+        """(prompt, answer) of the conversation's completed turns, oldest first."""
+        query = (
+            sa.select(tasks.c.request, tasks.c.answer)
+            .where(tasks.c.conversation_id == conversation_id, tasks.c.status == COMPLETED,
+                   tasks.c.created_at < before)
+            .order_by(tasks.c.created_at)
+        )
+        with self.engine.connect() as conn:
+            return [(row.request["prompt"], row.answer or "") for row in conn.execute(query)]
+
+    # -- reports -------------------------------------------------------------------------------
+    def list_tasks(self, *, status: str | None = None, since: dt.datetime | None = None,
+                   limit: int = 100) -> list[TaskRecord]:
+        query = tasks.select().order_by(tasks.c.created_at.desc()).limit(limit)
+        if status:
+            query = query.where(tasks.c.status == status)
+        if since:
+            query = query.where(tasks.c.created_at >= since)
+        with self.engine.connect() as conn:
+            return [TaskRecord(**row) for row in conn.execute(query).mappings()]
+
+    def usage_rows(self, task_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(usage.select().where(usage.c.task_id == task_id).order_by(usage.c.attempt))
+            return [dict(row) for row in rows.mappings()]
+
+    def usage_summary(self, by: str = "model") -> list[dict[str, Any]]:
+        column = {
+            "model": usage.c.model,
+            "tenant": usage.c.tenant,
+            "day": sa.func.date(usage.c.created_at),
+        }[by]
+        query = (
+            sa.select(column.label(by), sa.func.count().label("calls"),
+                      sa.func.sum(usage.c.prompt_tokens).label("prompt_tokens"),
+                      sa.func.sum(usage.c.completion_tokens).label("completion_tokens"),
+                      sa.func.sum(usage.c.total_cost).label("cost_cny"))
+            .group_by(column).order_by(column)
+        )
+        with self.engine.connect() as conn:
+            return [dict(row) for row in conn.execute(query).mappings()]

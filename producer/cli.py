@@ -1,0 +1,237 @@
+"""The `qvq` command. Exit codes: 0 done, 1 the task failed, 2 bad usage or input."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from contracts.errors import ConfigError, QvqError
+from contracts.settings import get_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+console = Console(highlight=False, soft_wrap=True)
+
+
+def _client() -> Any:
+    from producer.client import Client
+
+    return Client(get_settings())
+
+
+def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn our errors into one clear line and the right exit code."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (ConfigError, KeyError) as exc:
+            click.echo(f"error: {exc.args[0] if exc.args else exc}", err=True)
+            sys.exit(EXIT_USAGE)
+        except QvqError as exc:
+            click.echo(f"error: {exc.code}: {exc.message}", err=True)
+            sys.exit(EXIT_USAGE if exc.code in {"request.invalid", "model.unknown"} else EXIT_FAILED)
+        except TimeoutError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_FAILED)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """qvq-queue: visual-reasoning jobs on Alibaba QVQ, streamed live, persisted with their bill."""
+
+
+@main.command()
+@click.argument("images", nargs=-1)
+@click.option("--prompt", help="The question (a sample one is used when omitted).")
+@friendly_errors
+def demo(images: tuple[str, ...], prompt: str | None) -> None:
+    """Run the whole pipeline on embedded defaults and stream the thinking and the answer."""
+    from producer.demo import run_demo
+
+    sys.exit(run_demo(images, prompt, console))
+
+
+@main.command()
+@click.argument("images", nargs=-1)
+@click.option("--prompt", required=True, help="The question about the images.")
+@click.option("--model", help="qvq-max (default from QVQ_MODEL), qvq-plus, or a dated snapshot.")
+@click.option("--conversation", "conversation_id", help="Continue this conversation.")
+@click.option("--high-resolution", is_flag=True, help="Per-image token cap 16384 instead of 1280.")
+@click.option("--tenant", help="Who pays; usage is accounted per tenant.")
+@click.option("--task-id", help="Choose the task id (default: a UUID).")
+@click.option("--idempotency-key", help="A repeated submit with the same key returns the first task.")
+@click.option("--follow", is_flag=True, help="Stream the task's events until it ends.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@friendly_errors
+def submit(images: tuple[str, ...], prompt: str, model: str | None, conversation_id: str | None,
+           high_resolution: bool, tenant: str | None, task_id: str | None, idempotency_key: str | None,
+           follow: bool, as_json: bool) -> None:
+    """Enqueue a job; prints the task id (or follows it live with --follow)."""
+    fields = {k: v for k, v in {"conversation_id": conversation_id, "tenant": tenant, "task_id": task_id,
+                                "idempotency_key": idempotency_key}.items() if v}
+    if high_resolution:
+        fields["high_resolution"] = True
+    with _client() as client:
+        handle = client.submit(images=list(images), prompt=prompt, model=model, **fields)
+        if not follow:
+            click.echo(json.dumps({"task_id": handle.task_id, "created": handle.created}) if as_json
+                       else handle.task_id)
+            return
+        sys.exit(_follow(client, handle.task_id, 0, as_json))
+
+
+def _follow(client: Any, task_id: str, from_seq: int, as_json: bool) -> int:
+    from producer.render import EventRenderer, print_json_events
+
+    events = client.events(task_id, from_seq=from_seq)
+    terminal = print_json_events(events, sys.stdout) if as_json else EventRenderer(console).render_all(events)
+    return EXIT_OK if terminal and terminal["type"] == "task.completed" else EXIT_FAILED
+
+
+@main.command()
+@click.argument("task_id")
+@click.option("--from-seq", default=0, show_default=True, help="Only events after this seq.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per line.")
+@friendly_errors
+def follow(task_id: str, from_seq: int, as_json: bool) -> None:
+    """Replay and then follow a task's events live."""
+    with _client() as client:
+        client.get(task_id)
+        sys.exit(_follow(client, task_id, from_seq, as_json))
+
+
+@main.command()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="The whole record as JSON.")
+@friendly_errors
+def result(task_id: str, as_json: bool) -> None:
+    """Show the persisted result of a task."""
+    with _client() as client:
+        record = client.get(task_id)
+    if as_json:
+        click.echo(json.dumps(record.to_dict(), ensure_ascii=False, indent=2, default=str))
+    else:
+        _print_record(record)
+    sys.exit(EXIT_OK if record.status in {"completed", "queued", "running"} else EXIT_FAILED)
+
+
+def _print_record(record: Any) -> None:
+    console.print(f"[bold]{record.id}[/]  {record.status}  model={record.model}  attempts={record.attempts}")
+    if record.reasoning:
+        console.rule("Thinking", style="dim", align="left")
+        console.print(record.reasoning, style="dim", markup=False)
+    if record.answer:
+        console.rule("Answer", style="bold green", align="left")
+        console.print(record.answer, markup=False)
+    if record.error_code:
+        console.print(f"[red]{record.error_code}[/]: {record.error_message}")
+    if record.usage:
+        console.print(f"usage: {json.dumps(record.usage)}")
+    if record.cost:
+        console.print(f"cost: {record.cost['total']} {record.cost['currency']}")
+    if record.timings:
+        console.print(f"timings: {json.dumps(record.timings)}")
+
+
+@main.command()
+@click.argument("task_id")
+@friendly_errors
+def cancel(task_id: str) -> None:
+    """Stop a queued or running task."""
+    with _client() as client:
+        changed = client.cancel(task_id)
+    click.echo("cancel requested" if changed else "already finished")
+
+
+@main.command()
+@click.option("--by", type=click.Choice(["model", "tenant", "day"]), default="model", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def usage(by: str, as_json: bool) -> None:
+    """Tokens and cost, grouped."""
+    with _client() as client:
+        rows = client.store.usage_summary(by)
+    if as_json:
+        click.echo(json.dumps(rows, default=str, indent=2))
+        return
+    table = Table(by, "calls", "prompt tokens", "completion tokens", "cost (CNY)")
+    for row in rows:
+        table.add_row(str(row[by]), str(row["calls"]), str(row["prompt_tokens"]),
+                      str(row["completion_tokens"]), str(row["cost_cny"]))
+    console.print(table)
+
+
+@main.command()
+@click.option("--since", help="ISO date/time or a number of hours ago (e.g. 24).")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def failed(since: str | None, as_json: bool) -> None:
+    """List failed tasks with their error codes."""
+    with _client() as client:
+        records = client.store.list_tasks(status="failed", since=_parse_since(since))
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in records], default=str, indent=2))
+        return
+    table = Table("task", "created", "code", "message")
+    for r in records:
+        table.add_row(r.id, r.created_at.isoformat(timespec="seconds"), r.error_code or "", r.error_message or "")
+    console.print(table)
+
+
+def _parse_since(since: str | None) -> dt.datetime | None:
+    if not since:
+        return None
+    try:
+        return dt.datetime.now(dt.UTC) - dt.timedelta(hours=float(since))
+    except ValueError:
+        pass
+    try:
+        parsed = dt.datetime.fromisoformat(since)
+    except ValueError as exc:
+        raise ConfigError(f"--since {since!r}: expected hours or an ISO date") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def worker(ctx: click.Context) -> None:
+    """Run a worker (threads pool, queue qvq); extra options go to `celery worker`."""
+    from worker.app import app
+
+    settings = get_settings()
+    argv = ["worker", "-Q", "qvq", "-P", "threads", "-c", str(settings.worker_concurrency),
+            "--without-gossip", "--without-mingle", *ctx.args]
+    app.worker_main(argv)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8001, show_default=True)
+@click.option("--tps", default=0.0, show_default=True, help="Tokens per second (0: as fast as possible).")
+@click.option("--first-token-s", default=0.0, show_default=True, help="Delay before the first token.")
+@click.option("--reasoning-tokens", default=40, show_default=True)
+@click.option("--answer-tokens", default=20, show_default=True)
+def emulator(host: str, port: int, tps: float, first_token_s: float, reasoning_tokens: int,
+             answer_tokens: int) -> None:
+    """Run the QVQ-compatible emulator (OpenAI-style streaming HTTP)."""
+    from emulator.server import EmulatorConfig, serve
+
+    config = EmulatorConfig(tps=tps, first_token_s=first_token_s, reasoning_tokens=reasoning_tokens,
+                            answer_tokens=answer_tokens)
+    click.echo(f"QVQ emulator on http://{host}:{port}/v1  (QVQ_BASE_URL=http://{host}:{port}/v1)", err=True)
+    serve(host, port, config)
+
+
+if __name__ == "__main__":
+    main()

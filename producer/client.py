@@ -1,0 +1,182 @@
+"""The Python client: submit a job, follow its events, wait for its result, cancel it.
+
+    client = Client()
+    handle = client.submit(images=["s3://bucket/photo.jpg"], prompt="What is wrong with this circuit?")
+    for event in handle.events():
+        ...
+    result = handle.result(timeout=300)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery
+
+from contracts import events as ev
+from contracts.bus import EventBus
+from contracts.errors import QvqError, RequestError
+from contracts.job import QUEUE, TASK_NAME, JobRequest, parse_job
+from contracts.settings import Settings, get_settings
+from contracts.store import FAILED, Outcome, Store, TaskRecord
+
+CANCEL_TTL_S = 86_400
+
+
+class EnqueueError(QvqError):
+    """The job could not be handed to the queue (Redis or the broker is unreachable); nothing was lost."""
+
+    default_code = "internal"
+
+
+@dataclass(frozen=True)
+class TaskHandle:
+    task_id: str
+    created: bool  # False when an idempotency key returned an earlier task
+    client: Client
+
+    def events(self, from_seq: int = 0, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        return self.client.events(self.task_id, from_seq=from_seq, timeout=timeout)
+
+    def result(self, timeout: float | None = None) -> TaskRecord:
+        return self.client.result(self.task_id, timeout=timeout)
+
+    def status(self) -> str:
+        return self.client.get(self.task_id).status
+
+    def cancel(self) -> bool:
+        return self.client.cancel(self.task_id)
+
+
+class Client:
+    def __init__(self, settings: Settings | None = None, *, store: Store | None = None,
+                 redis_client: redis.Redis | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.redis = redis_client or redis.Redis.from_url(
+            self.settings.redis_url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+        self.bus = EventBus(self.redis, ttl_s=self.settings.event_ttl_s)
+        self.store = store or Store.from_url(self.settings.database_url)
+        self._celery: Celery | None = None
+
+    # -- submit --------------------------------------------------------------------------------
+    def submit(self, images: Sequence[str] = (), prompt: str = "", model: str | None = None,
+               **fields: Any) -> TaskHandle:
+        """Validate and enqueue one job (fields as in the job request table); returns its handle."""
+        request = {"images": [_as_ref(ref) for ref in images], "prompt": prompt, **fields}
+        if model is not None:
+            request["model"] = model
+        return self.submit_request(request)
+
+    def submit_request(self, request: dict[str, Any]) -> TaskHandle:
+        job = parse_job(request, default_model=self.settings.model)
+        record, created = self.store.create_task(job)
+        if not created:
+            return TaskHandle(record.id, False, self)
+        if record.id != job.task_id:
+            raise RequestError(f"task id {job.task_id!r} is already taken", field="task_id")
+        self._enqueue(job)
+        return TaskHandle(job.task_id, True, self)
+
+    def _enqueue(self, job: JobRequest) -> None:
+        try:
+            self.bus.publish(job.task_id, ev.QUEUED, 0, model=job.model, image_count=len(job.images))
+            self.celery.send_task(
+                TASK_NAME, args=[job.to_payload()], task_id=job.task_id, queue=QUEUE, serializer="json",
+                retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+            )
+        except Exception as exc:
+            message = f"could not enqueue task {job.task_id}: {type(exc).__name__}: {exc}"
+            self.store.finish(job.task_id, Outcome(status=FAILED, attempt=0, error_code="internal",
+                                                    error_message=message))
+            raise EnqueueError(message) from exc
+
+    @property
+    def celery(self) -> Celery:
+        if self._celery is None:
+            app = Celery("qvq-producer", set_as_current=False)
+            app.conf.update(
+                broker_url=self.settings.celery_broker_url,
+                broker_connection_timeout=5,
+                broker_connection_retry=False,
+                broker_transport_options={"visibility_timeout": self.settings.visibility_timeout_s},
+                task_serializer="json",
+                accept_content=["json"],
+            )
+            self._celery = app
+        return self._celery
+
+    # -- read ----------------------------------------------------------------------------------
+    def handle(self, task_id: str) -> TaskHandle:
+        self.get(task_id)
+        return TaskHandle(task_id, False, self)
+
+    def get(self, task_id: str) -> TaskRecord:
+        record = self.store.get(task_id)
+        if record is None:
+            raise KeyError(f"no task {task_id!r}")
+        return record
+
+    def events(self, task_id: str, from_seq: int = 0, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Every event of the task after from_seq, replayed then live, ending after the terminal one."""
+        return self.bus.subscribe(task_id, from_seq=from_seq, timeout=timeout)
+
+    follow = events
+
+    def result(self, task_id: str, timeout: float | None = None) -> TaskRecord:
+        """Block until the task is terminal (or TimeoutError) and return the persisted record."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        record = self.get(task_id)
+        while not record.is_terminal:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                for event in self.events(task_id, timeout=remaining):
+                    if ev.is_terminal(event):
+                        break
+            except TimeoutError:
+                raise TimeoutError(f"task {task_id} did not finish within {timeout:g} s") from None
+            record = self._wait_for_row(task_id, deadline)
+        return record
+
+    def _wait_for_row(self, task_id: str, deadline: float | None) -> TaskRecord:
+        # The worker persists before it publishes, but the log may outlive the row's status change by
+        # a moment on replicas; poll briefly.
+        while True:
+            record = self.get(task_id)
+            if record.is_terminal or (deadline is not None and time.monotonic() > deadline):
+                return record
+            time.sleep(0.05)
+
+    # -- cancel --------------------------------------------------------------------------------
+    def cancel(self, task_id: str) -> bool:
+        """Stop a queued or running task; False when it had already finished."""
+        record = self.get(task_id)
+        if record.is_terminal:
+            return False
+        self.redis.set(ev.cancel_key(task_id), "1", ex=CANCEL_TTL_S)
+        if self.store.cancel_if_queued(task_id):
+            self.bus.publish(task_id, ev.CANCELLED, record.attempts)
+            return True
+        self.redis.publish(ev.CANCEL_CHANNEL, task_id)
+        return True
+
+    def close(self) -> None:
+        self.store.dispose()
+        self.redis.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _as_ref(ref: str) -> str:
+    """A local path becomes an absolute file:// reference, so a worker elsewhere on the host finds it."""
+    if "://" in ref:
+        return ref
+    return "file://" + os.path.abspath(os.path.expanduser(ref))

@@ -1,0 +1,85 @@
+"""`qvq demo`: the whole pipeline on embedded defaults, torn down cleanly at the end.
+
+Redis: the one at REDIS_URL if it answers, else an embedded server. Store: SQLite. Model: the
+emulator on a free port, unless DASHSCOPE_API_KEY is set (then the real service). Worker: a child
+process running the real Celery worker with the threads pool.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+from rich.console import Console
+
+from contracts.settings import Settings
+from producer.client import Client
+from producer.embedded import EmbeddedRedis, redis_reachable
+from producer.render import EventRenderer
+
+SAMPLE_IMAGE = Path(__file__).parent / "samples" / "triangle.png"
+DEFAULT_PROMPT = "What is the area of the triangle in this picture? Show your reasoning."
+
+
+def demo_environment(stack: ExitStack, console: Console) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("DATABASE_URL", "sqlite:///" + str(Path("qvq.db").resolve()))
+    env["QVQ_ALLOW_LOCAL_FILES"] = "1"
+    env.setdefault("LOG_LEVEL", "WARNING")
+    redis_url = env.get("REDIS_URL") or Settings().redis_url
+    if redis_reachable(redis_url):
+        console.print(f"[dim]redis:[/] {redis_url}")
+    else:
+        server = stack.enter_context(EmbeddedRedis())
+        env["REDIS_URL"] = server.url
+        env.pop("CELERY_BROKER_URL", None)
+        console.print(f"[dim]redis:[/] embedded {Path(server.binary).name} at {server.url}")
+    if env.get("DASHSCOPE_API_KEY"):
+        console.print(f"[dim]model:[/] {env.get('QVQ_BASE_URL') or Settings().base_url} (real service)")
+    else:
+        from emulator.server import EmulatorConfig, EmulatorServer
+
+        config = EmulatorConfig(tps=120.0, first_token_s=0.3, reasoning_tokens=160, answer_tokens=60)
+        emulator = stack.enter_context(EmulatorServer(config))
+        env["QVQ_BASE_URL"] = emulator.url
+        console.print(f"[dim]model:[/] QVQ emulator at {emulator.url} (set DASHSCOPE_API_KEY for the real one)")
+    console.print(f"[dim]store:[/] {env['DATABASE_URL']}")
+    return env
+
+
+def start_worker(env: dict[str, str], concurrency: int = 8) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "qvq", "-P", "threads",
+            "-c", str(concurrency), "-n", f"qvq-demo-{os.getpid()}@%h", "--without-gossip",
+            "--without-mingle", "--without-heartbeat", "--loglevel", env.get("LOG_LEVEL", "WARNING")]
+    return subprocess.Popen(args, env=env, start_new_session=True)
+
+
+def stop_worker(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    process.terminate()  # SIGTERM: Celery's warm shutdown
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def run_demo(images: Sequence[str], prompt: str | None, console: Console | None = None) -> int:
+    console = console or Console(highlight=False, soft_wrap=True)
+    started = time.monotonic()
+    with ExitStack() as stack:
+        env = demo_environment(stack, console)
+        worker = start_worker(env)
+        stack.callback(stop_worker, worker)
+        client = stack.enter_context(Client(Settings.from_env(env)))
+        handle = client.submit(images=list(images) or [str(SAMPLE_IMAGE)], prompt=prompt or DEFAULT_PROMPT)
+        terminal = EventRenderer(console).render_all(handle.events(timeout=600))
+        record = client.get(handle.task_id)
+        console.print(f"[dim]task {handle.task_id} {record.status}; "
+                      f"demo took {time.monotonic() - started:.1f} s; "
+                      f"`qvq result {handle.task_id}` shows it again[/]")
+    return 0 if terminal and terminal["type"] == "task.completed" else 1

@@ -1,0 +1,118 @@
+"""Cancellation and the per-task time limit: one thread per worker process watches the cancel channel
+and the deadlines of running streams, and closes a stream's HTTP response so the model stops
+generating (and billing) at once, even when the stream is stalled."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import redis
+
+from contracts import events as ev
+from contracts.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class RunWatch:
+    """What the watcher knows of one running task."""
+
+    def __init__(self, task_id: str, deadline: float) -> None:
+        self.task_id = task_id
+        self.deadline = deadline
+        self.cancelled = False
+        self.timed_out = False
+        self._stream: Any = None
+        self._lock = threading.Lock()
+
+    def should_stop(self) -> bool:
+        if not self.timed_out and time.monotonic() >= self.deadline:
+            self.timed_out = True
+        return self.cancelled or self.timed_out
+
+    def attach(self, stream: Any) -> None:
+        with self._lock:
+            self._stream = stream
+        if self.should_stop():
+            self.close_stream()
+
+    def close_stream(self) -> None:
+        with self._lock:
+            stream, self._stream = self._stream, None
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # closing a broken connection may raise; the stream is gone either way
+                log.debug("stream.close_failed", task_id=self.task_id)
+
+
+class CancelWatcher:
+    def __init__(self, client: redis.Redis, poll_s: float = 0.2) -> None:
+        self.redis = client
+        self.poll_s = poll_s
+        self._runs: dict[str, RunWatch] = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="qvq-cancel-watcher", daemon=True)
+        self._thread.start()
+
+    def register(self, task_id: str, timeout_s: float) -> RunWatch:
+        watch = RunWatch(task_id, time.monotonic() + timeout_s)
+        with self._lock:
+            self._runs[task_id] = watch
+        watch.cancelled = self.is_cancel_requested(task_id)
+        return watch
+
+    def unregister(self, task_id: str) -> None:
+        with self._lock:
+            self._runs.pop(task_id, None)
+
+    def is_cancel_requested(self, task_id: str) -> bool:
+        return bool(self.redis.exists(ev.cancel_key(task_id)))
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                self._listen()
+            except redis.RedisError as exc:
+                log.warning("cancel_watcher.redis_error", error=str(exc))
+                self._stopped.wait(1.0)
+
+    def _listen(self) -> None:
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(ev.CANCEL_CHANNEL)
+            self._recheck_flags()  # a cancel published while we were not listening
+            while not self._stopped.is_set():
+                message = pubsub.get_message(timeout=self.poll_s)
+                if message is not None:
+                    self._cancel(message["data"].decode())
+                self._enforce_deadlines()
+        finally:
+            pubsub.close()
+
+    def _cancel(self, task_id: str) -> None:
+        with self._lock:
+            watch = self._runs.get(task_id)
+        if watch is not None:
+            watch.cancelled = True
+            watch.close_stream()
+
+    def _recheck_flags(self) -> None:
+        with self._lock:
+            ids = list(self._runs)
+        for task_id in ids:
+            if self.is_cancel_requested(task_id):
+                self._cancel(task_id)
+
+    def _enforce_deadlines(self) -> None:
+        with self._lock:
+            watches = list(self._runs.values())
+        for watch in watches:
+            if watch.should_stop():
+                watch.close_stream()

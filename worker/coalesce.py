@@ -1,0 +1,113 @@
+"""Delta coalescing: text is flushed as one event after `max_delay_s` since the first unflushed
+character or once `max_chars` are buffered, and always before any other event.
+
+One background thread per process flushes buffers whose deadline passed while their stream was quiet.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+
+Emit = Callable[[str, str], None]  # (event type, text)
+
+
+class DeltaCoalescer:
+    def __init__(self, emit: Emit, *, max_delay_s: float, max_chars: int, flusher: Flusher | None = None) -> None:
+        self._emit = emit
+        self._max_delay_s = max_delay_s
+        self._max_chars = max_chars
+        self._flusher = flusher or default_flusher()
+        self._lock = threading.Lock()
+        self._kind: str | None = None
+        self._parts: list[str] = []
+        self._size = 0
+        self._since = 0.0
+        self.flushes = 0
+
+    def add(self, kind: str, text: str) -> None:
+        if not text:
+            return
+        with self._lock:
+            if self._kind is not None and kind != self._kind:
+                self._flush_locked()
+            if not self._parts:
+                self._since = time.monotonic()
+                self._kind = kind
+                if self._max_delay_s > 0:
+                    self._flusher.schedule(self._since + self._max_delay_s, self)
+            self._parts.append(text)
+            self._size += len(text)
+            if self._size >= self._max_chars or time.monotonic() - self._since >= self._max_delay_s:
+                self._flush_locked()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def flush_if_due(self, now: float) -> None:
+        with self._lock:
+            if self._parts and now - self._since >= self._max_delay_s:
+                self._flush_locked()
+
+    def discard(self) -> None:
+        """Drop buffered text (its attempt failed)."""
+        with self._lock:
+            self._parts, self._size, self._kind = [], 0, None
+
+    def _flush_locked(self) -> None:
+        if not self._parts:
+            return
+        text, kind = "".join(self._parts), self._kind
+        self._parts, self._size, self._kind = [], 0, None
+        assert kind is not None
+        self._emit(kind, text)
+        self.flushes += 1
+
+
+class Flusher:
+    """Wakes at the earliest deadline and flushes the coalescers that are due."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, DeltaCoalescer]] = []
+        self._counter = itertools.count()
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="qvq-delta-flusher", daemon=True)
+        self._thread.start()
+
+    def schedule(self, deadline: float, coalescer: DeltaCoalescer) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (deadline, next(self._counter), coalescer))
+            if self._heap[0][2] is coalescer:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                deadline = self._heap[0][0]
+                now = time.monotonic()
+                if deadline > now:
+                    self._cond.wait(deadline - now)
+                    continue
+                _, _, coalescer = heapq.heappop(self._heap)
+            try:
+                coalescer.flush_if_due(time.monotonic())
+            except Exception:  # a failed publish must not stop flushing for every other task
+                continue
+
+
+_default: Flusher | None = None
+_default_lock = threading.Lock()
+
+
+def default_flusher() -> Flusher:
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Flusher()
+        return _default

@@ -1,0 +1,81 @@
+"""The outside systems of one worker process, built once (lazily, after any fork) and passed in."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import redis
+
+from contracts.bus import EventBus
+from contracts.settings import Settings, get_settings
+from contracts.store import Store
+from worker.cancel import CancelWatcher
+from worker.fetch import ImageFetcher
+from worker.model import QvqModel
+
+IMAGE_THREADS = 16
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    redis: redis.Redis
+    bus: EventBus
+    store: Store
+    fetcher: ImageFetcher
+    model: QvqModel
+    image_pool: ThreadPoolExecutor
+    cancels: CancelWatcher
+    name: str
+
+    @classmethod
+    def build(cls, settings: Settings) -> WorkerContext:
+        client = redis.Redis.from_url(
+            settings.redis_url, max_connections=settings.worker_concurrency + 50,
+            health_check_interval=30, socket_keepalive=True, retry_on_timeout=True,
+        )
+        return cls(
+            settings=settings,
+            redis=client,
+            bus=EventBus(client, ttl_s=settings.event_ttl_s),
+            store=Store.from_url(settings.database_url),
+            fetcher=ImageFetcher(settings),
+            model=QvqModel(settings),
+            image_pool=ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="qvq-images"),
+            cancels=CancelWatcher(client),
+            name=f"{socket.gethostname()}:{os.getpid()}",
+        )
+
+    def close(self) -> None:
+        self.cancels.stop()
+        self.image_pool.shutdown(wait=False, cancel_futures=True)
+        self.model.close()
+        self.fetcher.close()
+        self.store.dispose()
+        self.redis.close()
+
+
+_context: WorkerContext | None = None
+_context_pid: int | None = None
+_lock = threading.Lock()
+
+
+def get_context() -> WorkerContext:
+    global _context, _context_pid
+    with _lock:
+        if _context is None or _context_pid != os.getpid():
+            _context = WorkerContext.build(get_settings())
+            _context_pid = os.getpid()
+        return _context
+
+
+def close_context() -> None:
+    global _context
+    with _lock:
+        if _context is not None and _context_pid == os.getpid():
+            _context.close()
+        _context = None
