@@ -1,0 +1,103 @@
+"""Real services for the tests: Redis (the machine's or an embedded one), PostgreSQL when reachable,
+and Celery worker processes running the real worker code."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from producer.embedded import redis_reachable
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL_REDIS = "redis://127.0.0.1:6379/15"  # a dedicated db, flushed by the tests
+LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def postgres_url() -> str | None:
+    url = os.environ.get("QVQ_TEST_POSTGRES_URL", LOCAL_POSTGRES)
+    try:
+        engine = sa.create_engine(url, connect_args={"connect_timeout": 2})
+        with engine.connect() as conn:
+            conn.execute(sa.text("select 1"))
+        engine.dispose()
+        return url
+    except Exception:
+        return None
+
+
+def local_redis_url() -> str | None:
+    url = os.environ.get("QVQ_TEST_REDIS_URL", LOCAL_REDIS)
+    return url if redis_reachable(url) else None
+
+
+class WorkerProcess:
+    """`celery worker` for the project's app in a child process, its log kept in a file."""
+
+    def __init__(self, env: dict[str, str], *, concurrency: int = 20, name: str = "w1") -> None:
+        self.env = {**os.environ, **env, "LOG_FORMAT": "json", "LOG_LEVEL": env.get("LOG_LEVEL", "INFO"),
+                    "PYTHONPATH": str(REPO)}
+        self.concurrency = concurrency
+        self.name = name
+        self.log_path = Path(tempfile.mkstemp(prefix=f"qvq-worker-{name}-", suffix=".log")[1])
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_ready: float = 30.0) -> WorkerProcess:
+        args = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "qvq", "-P", "threads",
+                "-c", str(self.concurrency), "-n", f"{self.name}-{os.getpid()}-{time.monotonic_ns()}@%h",
+                "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                        cwd=REPO, start_new_session=True)
+        log.close()
+        self._wait_for("worker.ready", wait_ready)
+        return self
+
+    def _wait_for(self, marker: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if marker in self.log_path.read_text(errors="replace"):
+                return
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"worker exited at start:\n{self.log()[-4000:]}")
+            time.sleep(0.05)
+        raise RuntimeError(f"worker not ready within {timeout} s:\n{self.log()[-4000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL: what an OOM kill or a lost node looks like."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_in_thread(target: object) -> threading.Thread:
+    thread = threading.Thread(target=target, daemon=True)  # type: ignore[arg-type]
+    thread.start()
+    return thread
