@@ -1,0 +1,338 @@
+"""Fetching image references: s3://, oss://, https:// (http:// for local testing), file:// and local paths.
+
+Every third-party error (botocore, httpx, OS) is translated here into an ImageError:
+
+    image.not_found        404, NoSuchKey, NoSuchBucket, a missing file, an unknown host
+    image.access_denied    401/403, AccessDenied, bad credentials, a bucket not allowed, local files
+                           disabled, an address that is private/loopback/link-local (SSRF guard)
+    image.too_large        over settings.max_image_bytes (refused before download when the size is known)
+    image.fetch_failed     5xx, throttling, timeouts, connection errors, after a few retries (retryable)
+
+SSRF guard for URLs: the host is resolved once, every address is checked, and the connection goes to
+the checked address (with the original Host header and TLS server name), so a second DNS answer
+cannot swap in an internal address. Redirects are followed by hand and each hop is checked again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urljoin, urlsplit
+
+import boto3
+import httpx
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+from contracts.errors import ImageError
+from contracts.settings import Settings
+
+MAX_REDIRECTS = 5
+HTTP_ATTEMPTS = 3
+RETRY_DELAYS_S = (0.2, 0.6)
+POOL_CONNECTIONS = 50
+USER_AGENT = "qvq-queue-image-fetcher/0.1"
+
+_NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchVersion"}
+_DENIED_CODES = {
+    "AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
+    "AccountProblem", "InvalidSecurity", "ExpiredToken", "InvalidToken", "Forbidden",
+    "SecondLevelDomainForbidden", "UserDisable", "401", "Unauthorized",
+}
+_OSS_REGION = re.compile(r"(?:^|\.)oss-([a-z0-9-]+?)(?:-internal)?\.aliyuncs\.com$")
+#: NAT64 and 6to4 prefixes embed an IPv4 address that must be checked too.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+Resolver = Callable[[str, int], list[str]]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def resolve_host(host: str, port: int) -> list[str]:
+    """Every address the host resolves to (getaddrinfo, both families)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def is_public_address(ip: IPAddress) -> bool:
+    """False for private, loopback, link-local (incl. cloud metadata), multicast, reserved, shared."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (
+            ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None)
+        if embedded is not None:
+            return is_public_address(embedded)
+    return ip.is_global and not (
+        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
+        or ip.is_reserved or ip.is_unspecified
+    )
+
+
+def oss_region(settings: Settings) -> str | None:
+    """settings.oss_region, else parsed from an endpoint like https://s3.oss-cn-hangzhou.aliyuncs.com."""
+    if settings.oss_region:
+        return settings.oss_region
+    host = urlsplit(settings.oss_endpoint_url).hostname or ""
+    match = _OSS_REGION.search(host)
+    return match.group(1) if match else None
+
+
+class ImageFetcher:
+    """Fetches the bytes of one image reference; thread-safe, built once per worker process.
+
+    ``resolver`` and ``trusted`` exist for tests: ``trusted`` is a set of (ip, port) endpoints exempt
+    from the address check (and allowed over plain http), standing in for a public server.
+    """
+
+    def __init__(self, settings: Settings, *, resolver: Resolver | None = None,
+                 trusted: Collection[tuple[str, int]] = ()) -> None:
+        self.settings = settings
+        self.max_bytes = settings.max_image_bytes
+        self._resolve = resolver or resolve_host
+        self._trusted = {(str(ipaddress.ip_address(ip)), port) for ip, port in trusted}
+        self._lock = threading.Lock()
+        self._clients: dict[str, Any] = {}
+        self._http = httpx.Client(
+            timeout=httpx.Timeout(settings.fetch_timeout_s),
+            follow_redirects=False,
+            trust_env=False,  # a proxy would connect on our behalf and bypass the address check
+            limits=httpx.Limits(max_connections=POOL_CONNECTIONS, max_keepalive_connections=POOL_CONNECTIONS),
+            headers={"User-Agent": USER_AGENT, "Accept": "image/*"},
+        )
+
+    def close(self) -> None:
+        self._http.close()
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
+
+    def fetch(self, ref: str) -> bytes:
+        scheme = ref.split("://", 1)[0].lower() if "://" in ref else ""
+        if scheme in ("s3", "oss"):
+            return self._fetch_object(scheme, ref)
+        if scheme in ("https", "http"):
+            return self._fetch_url(ref)
+        if scheme in ("file", ""):
+            return self._fetch_file(ref)
+        raise ImageError(f"unsupported reference scheme {scheme}://; use s3://, oss://, https:// or a local path",
+                         code="image.access_denied", ref=ref)
+
+    # -- local files ---------------------------------------------------------------------------
+    def _fetch_file(self, ref: str) -> bytes:
+        if not self.settings.allow_local_files:
+            raise ImageError("local files are not allowed on this worker (set QVQ_ALLOW_LOCAL_FILES=1 to allow)",
+                             code="image.access_denied", ref=ref)
+        if ref.lower().startswith("file://"):
+            parts = urlsplit(ref)
+            if parts.netloc not in ("", "localhost"):
+                raise ImageError(f"file URL names a remote host {parts.netloc!r}", code="image.access_denied",
+                                 ref=ref)
+            path = Path(unquote(parts.path))
+        else:
+            path = Path(ref).expanduser()
+        try:
+            size = path.stat().st_size
+            if not path.is_file():
+                raise ImageError("not a regular file", code="image.not_found", ref=ref)
+            if size > self.max_bytes:
+                raise ImageError(f"{size:,} bytes, over the limit of {self.max_bytes:,}", code="image.too_large",
+                                 ref=ref)
+            with path.open("rb") as fh:
+                data = fh.read(self.max_bytes + 1)
+        except FileNotFoundError as exc:
+            raise ImageError("no such file", code="image.not_found", ref=ref) from exc
+        except PermissionError as exc:
+            raise ImageError("permission denied reading the file", code="image.access_denied", ref=ref) from exc
+        except OSError as exc:
+            raise ImageError(f"cannot read the file ({exc.strerror or exc})", code="image.not_found", ref=ref) from exc
+        self._check_read_size(len(data), ref)
+        return data
+
+    def _check_read_size(self, n: int, ref: str) -> None:
+        if n > self.max_bytes:
+            raise ImageError(f"more than {self.max_bytes:,} bytes", code="image.too_large", ref=ref)
+
+    # -- s3:// and oss:// ----------------------------------------------------------------------
+    def _client(self, scheme: str, ref: str) -> Any:
+        with self._lock:
+            client = self._clients.get(scheme)
+            if client is None:
+                client = self._clients[scheme] = self._make_client(scheme, ref)
+            return client
+
+    def _make_client(self, scheme: str, ref: str) -> Any:
+        timeouts: dict[str, Any] = {
+            "connect_timeout": self.settings.fetch_timeout_s, "read_timeout": self.settings.fetch_timeout_s,
+            "retries": {"mode": "standard", "max_attempts": 3}, "max_pool_connections": POOL_CONNECTIONS,
+        }
+        session = boto3.session.Session()
+        if scheme == "s3":
+            return session.client("s3", endpoint_url=self.settings.s3_endpoint_url or None, config=Config(**timeouts))
+        if not (self.settings.oss_endpoint_url and self.settings.oss_access_key_id):
+            raise ImageError("oss:// references need OSS_ENDPOINT_URL, OSS_ACCESS_KEY_ID and OSS_ACCESS_KEY_SECRET",
+                             code="image.access_denied", ref=ref)
+        return session.client(
+            "s3", endpoint_url=self.settings.oss_endpoint_url, region_name=oss_region(self.settings),
+            aws_access_key_id=self.settings.oss_access_key_id,
+            aws_secret_access_key=self.settings.oss_access_key_secret,
+            config=Config(
+                s3={"addressing_style": "virtual"}, signature_version="s3v4",
+                request_checksum_calculation="when_required", response_checksum_validation="when_required",
+                **timeouts,
+            ),
+        )
+
+    def _bucket_key(self, scheme: str, ref: str) -> tuple[str, str]:
+        rest = ref.split("://", 1)[1]
+        bucket, _, key = rest.partition("/")
+        if not bucket or not key:
+            raise ImageError(f"expected {scheme}://bucket/key", code="image.not_found", ref=ref)
+        allowed = self.settings.allowed_buckets
+        if allowed and bucket not in allowed and f"{scheme}://{bucket}" not in allowed:
+            raise ImageError(f"bucket {bucket!r} is not in QVQ_ALLOWED_BUCKETS", code="image.access_denied", ref=ref)
+        return bucket, key
+
+    def _fetch_object(self, scheme: str, ref: str) -> bytes:
+        bucket, key = self._bucket_key(scheme, ref)
+        client = self._client(scheme, ref)
+        try:
+            response = client.get_object(Bucket=bucket, Key=key)
+            body = response["Body"]
+            try:
+                size = int(response.get("ContentLength") or 0)
+                if size > self.max_bytes:
+                    raise ImageError(f"object is {size:,} bytes, over the limit of {self.max_bytes:,}; not downloaded",
+                                     code="image.too_large", ref=ref)
+                data: bytes = body.read(self.max_bytes + 1)
+            finally:
+                body.close()
+        except ClientError as exc:
+            raise _map_client_error(exc, bucket, key, ref) from exc
+        except NoCredentialsError as exc:
+            raise ImageError("no credentials to read the bucket", code="image.access_denied", ref=ref) from exc
+        except BotoCoreError as exc:
+            raise ImageError(f"object store unreachable ({type(exc).__name__}: {exc})", code="image.fetch_failed",
+                             ref=ref) from exc
+        self._check_read_size(len(data), ref)
+        return data
+
+    # -- https:// ------------------------------------------------------------------------------
+    def _fetch_url(self, ref: str) -> bytes:
+        url = ref
+        for _ in range(MAX_REDIRECTS + 1):
+            location = self._get_with_retries(url, ref)
+            if isinstance(location, bytes):
+                return location
+            url = location
+        raise ImageError(f"more than {MAX_REDIRECTS} redirects", code="image.fetch_failed", retryable=False, ref=ref)
+
+    def _get_with_retries(self, url: str, ref: str) -> bytes | str:
+        for attempt in range(HTTP_ATTEMPTS):
+            try:
+                return self._get_once(url, ref)
+            except ImageError as exc:
+                if not exc.retryable or attempt == HTTP_ATTEMPTS - 1:
+                    raise
+                time.sleep(RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)])
+        raise AssertionError("unreachable")
+
+    def _target(self, url: str, ref: str) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
+        """The URL to connect to (host replaced by a checked address), the Host header and TLS name."""
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise ImageError(f"invalid URL {url!r}", code="image.not_found", ref=ref) from exc
+        host, port = parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80)
+        if not host:
+            raise ImageError(f"URL without a host: {url}", code="image.not_found", ref=ref)
+        ip = self._checked_address(host, port, url, ref)
+        if parsed.scheme != "https" and not (self.settings.allow_private_urls or (ip, port) in self._trusted):
+            raise ImageError(f"plain http is refused ({url}); use https://", code="image.access_denied", ref=ref)
+        host_header = host if parsed.port is None else f"{host}:{parsed.port}"
+        if ":" in host and not host.startswith("["):
+            host_header = f"[{host}]" if parsed.port is None else f"[{host}]:{parsed.port}"
+        extensions = {"sni_hostname": host} if parsed.scheme == "https" else {}
+        return parsed.copy_with(host=ip), {"Host": host_header}, extensions
+
+    def _checked_address(self, host: str, port: int, url: str, ref: str) -> str:
+        try:
+            addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in self._resolve(host, port)]
+        except socket.gaierror as exc:
+            code = "image.not_found" if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)) \
+                else "image.fetch_failed"
+            raise ImageError(f"cannot resolve host {host!r} ({exc.strerror})", code=code, ref=ref) from exc
+        if not addresses:
+            raise ImageError(f"host {host!r} has no address", code="image.not_found", ref=ref)
+        if not self.settings.allow_private_urls:
+            for address in addresses:
+                if not is_public_address(address) and (str(address), port) not in self._trusted:
+                    raise ImageError(
+                        f"refused: {url} resolves to {address}, a private, loopback, link-local or reserved "
+                        "address (set QVQ_ALLOW_PRIVATE_URLS=1 only for local testing)",
+                        code="image.access_denied", ref=ref)
+        return str(addresses[0])
+
+    def _get_once(self, url: str, ref: str) -> bytes | str:
+        target, headers, extensions = self._target(url, ref)
+        try:
+            with self._http.stream("GET", target, headers=headers, extensions=extensions) as response:
+                if response.is_redirect:
+                    location = response.headers.get("location")
+                    if not location:
+                        raise ImageError(f"redirect without a Location from {url}", code="image.fetch_failed",
+                                         retryable=False, ref=ref)
+                    return urljoin(url, location)
+                _check_status(response.status_code, url, ref)
+                return self._read_capped(response, ref)
+        except httpx.TimeoutException as exc:
+            raise ImageError(f"timed out fetching {url} ({type(exc).__name__})", code="image.fetch_failed",
+                             ref=ref) from exc
+        except httpx.TransportError as exc:
+            raise ImageError(f"cannot fetch {url} ({type(exc).__name__}: {exc})", code="image.fetch_failed",
+                             ref=ref) from exc
+
+    def _read_capped(self, response: httpx.Response, ref: str) -> bytes:
+        declared = response.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_bytes:
+            raise ImageError(f"Content-Length {int(declared):,} is over the limit of {self.max_bytes:,}; not downloaded",
+                             code="image.too_large", ref=ref)
+        chunks: list[bytes] = []
+        total = 0
+        for chunk in response.iter_bytes():
+            total += len(chunk)
+            if total > self.max_bytes:
+                raise ImageError(f"more than {self.max_bytes:,} bytes; download stopped", code="image.too_large",
+                                 ref=ref)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _check_status(status: int, url: str, ref: str) -> None:
+    if status < 300:
+        return
+    if status in (404, 410):
+        raise ImageError(f"HTTP {status} from {url}", code="image.not_found", ref=ref)
+    if status in (401, 403):
+        raise ImageError(f"HTTP {status} from {url}: access denied", code="image.access_denied", ref=ref)
+    retryable = status >= 500 or status in (408, 429)
+    raise ImageError(f"HTTP {status} from {url}", code="image.fetch_failed", retryable=retryable, ref=ref)
+
+
+def _map_client_error(exc: ClientError, bucket: str, key: str, ref: str) -> ImageError:
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    where = f"bucket {bucket!r}, key {key!r}"
+    if code in _NOT_FOUND_CODES or status == 404:
+        what = "no such bucket" if code == "NoSuchBucket" else "no such object"
+        return ImageError(f"{what} ({where}; {code or status})", code="image.not_found", ref=ref)
+    if code in _DENIED_CODES or status in (401, 403):
+        return ImageError(f"access denied ({where}; {code or status})", code="image.access_denied", ref=ref)
+    retryable = status >= 500 or status in (408, 429) or "Throttl" in code or "SlowDown" in code
+    return ImageError(f"object store error ({where}; {code or status}: {error.get('Message', '')})",
+                      code="image.fetch_failed", retryable=retryable, ref=ref)
