@@ -66,8 +66,7 @@ def _setup_logging(**_: Any) -> None:
 @signals.worker_ready.connect
 def _announce(**_: Any) -> None:
     settings = get_settings()
-    log.info("worker.ready", concurrency=settings.worker_concurrency,
-             visibility_timeout_s=settings.visibility_timeout_s, task_timeout_s=settings.task_timeout_s,
+    log.info("worker.ready", visibility_timeout_s=settings.visibility_timeout_s, task_timeout_s=settings.task_timeout_s,
              model_endpoint=settings.base_url, real_service=settings.uses_real_service)
 
 
