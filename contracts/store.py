@@ -69,6 +69,7 @@ class TaskRecord:
     model: str
     tenant: str | None
     conversation_id: str | None
+    idempotency_key: str | None
     request: dict[str, Any]
     reasoning: str | None
     answer: str | None

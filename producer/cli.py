@@ -39,7 +39,7 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except QvqError as exc:
             click.echo(f"error: {exc.code}: {exc.message}", err=True)
             sys.exit(EXIT_USAGE if exc.code in {"request.invalid", "model.unknown"} else EXIT_FAILED)
-        except TimeoutError as exc:
+        except (TimeoutError, RuntimeError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_FAILED)
 

@@ -40,8 +40,9 @@ class TaskHandle:
     created: bool  # False when an idempotency key returned an earlier task
     client: Client
 
-    def events(self, from_seq: int = 0, timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        return self.client.events(self.task_id, from_seq=from_seq, timeout=timeout)
+    def events(self, from_seq: int = 0, timeout: float | None = None,
+               idle_timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        return self.client.events(self.task_id, from_seq=from_seq, timeout=timeout, idle_timeout=idle_timeout)
 
     def result(self, timeout: float | None = None) -> TaskRecord:
         return self.client.result(self.task_id, timeout=timeout)
@@ -121,9 +122,13 @@ class Client:
             raise KeyError(f"no task {task_id!r}")
         return record
 
-    def events(self, task_id: str, from_seq: int = 0, timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        """Every event of the task after from_seq, replayed then live, ending after the terminal one."""
-        return self.bus.subscribe(task_id, from_seq=from_seq, timeout=timeout)
+    def events(self, task_id: str, from_seq: int = 0, timeout: float | None = None,
+               idle_timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Every event of the task after from_seq, replayed then live, ending after the terminal one.
+
+        TimeoutError after `timeout` seconds in all, or `idle_timeout` seconds without an event.
+        """
+        return self.bus.subscribe(task_id, from_seq=from_seq, timeout=timeout, idle_timeout=idle_timeout)
 
     follow = events
 

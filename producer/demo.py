@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
+from typing import IO, Any
 
 from rich.console import Console
 
@@ -52,11 +54,12 @@ def demo_environment(stack: ExitStack, console: Console) -> dict[str, str]:
     return env
 
 
-def start_worker(env: dict[str, str], concurrency: int = 8) -> subprocess.Popen[bytes]:
+def start_worker(env: dict[str, str], log_file: IO[bytes], concurrency: int = 8) -> subprocess.Popen[bytes]:
+    """The real worker as a child process; its own output goes to a log file, not over the demo."""
     args = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "qvq", "-P", "threads",
             "-c", str(concurrency), "-n", f"qvq-demo-{os.getpid()}@%h", "--without-gossip",
             "--without-mingle", "--without-heartbeat", "--loglevel", env.get("LOG_LEVEL", "WARNING")]
-    return subprocess.Popen(args, env=env, start_new_session=True)
+    return subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop_worker(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
@@ -68,16 +71,32 @@ def stop_worker(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None
         process.wait()
 
 
+def _events_while_alive(handle: Any, worker: subprocess.Popen[bytes], log_path: str) -> Iterator[dict[str, Any]]:
+    """The task's events; if the worker dies first, say so and show its log instead of waiting forever."""
+    last_seq = 0
+    while True:
+        try:
+            for event in handle.events(from_seq=last_seq, idle_timeout=5):
+                last_seq = event["seq"]
+                yield event
+            return
+        except TimeoutError:
+            if worker.poll() is not None:
+                log = Path(log_path).read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"the demo worker exited with code {worker.returncode}:\n{log}") from None
+
+
 def run_demo(images: Sequence[str], prompt: str | None, console: Console | None = None) -> int:
     console = console or Console(highlight=False, soft_wrap=True)
     started = time.monotonic()
     with ExitStack() as stack:
         env = demo_environment(stack, console)
-        worker = start_worker(env)
+        worker_log = stack.enter_context(tempfile.NamedTemporaryFile(prefix="qvq-demo-worker-", suffix=".log"))
+        worker = start_worker(env, worker_log)
         stack.callback(stop_worker, worker)
         client = stack.enter_context(Client(Settings.from_env(env)))
         handle = client.submit(images=list(images) or [str(SAMPLE_IMAGE)], prompt=prompt or DEFAULT_PROMPT)
-        terminal = EventRenderer(console).render_all(handle.events(timeout=600))
+        terminal = EventRenderer(console).render_all(_events_while_alive(handle, worker, worker_log.name))
         record = client.get(handle.task_id)
         console.print(f"[dim]task {handle.task_id} {record.status}; "
                       f"demo took {time.monotonic() - started:.1f} s; "
