@@ -65,7 +65,10 @@ def _setup_logging(**_: Any) -> None:
 
 @signals.worker_ready.connect
 def _announce(**_: Any) -> None:
+    from worker.context import get_context
+
     settings = get_settings()
+    get_context()  # connect to Redis, the store and the model endpoint now, not on the first task
     log.info("worker.ready", visibility_timeout_s=settings.visibility_timeout_s, task_timeout_s=settings.task_timeout_s,
              model_endpoint=settings.base_url, real_service=settings.uses_real_service)
 
