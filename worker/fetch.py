@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -35,6 +36,7 @@ from contracts.settings import Settings
 
 MAX_REDIRECTS = 5
 HTTP_ATTEMPTS = 3
+S3_ATTEMPTS = 3  # botocore standard retry mode: 3 attempts in all
 RETRY_DELAYS_S = (0.2, 0.6)
 POOL_CONNECTIONS = 50
 USER_AGENT = "qvq-queue-image-fetcher/0.1"
@@ -84,12 +86,13 @@ def oss_region(settings: Settings) -> str | None:
 class ImageFetcher:
     """Fetches the bytes of one image reference; thread-safe, built once per worker process.
 
-    ``resolver`` and ``trusted`` exist for tests: ``trusted`` is a set of (ip, port) endpoints exempt
-    from the address check (and allowed over plain http), standing in for a public server.
+    ``resolver``, ``trusted`` and ``ssl_context`` exist for tests: ``trusted`` is a set of (ip, port)
+    endpoints exempt from the address check (and allowed over plain http), standing in for a public
+    server; ``ssl_context`` replaces the default certificate store (e.g. a private CA).
     """
 
     def __init__(self, settings: Settings, *, resolver: Resolver | None = None,
-                 trusted: Collection[tuple[str, int]] = ()) -> None:
+                 trusted: Collection[tuple[str, int]] = (), ssl_context: ssl.SSLContext | None = None) -> None:
         self.settings = settings
         self.max_bytes = settings.max_image_bytes
         self._resolve = resolver or resolve_host
@@ -100,8 +103,10 @@ class ImageFetcher:
             timeout=httpx.Timeout(settings.fetch_timeout_s),
             follow_redirects=False,
             trust_env=False,  # a proxy would connect on our behalf and bypass the address check
+            verify=ssl_context if ssl_context is not None else True,
             limits=httpx.Limits(max_connections=POOL_CONNECTIONS, max_keepalive_connections=POOL_CONNECTIONS),
-            headers={"User-Agent": USER_AGENT, "Accept": "image/*"},
+            # identity: the size cap then counts the bytes on the wire, and no gzip bomb is inflated
+            headers={"User-Agent": USER_AGENT, "Accept": "image/*", "Accept-Encoding": "identity"},
         )
 
     def close(self) -> None:
@@ -168,7 +173,7 @@ class ImageFetcher:
     def _make_client(self, scheme: str, ref: str) -> Any:
         timeouts: dict[str, Any] = {
             "connect_timeout": self.settings.fetch_timeout_s, "read_timeout": self.settings.fetch_timeout_s,
-            "retries": {"mode": "standard", "max_attempts": 3}, "max_pool_connections": POOL_CONNECTIONS,
+            "retries": {"mode": "standard", "total_max_attempts": S3_ATTEMPTS}, "max_pool_connections": POOL_CONNECTIONS,
         }
         session = boto3.session.Session()
         if scheme == "s3":
@@ -247,6 +252,8 @@ class ImageFetcher:
             parsed = httpx.URL(url)
         except httpx.InvalidURL as exc:
             raise ImageError(f"invalid URL {url!r}", code="image.not_found", ref=ref) from exc
+        if parsed.scheme not in ("https", "http"):
+            raise ImageError(f"redirected to an unsupported scheme: {url}", code="image.access_denied", ref=ref)
         host, port = parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80)
         if not host:
             raise ImageError(f"URL without a host: {url}", code="image.not_found", ref=ref)
@@ -293,8 +300,9 @@ class ImageFetcher:
             raise ImageError(f"timed out fetching {url} ({type(exc).__name__})", code="image.fetch_failed",
                              ref=ref) from exc
         except httpx.TransportError as exc:
+            tls = "CERTIFICATE_VERIFY_FAILED" in str(exc)  # a bad certificate will not heal on retry
             raise ImageError(f"cannot fetch {url} ({type(exc).__name__}: {exc})", code="image.fetch_failed",
-                             ref=ref) from exc
+                             retryable=not tls, ref=ref) from exc
 
     def _read_capped(self, response: httpx.Response, ref: str) -> bytes:
         declared = response.headers.get("content-length")

@@ -161,8 +161,8 @@ def _open(raw: bytes, fmt: str, ref: str) -> Image.Image:
     try:
         return Image.open(io.BytesIO(raw), formats=[_PIL_FORMAT[fmt]])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"too many pixels ({exc}); refused without decoding", code="image.too_many_pixels",
-                         ref=ref) from exc
+        raise ImageError(f"the header declares more than {MAX_PIXELS:,} pixels, a likely decompression bomb; "
+                         f"refused without decoding ({exc})", code="image.too_many_pixels", ref=ref) from exc
     except Exception as exc:
         raise ImageError(f"{fmt} data is corrupt or truncated ({exc})", code="image.corrupt", ref=ref) from exc
 
