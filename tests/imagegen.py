@@ -101,15 +101,23 @@ def truncated(data: bytes, keep: float = 0.5) -> bytes:
     return data[: max(1, int(len(data) * keep))]
 
 
-def exif_rotated_jpeg(size: tuple[int, int] = (80, 40), orientation: int = 6) -> bytes:
-    """Stored as size (landscape); the EXIF orientation says display it rotated (6 = 90 degrees CW)."""
+def exif_rotated(fmt: str = "JPEG", size: tuple[int, int] = (80, 40), orientation: int = 6) -> bytes:
+    """Stored as size (landscape); the EXIF orientation says display it rotated (6 = 90 degrees CW).
+
+    Blue with a yellow band on the stored image's left edge, so the rotation can be seen.
+    """
     im = Image.new("RGB", size, (0, 0, 255))
-    im.paste((255, 255, 0), (0, 0, size[0] // 4, size[1]))  # a marker on the left to see the rotation
+    im.paste((255, 255, 0), (0, 0, size[0] // 4, size[1]))
     exif = Image.Exif()
     exif[0x0112] = orientation
     out = io.BytesIO()
-    im.save(out, "JPEG", exif=exif.tobytes(), quality=95)
+    opts: dict[str, Any] = {"quality": 95} if fmt.upper() in ("JPEG", "WEBP") else {}
+    im.save(out, _SAVE_AS.get(fmt.upper(), fmt.upper()), exif=exif.tobytes(), **opts)
     return out.getvalue()
+
+
+def exif_rotated_jpeg(size: tuple[int, int] = (80, 40), orientation: int = 6) -> bytes:
+    return exif_rotated("JPEG", size, orientation)
 
 
 def cmyk_jpeg(size: tuple[int, int] = (64, 48)) -> bytes:
@@ -171,3 +179,53 @@ def text() -> bytes:
 
 
 EMPTY = b""
+
+
+# -- decompression bombs in every accepted format: a valid small file whose header declares a huge size
+def _patch(data: bytes, at: int, value: bytes) -> bytes:
+    return data[:at] + value + data[at + len(value):]
+
+
+def _jpeg_bomb(width: int, height: int) -> bytes:
+    data = make_image("JPEG", (64, 48))
+    sof = data.index(b"\xff\xc0")  # baseline frame header: length(2) precision(1) height(2) width(2)
+    return _patch(data, sof + 5, struct.pack(">HH", height, width))
+
+
+def _bmp_bomb(width: int, height: int) -> bytes:
+    return _patch(make_image("BMP", (64, 48)), 18, struct.pack("<ii", width, height))
+
+
+def _tiff_bomb(width: int, height: int) -> bytes:
+    """A grey uncompressed TIFF declaring width x height, with one row of data."""
+    entries = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 0),
+               (277, 3, 1), (278, 4, height), (279, 4, width)]
+    ifd_size = 2 + 12 * len(entries) + 4
+    data_offset = 8 + ifd_size
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        value = data_offset if tag == 273 else value
+        packed = struct.pack("<HI", value, 0)[:4] if kind == 3 else struct.pack("<I", value)
+        ifd += struct.pack("<HHI", tag, kind, 1) + packed
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + b"\x80" * 64
+
+
+def _webp_bomb(width: int, height: int) -> bytes:
+    data = make_image("WEBP", (64, 48), lossless=True)
+    at = data.index(b"VP8L") + 8  # signature byte 0x2f, then 14 bits width-1, 14 bits height-1
+    bits = int.from_bytes(data[at + 1:at + 5], "little")
+    bits = (bits & ~0x0FFFFFFF) | (min(width, 16384) - 1) | ((min(height, 16384) - 1) << 14)
+    return _patch(data, at + 1, bits.to_bytes(4, "little"))
+
+
+def _heic_bomb(width: int, height: int) -> bytes:
+    data = heic((64, 48))
+    at = data.index(b"ispe") + 8  # version/flags(4) then width(4) height(4)
+    return _patch(data, at, struct.pack(">II", width, height))
+
+
+def bomb(fmt: str = "PNG", width: int = 60000, height: int = 60000) -> bytes:
+    """A small file in ``fmt`` whose header declares width x height (WEBP is capped at 16384 a side)."""
+    makers = {"PNG": bomb_png, "JPEG": _jpeg_bomb, "BMP": _bmp_bomb, "TIFF": _tiff_bomb, "WEBP": _webp_bomb,
+              "HEIC": _heic_bomb}
+    return makers[fmt.upper()](width, height)

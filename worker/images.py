@@ -67,6 +67,9 @@ _SAFE_MODES = {
     "TIFF": {"1", "L", "LA", "P", "RGB", "RGBA"},
     "HEIC": {"L", "RGB", "RGBA"},
 }
+_SWAPS_SIDES = (5, 6, 7, 8)
+#: Their Pillow plugins already report the upright size and rotate while loading.
+_ROTATES_ITSELF = {"TIFF", "HEIC"}
 _HEIC_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"}
 
 
@@ -168,6 +171,9 @@ def _open(raw: bytes, fmt: str, ref: str) -> Image.Image:
 
 
 def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1 = upright), read from the header only."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1  # PngImageFile.getexif() would decode the whole image to look for a late eXIf chunk
     try:
         value = im.getexif().get(0x0112, 1)
     except Exception:
@@ -202,13 +208,15 @@ def _decode(raw: bytes, fmt: str, ref: str, draft_size: tuple[int, int] | None) 
     """Fully decode the first frame; a JPEG is decoded at the smallest DCT scale that suffices."""
     im = _open(raw, fmt, ref)
     try:
-        if fmt == "JPEG" and draft_size is not None and im.mode in ("RGB", "L"):
-            im.draft(im.mode, draft_size)
+        if fmt == "JPEG" and draft_size is not None:
+            im.draft(None, draft_size)
         im.load()
-    except ImageError:
-        raise
     except Exception as exc:
         im.close()
+        if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning) or (
+                "Security limit exceeded" in str(exc)):  # libheif's own size guard
+            raise ImageError(f"the image is larger than its header said, over {MAX_PIXELS:,} pixels; refused "
+                             f"({exc})", code="image.too_many_pixels", ref=ref) from exc
         raise ImageError(f"{fmt} data is corrupt or truncated ({exc})", code="image.corrupt", ref=ref) from exc
     return im
 
@@ -300,7 +308,7 @@ def _read_header(ref: str, raw: bytes) -> _Header:
         if width * height > MAX_PIXELS:  # before anything else reads pixels
             _check_geometry(width, height, ref)
         orientation = _orientation(im)
-        if orientation in (5, 6, 7, 8):
+        if orientation in _SWAPS_SIDES and fmt not in _ROTATES_ITSELF:
             width, height = height, width
         return _Header(fmt, width, height, im.mode, getattr(im, "n_frames", 1), orientation)
 
@@ -327,18 +335,32 @@ def prepare_image(ref: str, raw: bytes, *, high_resolution: bool) -> PreparedIma
         # Decode anyway (a JPEG at 1/8 scale): only a full decode finds a truncated scan.
         _decode(raw, header.fmt, ref, (1, 1)).close()
         return _prepared(ref, header, raw, raw, header.fmt, target, high_resolution)
-    stored = target if header.orientation not in (5, 6, 7, 8) else (target[1], target[0])
+    rotated = header.orientation in _SWAPS_SIDES and header.fmt not in _ROTATES_ITSELF
+    stored = (target[1], target[0]) if rotated else target
     with _decode(raw, header.fmt, ref, stored if downscale else None) as im:
-        icc = im.info.get("icc_profile") if im.mode in ("RGB", "RGBA", "L") else None
-        upright = ImageOps.exif_transpose(im)
-        img = _to_8bit(upright)
-        if downscale:
-            if img.mode in ("1", "P"):
-                img = img.convert("RGBA" if _has_alpha(img) else "RGB")
-            img = img.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
-        out_fmt = "PNG" if header.fmt == "HEIC" and _has_alpha(img) else _REENCODE_AS[header.fmt]
-        data, sent_fmt, img = _encode_within_budget(img, out_fmt, icc, ref)
-        return _prepared(ref, header, raw, data, sent_fmt, img.size, high_resolution)
+        try:
+            data, sent_fmt, sent = _reencode(im, header.fmt, target if downscale else None, ref)
+        except (ImageError, MemoryError):
+            raise
+        except Exception as exc:
+            raise ImageError(f"cannot convert this {header.fmt} ({im.mode}) into a sendable image ({exc})",
+                             code="image.unsupported_format", ref=ref) from exc
+    return _prepared(ref, header, raw, data, sent_fmt, sent, high_resolution)
+
+
+def _reencode(im: Image.Image, fmt: str, target: tuple[int, int] | None, ref: str,
+              ) -> tuple[bytes, str, tuple[int, int]]:
+    """Upright, 8-bit, first frame, downscaled to ``target`` if given, encoded within the base64 budget."""
+    icc = im.info.get("icc_profile") if im.mode in ("RGB", "RGBA", "L") else None
+    ImageOps.exif_transpose(im, in_place=True)  # our own decoded copy: no need for another
+    img = _to_8bit(im)
+    if target is not None and img.size != target:
+        if img.mode in ("1", "P"):
+            img = img.convert("RGBA" if _has_alpha(img) else "RGB")
+        img = img.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    out_fmt = "PNG" if fmt == "HEIC" and _has_alpha(img) else _REENCODE_AS[fmt]
+    data, sent_fmt, img = _encode_within_budget(img, out_fmt, icc, ref)
+    return data, sent_fmt, img.size
 
 
 def _prepared(ref: str, header: _Header, raw: bytes, data: bytes, sent_fmt: str, sent: tuple[int, int],
@@ -369,17 +391,17 @@ def prepare_images(refs: Sequence[str], fetcher: ImageFetcher, *, high_resolutio
         return [one for _ in refs]
     own = executor is None
     pool: Executor = executor or ThreadPoolExecutor(min(16, len(unique)), thread_name_prefix="qvq-images")
+    futures: dict[str, Future[PreparedImage]] = {
+        ref: pool.submit(_fetch_and_prepare, ref, fetcher, high_resolution) for ref in unique
+    }
     try:
-        futures: dict[str, Future[PreparedImage]] = {
-            ref: pool.submit(_fetch_and_prepare, ref, fetcher, high_resolution) for ref in unique
-        }
-        try:
-            done = {ref: futures[ref].result() for ref in unique}
-        except BaseException:
-            for future in futures.values():
-                future.cancel()
-            raise
-    finally:
+        done = {ref: futures[ref].result() for ref in unique}
+    except BaseException:
+        for future in futures.values():
+            future.cancel()  # the job fails anyway: do not start the images still queued
         if own:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    if own:
+        pool.shutdown(wait=True)
     return [done[ref] for ref in refs]

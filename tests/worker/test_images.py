@@ -119,16 +119,19 @@ def _check_rotated_large(image: PreparedImage) -> None:
     assert image.sent_width * image.sent_height <= RECOMMENDED_MAX_PIXELS
 
 
-def _check_rotated(image: PreparedImage) -> None:
-    assert (image.width, image.height) == (40, 80)  # stored 80x40, EXIF orientation 6
-    assert (image.sent_width, image.sent_height) == (40, 80)
-    im = decode_sent(image).convert("RGB")
-    # The yellow marker on the stored image's left is on top once upright (90 degrees clockwise).
-    top, bottom = im.getpixel((20, 5)), im.getpixel((20, 75))
-    assert top[0] > 200 and top[1] > 200 and top[2] < 80, top
-    assert bottom[2] > 200 and bottom[0] < 80, bottom
-    assert image.mime == "image/jpeg"
-    assert (Image.open(io.BytesIO(image.data)).getexif().get(0x0112) or 1) == 1
+def _check_rotated(mime: str) -> Callable[[PreparedImage], None]:
+    def check(image: PreparedImage) -> None:
+        assert (image.width, image.height) == (40, 80)  # stored 80x40, EXIF orientation 6
+        assert (image.sent_width, image.sent_height) == (40, 80)
+        im = decode_sent(image).convert("RGB")
+        # The yellow band on the stored image's left is on top once upright (90 degrees clockwise).
+        top, bottom = im.getpixel((20, 5)), im.getpixel((20, 75))
+        assert top[0] > 200 and top[1] > 200 and top[2] < 80, top
+        assert bottom[2] > 200 and bottom[0] < 80, bottom
+        assert image.mime == mime
+        assert (Image.open(io.BytesIO(image.data)).getexif().get(0x0112) or 1) == 1
+
+    return check
 
 
 def _check_downscaled(image: PreparedImage) -> None:
@@ -154,6 +157,13 @@ def _check_reencoded_within_budget(mime: str) -> Callable[[PreparedImage], None]
         assert image.mime == mime
         assert len(base64.b64encode(image.data)) <= MAX_BASE64_BYTES
         assert image.bytes > 0.75 * MB10  # the original did not fit as base64
+
+    return check
+
+
+def _check_size(width: int, height: int) -> Callable[[PreparedImage], None]:
+    def check(image: PreparedImage) -> None:
+        assert (image.width, image.height) == (width, height)
 
     return check
 
@@ -195,9 +205,16 @@ CASES: dict[str, Case] = {
     "1:201": Case(lambda: gen.make_image("PNG", (11, 2211)), "image.bad_aspect_ratio"),
     "200:1": Case(lambda: gen.make_image("PNG", (2200, 11)), "ok", check=_is_untouched),
     "1:200": Case(lambda: gen.make_image("PNG", (11, 2200)), "ok", check=_is_untouched),
+    "geometry checked before decoding (aspect)": Case(lambda: gen.bomb_png(100_000, 11), "image.bad_aspect_ratio"),
+    "geometry checked before decoding (small)": Case(lambda: gen.bomb_png(5, 5000), "image.too_small"),
     "wide and large 200:1": Case(lambda: gen.make_image("PNG", (28000, 140)), "ok"),
     # pixels
     "bomb 60000x60000": Case(gen.bomb_png, "image.too_many_pixels"),
+    "bomb jpeg": Case(lambda: gen.bomb("JPEG"), "image.too_many_pixels"),
+    "bomb bmp": Case(lambda: gen.bomb("BMP"), "image.too_many_pixels"),
+    "bomb tiff": Case(lambda: gen.bomb("TIFF"), "image.too_many_pixels"),
+    "bomb webp": Case(lambda: gen.bomb("WEBP", 16384, 16384), "image.too_many_pixels"),
+    "bomb heic": Case(lambda: gen.bomb("HEIC"), "image.too_many_pixels"),
     "bomb just over the limit": Case(lambda: gen.bomb_png(10000, 8948), "image.too_many_pixels"),
     "bomb tall": Case(lambda: gen.bomb_png(2000, 100000), "image.too_many_pixels"),
     "large jpeg downscaled": Case(lambda: gen.gradient_image("JPEG", (4000, 3000)), "ok", check=_check_downscaled),
@@ -226,7 +243,11 @@ CASES: dict[str, Case] = {
     "1-bit tiff": Case(lambda: gen.make_image("TIFF", (64, 48), 1, mode="1"), "ok", check=_is_untouched),
     "animated webp": Case(gen.animated_webp, "ok", check=_check_first_frame((0, 0, 255))),
     "multi-page tiff": Case(gen.multipage_tiff, "ok", check=_check_first_frame((0, 0, 0))),
-    "exif-rotated jpeg": Case(gen.exif_rotated_jpeg, "ok", check=_check_rotated),
+    "exif-rotated jpeg": Case(gen.exif_rotated_jpeg, "ok", check=_check_rotated("image/jpeg")),
+    "exif-rotated png": Case(lambda: gen.exif_rotated("PNG"), "ok", check=_check_rotated("image/png")),
+    "exif-rotated webp": Case(lambda: gen.exif_rotated("WEBP"), "ok", check=_check_rotated("image/webp")),
+    "exif-rotated tiff": Case(lambda: gen.exif_rotated("TIFF"), "ok", check=_check_rotated("image/png")),
+    "exif-rotated heic": Case(lambda: gen.exif_rotated("HEIC"), "ok", check=_check_size(40, 80)),
     "exif-rotated large jpeg downscaled": Case(lambda: gen.exif_rotated_jpeg((2400, 1200), 8), "ok",
                                                check=_check_rotated_large),
     # base64 budget: sent as-is would be over 10 MB of base64
