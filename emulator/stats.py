@@ -1,0 +1,25 @@
+"""Counters a test or benchmark reads at GET /_emulator/stats."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Stats:
+    requests: int = 0  # chat-completion requests received, refused ones included
+    errors: int = 0  # answered with an HTTP error (faults included)
+    streams_started: int = 0
+    streams_active: int = 0
+    streams_completed: int = 0  # sent through [DONE]
+    streams_cut: int = 0  # dropped on purpose (fault cut, or the emulator stopping)
+    disconnects: int = 0  # the client went away before the end
+    tokens_streamed: int = 0  # reasoning + answer chunks handed to the server
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def reset(self) -> None:
+        active = self.streams_active
+        self.__init__()  # type: ignore[misc]
+        self.streams_active = active
