@@ -16,6 +16,7 @@ import openai
 
 from contracts.errors import ModelError
 from contracts.settings import Settings
+from worker.sse import ChunkStream
 
 OnText = Callable[[str, str], None]  # ("reasoning" | "answer", text)
 
@@ -85,12 +86,12 @@ class QvqModel:
         """Stream one completion, calling on_text for every piece of text as it arrives."""
         result = StreamResult()
         try:
-            stream = self.client.chat.completions.create(
+            stream = ChunkStream(self.client.chat.completions.with_streaming_response.create(
                 model=model, messages=messages, stream=True,  # type: ignore[arg-type]
                 stream_options={"include_usage": True},
                 extra_body={"vl_high_resolution_images": True} if high_resolution else None,
                 extra_headers={"X-Qvq-Attempt": str(attempt)},
-            )
+            ))
         except openai.OpenAIError as exc:
             raise map_error(exc, started=False) from exc
         if on_open:

@@ -1,0 +1,168 @@
+"""The benchmark's subscriber, in a process of its own: one Redis connection subscribed to every
+task's channel (before the tasks are submitted, so nothing needs replaying), stamping each message
+on arrival and reading the token send times out of its text (bench.stamp_emulator)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from bench.stamp_emulator import stamps
+
+DELTAS = ("reasoning.delta", "answer.delta")
+TERMINAL = ("task.completed", "task.failed", "task.cancelled")
+
+
+@dataclass
+class TaskTrace:
+    events: int = 0
+    deltas: int = 0
+    tokens: int = 0
+    first_sent: float = 0.0
+    last_sent: float = 0.0
+    first_recv: float = 0.0
+    last_recv: float = 0.0
+    started_at: float = 0.0  # task.started received
+    finished_at: float = 0.0  # terminal event received
+    status: str = ""
+    worker: str = ""
+    seqs_ok: bool = True
+    last_seq: int = 0
+
+
+@dataclass
+class Trace:
+    tasks: dict[str, TaskTrace] = field(default_factory=dict)
+    delays_ms: list[float] = field(default_factory=list)  # one per token: received - sent
+    subscribed_at: float = 0.0
+    timed_out: bool = False
+
+
+def collect(redis_url: str, task_ids: list[str], ready: Any, timeout: float) -> Trace:
+    client = redis.Redis.from_url(redis_url)
+    pubsub = client.pubsub(ignore_subscribe_messages=False)
+    channels = {f"qvq:task:{t}".encode(): t for t in task_ids}
+    trace = Trace(tasks={t: TaskTrace() for t in task_ids})
+    for i in range(0, len(task_ids), 200):
+        pubsub.subscribe(*list(channels)[i:i + 200])
+    confirmed = 0
+    while confirmed < len(task_ids):
+        message = pubsub.get_message(timeout=5)
+        if message is None:
+            raise RuntimeError("subscriptions not confirmed")
+        if message["type"] == "subscribe":
+            confirmed += 1
+    trace.subscribed_at = time.time()
+    ready.set()
+    open_tasks = len(task_ids)
+    deadline = time.monotonic() + timeout
+    delays = trace.delays_ms
+    tasks = trace.tasks
+    while open_tasks and time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=1.0)
+        if message is None:
+            continue
+        now = time.time()
+        if message["type"] != "message":
+            continue
+        event = json.loads(message["data"])
+        t = tasks[channels[message["channel"]]]
+        t.events += 1
+        if event["seq"] != t.last_seq + 1 and t.last_seq:
+            t.seqs_ok = False
+        t.last_seq = event["seq"]
+        kind = event["type"]
+        if kind in DELTAS:
+            sent = stamps(event["text"])
+            t.deltas += 1
+            t.tokens += len(sent)
+            if sent:
+                if not t.first_sent:
+                    t.first_sent, t.first_recv = sent[0], now
+                t.last_sent, t.last_recv = sent[-1], now
+                delays.extend((now - s) * 1000 for s in sent)
+        elif kind == "task.started":
+            t.started_at, t.worker = now, event.get("worker", "")
+        elif kind in TERMINAL:
+            t.finished_at, t.status = now, kind
+            open_tasks -= 1
+    trace.timed_out = open_tasks > 0
+    pubsub.close()
+    client.close()
+    return trace
+
+
+def _child(redis_url: str, task_ids: list[str], ready: Any, timeout: float, out: Any) -> None:
+    trace = collect(redis_url, task_ids, ready, timeout)
+    out.send(trace)
+    out.close()
+
+
+class SubscriberProcess:
+    """collect() in a spawned process; `result()` waits for its Trace."""
+
+    def __init__(self, redis_url: str, task_ids: list[str], timeout: float) -> None:
+        ctx = mp.get_context("spawn")
+        self.ready = ctx.Event()
+        self._recv, send = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=_child, args=(redis_url, task_ids, self.ready, timeout, send),
+                                   daemon=True)
+        self.timeout = timeout
+
+    def start(self) -> SubscriberProcess:
+        self.process.start()
+        if not self.ready.wait(30):
+            self.process.kill()
+            raise RuntimeError("the subscriber did not start")
+        return self
+
+    def result(self) -> Trace:
+        if not self._recv.poll(self.timeout + 30):
+            self.process.kill()
+            raise RuntimeError("the subscriber returned nothing")
+        trace: Trace = self._recv.recv()
+        self.process.join(10)
+        return trace
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None, "max": None, "n": 0}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+    return {"p50": at(0.50), "p99": at(0.99), "max": round(ordered[-1], 2), "n": len(ordered)}
+
+
+def summarize(trace: Trace) -> dict[str, Any]:
+    tasks = list(trace.tasks.values())
+    done = [t for t in tasks if t.status == "task.completed"]
+    with_tokens = [t for t in tasks if t.tokens > 1 and t.last_sent > t.first_sent and t.last_recv > t.first_recv]
+    gen = [(t.tokens - 1) / (t.last_sent - t.first_sent) for t in with_tokens]
+    dlv = [(t.tokens - 1) / (t.last_recv - t.first_recv) for t in with_tokens]
+    all_sent = [t.first_sent for t in with_tokens] + [t.last_sent for t in with_tokens]
+    all_recv = [t.first_recv for t in with_tokens] + [t.last_recv for t in with_tokens]
+    total_tokens = sum(t.tokens for t in tasks)
+    return {
+        "tasks": len(tasks),
+        "completed": len(done),
+        "statuses": {s: sum(1 for t in tasks if t.status == s) for s in {t.status for t in tasks}},
+        "seq_gaps": sum(1 for t in tasks if not t.seqs_ok),
+        "tokens": total_tokens,
+        "delay_ms": percentiles(trace.delays_ms),
+        "events_per_task": round(sum(t.events for t in tasks) / len(tasks), 1) if tasks else 0,
+        "deltas_per_task": round(sum(t.deltas for t in tasks) / len(tasks), 1) if tasks else 0,
+        "stream_tps_generated": round(sum(gen) / len(gen), 2) if gen else None,
+        "stream_tps_delivered": round(sum(dlv) / len(dlv), 2) if dlv else None,
+        "fleet_tps_generated": round(total_tokens / (max(all_sent) - min(all_sent)), 1) if all_sent else None,
+        "fleet_tps_delivered": round(total_tokens / (max(all_recv) - min(all_recv)), 1) if all_recv else None,
+        "workers": sorted({t.worker for t in tasks if t.worker}),
+        "timed_out": trace.timed_out,
+    }
