@@ -217,6 +217,24 @@ def worker(ctx: click.Context) -> None:
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@friendly_errors
+def api(host: str, port: int) -> None:
+    """Run the HTTP API (enqueue, status, cancel, SSE events) and the web viewer at /."""
+    import uvicorn
+
+    from contracts.logging import configure
+    from producer.api import create_app
+
+    settings = get_settings()
+    configure(settings.log_format, settings.log_level)
+    click.echo(f"qvq API on http://{host}:{port}/  (docs: /docs)", err=True)
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, proxy_headers=False,
+                timeout_graceful_shutdown=5)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8001, show_default=True)
 @click.option("--tps", default=0.0, show_default=True, help="Tokens per second (0: as fast as possible).")
 @click.option("--first-token-s", default=0.0, show_default=True, help="Delay before the first token.")

@@ -1,0 +1,118 @@
+"""The terminal view: a retry voids the failed attempt's text and starts fresh sections; text from the
+task cannot inject control codes; `qvq follow` piped to a file is plain text."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import redis
+from rich.console import Console
+
+from contracts import events as ev
+from contracts.bus import EventBus
+from contracts.job import parse_job
+from contracts.store import Store
+from producer.render import EventRenderer, clean
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _event(type_: str, attempt: int, **fields: Any) -> dict[str, Any]:
+    return {"task_id": "t1", "seq": 0, "type": type_, "ts": 0.0, "attempt": attempt, **fields}
+
+
+RETRIED_RUN = [
+    _event(ev.QUEUED, 0, model="qvq-max", image_count=1),
+    _event(ev.STARTED, 1, worker="w1"),
+    _event(ev.REASONING_DELTA, 1, text="FIRST-THOUGHT "),
+    _event(ev.ANSWER_DELTA, 1, text="FIRST-PARTIAL"),
+    _event(ev.RETRYING, 2, error={"code": "model.stream_broken", "message": "the stream was cut"}, delay_s=0.1),
+    _event(ev.REASONING_DELTA, 2, text="SECOND-THOUGHT"),
+    _event(ev.ANSWER_DELTA, 2, text="SECOND-ANSWER"),
+    _event(ev.COMPLETED, 2, reasoning="SECOND-THOUGHT", answer="SECOND-ANSWER",
+           usage={"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+           cost={"input": 0.1, "output": 0.2, "total": 0.3, "currency": "CNY"}, timings={"total_s": 1.5}),
+]
+
+
+def render(events: list[dict[str, Any]], **console_options: Any) -> str:
+    out = io.StringIO()
+    console = Console(file=out, width=100, highlight=False, soft_wrap=True, **console_options)
+    terminal = EventRenderer(console).render_all(events)
+    assert terminal is not None and ev.is_terminal(terminal)
+    return out.getvalue()
+
+
+def test_a_retry_voids_the_partial_text_and_starts_fresh_sections() -> None:
+    text = render(RETRIED_RUN)
+    void = text.index("attempt 1 failed; the text above is void")
+    assert text.index("FIRST-PARTIAL") < void
+    assert "model.stream_broken: the stream was cut; retrying as attempt 2 in 0.1 s" in text
+    fresh_thinking = text.index("Thinking (attempt 2)")
+    fresh_answer = text.index("Answer (attempt 2)")
+    assert void < fresh_thinking < text.index("SECOND-THOUGHT") < fresh_answer < text.index("SECOND-ANSWER")
+    assert text.count("FIRST-PARTIAL") == 1 and "cost 0.3 CNY" in text
+
+
+def test_a_redelivery_after_a_lost_worker_also_voids_the_text() -> None:
+    events = [
+        _event(ev.STARTED, 1, worker="w1"),
+        _event(ev.ANSWER_DELTA, 1, text="LOST-WORK"),
+        _event(ev.STARTED, 2, worker="w2"),
+        _event(ev.ANSWER_DELTA, 2, text="REDONE"),
+        _event(ev.CANCELLED, 2),
+    ]
+    text = render(events)
+    assert text.index("LOST-WORK") < text.index("worker running attempt 1 was lost; the text above is void")
+    assert text.index("Answer (attempt 2)") < text.index("REDONE")
+
+
+def test_a_retry_before_any_text_just_says_so() -> None:
+    events = [_event(ev.STARTED, 1, worker="w1"),
+              _event(ev.RETRYING, 2, error={"code": "model.rate_limited", "message": "429"}, delay_s=1),
+              _event(ev.ANSWER_DELTA, 2, text="OK"),
+              _event(ev.FAILED, 2, error={"code": "internal", "message": "boom", "retryable": False})]
+    text = render(events)
+    assert "attempt 1 failed\n" in text and "void" not in text
+    assert "failed internal: boom" in text
+
+
+def test_task_text_cannot_inject_control_codes_even_on_a_terminal() -> None:
+    hostile = "\x1b[2J\x1b]0;pwned\x07clear\x9b31m\rme\x08"
+    events = [_event(ev.ANSWER_DELTA, 1, text=hostile),
+              _event(ev.FAILED, 1, error={"code": "internal", "message": "\x1b[31mred", "retryable": False})]
+    text = render(events, force_terminal=True, color_system="truecolor")
+    assert "\x1b[2J" not in text and "\x1b]0;" not in text and "\x07" not in text and "\x9b" not in text
+    assert "\r" not in text and "\x08" not in text and "\x1b[31mred" not in text
+    assert "clear" in text and "[2J" in text  # printable remains are shown, harmlessly
+    assert clean("a\tb\nc\x1bd\x7f") == "a\tb\ncd"
+
+
+def test_qvq_follow_piped_to_a_file_has_no_control_codes(
+        redis_url: str, redis_client: redis.Redis, sqlite_url: str, tmp_path: Path) -> None:
+    store = Store.from_url(sqlite_url)
+    job = parse_job({"images": ["s3://photos/a.png"], "prompt": "What is it?"})
+    store.create_task(job)
+    store.dispose()
+    bus = EventBus(redis_client)
+    for event in RETRIED_RUN:
+        fields = {k: v for k, v in event.items() if k not in {"task_id", "seq", "type", "ts", "attempt"}}
+        bus.publish(job.task_id, event["type"], event["attempt"], **fields)
+
+    env = {k: v for k, v in os.environ.items() if k not in {"FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR"}}
+    env.update(REDIS_URL=redis_url, DATABASE_URL=sqlite_url, TERM="xterm-256color", COLUMNS="100",
+               PYTHONPATH=str(REPO))
+    out_path = tmp_path / "follow.txt"
+    with out_path.open("wb") as out:
+        done = subprocess.run([sys.executable, "-m", "producer.cli", "follow", job.task_id], stdout=out,
+                              stderr=subprocess.PIPE, env=env, cwd=REPO, timeout=30)
+    assert done.returncode == 0, done.stderr.decode()
+    text = out_path.read_text()
+    assert "\x1b" not in text
+    assert "FIRST-PARTIAL" in text and "the text above is void" in text and "SECOND-ANSWER" in text
+    assert text.index("Answer (attempt 2)") < text.index("SECOND-ANSWER")
