@@ -1,5 +1,6 @@
 """py-spy around a benchmark batch: `python -m bench --profile` samples each worker process while the
-batch runs (`--nonblocking`, 200 Hz, idle threads left out) and summarizes where the CPU went.
+batch runs (`--nonblocking --gil`, 200 Hz: only the thread holding the GIL, i.e. where the CPU of a
+threads-pool worker goes) and summarizes where the CPU went.
 
     python -m bench.profile bench/results/profile-*.txt     # the summary of saved raw profiles
 """
@@ -27,7 +28,7 @@ class Profiler:
             raise RuntimeError("py-spy not found: pip install py-spy (it is in the dev extras)")
         self.out = out
         self.process = subprocess.Popen([binary, "record", "--pid", str(pid), "-f", "raw", "-o", str(out),
-                                         "-r", str(rate), "--nonblocking"],
+                                         "-r", str(rate), "--nonblocking", "--gil"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:

@@ -44,6 +44,7 @@ class Bench:
         self.quick = quick
         self.profile = profile
         self.sizes: list[int] = []
+        self.coalesce = ["50", "0"]
         self.tmp = tempfile.TemporaryDirectory(prefix="qvq-bench-")
         self.rows: list[dict[str, Any]] = []
         self.redis_server: Any = None
@@ -141,7 +142,7 @@ class Bench:
         sizes = self.sizes or ([1, 50, 500] if self.quick else [1, 50, 200, 500])
         with self.stream_emulator() as emulator:
             for n in sizes:
-                for coalesce in ("50", "0"):
+                for coalesce in self.coalesce:
                     env = self.env(emulator, QVQ_COALESCE_MS=coalesce)
                     with Worker(env, concurrency=max(200, n), name=f"fanout{n}") as worker:
                         time.sleep(1.0)
@@ -323,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated of {', '.join(SECTIONS)}")
     parser.add_argument("--profile", action="store_true", help="py-spy each worker during each batch")
     parser.add_argument("--sizes", default="", help="fan-out sizes, e.g. 50,200 (default 1,50,200,500)")
+    parser.add_argument("--coalesce", default="", help="QVQ_COALESCE_MS values for fan-out (default 50,0)")
     parser.add_argument("--out", default="", help="JSON file (default bench/results/<time>.json)")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -331,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     started = time.time()
     with Bench(args.quick, args.profile) as bench:
+        if args.coalesce:
+            bench.coalesce = args.coalesce.split(",")
         if args.sizes:
             bench.sizes = [int(x) for x in args.sizes.split(",")]
         BENCH_REDIS_URL = bench.redis_url

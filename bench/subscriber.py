@@ -39,6 +39,9 @@ class TaskTrace:
 class Trace:
     tasks: dict[str, TaskTrace] = field(default_factory=dict)
     delays_ms: list[float] = field(default_factory=list)  # one per token: received - sent
+    delta_delays_ms: list[float] = field(default_factory=list)  # one per delta: received - last token's send
+    cpu_s: float = 0.0  # the subscriber's own CPU time
+    wall_s: float = 0.0
     subscribed_at: float = 0.0
     timed_out: bool = False
 
@@ -60,6 +63,8 @@ def collect(redis_url: str, task_ids: list[str], ready: Any, timeout: float) -> 
     trace.subscribed_at = time.time()
     ready.set()
     open_tasks = len(task_ids)
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    delta_delays = trace.delta_delays_ms
     deadline = time.monotonic() + timeout
     delays = trace.delays_ms
     tasks = trace.tasks
@@ -86,12 +91,14 @@ def collect(redis_url: str, task_ids: list[str], ready: Any, timeout: float) -> 
                     t.first_sent, t.first_recv = sent[0], now
                 t.last_sent, t.last_recv = sent[-1], now
                 delays.extend((now - s) * 1000 for s in sent)
+                delta_delays.append((now - sent[-1]) * 1000)
         elif kind == "task.started":
             t.started_at, t.worker = now, event.get("worker", "")
         elif kind in TERMINAL:
             t.finished_at, t.status = now, kind
             open_tasks -= 1
     trace.timed_out = open_tasks > 0
+    trace.cpu_s, trace.wall_s = time.process_time() - cpu0, time.monotonic() - wall0
     pubsub.close()
     client.close()
     return trace
@@ -157,6 +164,8 @@ def summarize(trace: Trace) -> dict[str, Any]:
         "seq_gaps": sum(1 for t in tasks if not t.seqs_ok),
         "tokens": total_tokens,
         "delay_ms": percentiles(trace.delays_ms),
+        "delta_delay_ms": percentiles(trace.delta_delays_ms),
+        "subscriber_cpu_pct": round(100 * trace.cpu_s / trace.wall_s, 1) if trace.wall_s else None,
         "events_per_task": round(sum(t.events for t in tasks) / len(tasks), 1) if tasks else 0,
         "deltas_per_task": round(sum(t.deltas for t in tasks) / len(tasks), 1) if tasks else 0,
         "stream_tps_generated": round(sum(gen) / len(gen), 2) if gen else None,

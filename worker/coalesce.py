@@ -1,7 +1,8 @@
 """Delta coalescing: text is flushed as one event after `max_delay_s` since the first unflushed
 character or once `max_chars` are buffered, and always before any other event.
 
-One background thread per process flushes buffers whose deadline passed while their stream was quiet.
+One background thread per process finds the buffers whose deadline passed while their stream was
+quiet, and flushes them (in parallel when several are due at once).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 Emit = Callable[[str, str], None]  # (event type, text)
+FLUSH_THREADS = 32  # publishes of due buffers in flight at once (each waits for its Redis round trip)
 
 
 class DeltaCoalescer:
@@ -75,6 +78,7 @@ class Flusher:
         self._heap: list[tuple[float, int, DeltaCoalescer]] = []
         self._counter = itertools.count()
         self._cond = threading.Condition()
+        self._pool: ThreadPoolExecutor | None = None
         self._thread = threading.Thread(target=self._run, name="qvq-delta-flusher", daemon=True)
         self._thread.start()
 
@@ -94,11 +98,28 @@ class Flusher:
                 if deadline > now:
                     self._cond.wait(deadline - now)
                     continue
-                _, _, coalescer = heapq.heappop(self._heap)
-            try:
-                coalescer.flush_if_due(time.monotonic())
-            except Exception:  # a failed publish must not stop flushing for every other task
-                continue
+                due: dict[DeltaCoalescer, None] = {}
+                while self._heap and self._heap[0][0] <= now:
+                    due[heapq.heappop(self._heap)[2]] = None
+            self._flush(list(due))
+
+    def _flush(self, due: list[DeltaCoalescer]) -> None:
+        """Flush every due coalescer; several at once go out in parallel, so hundreds of quiet streams
+        coming due together are not published one round trip after another by this one thread."""
+        if len(due) == 1:
+            _flush_due(due[0])
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(FLUSH_THREADS, thread_name_prefix="qvq-delta-flush")
+        for _ in self._pool.map(_flush_due, due):
+            pass
+
+
+def _flush_due(coalescer: DeltaCoalescer) -> None:
+    try:
+        coalescer.flush_if_due(time.monotonic())
+    except Exception:  # a failed publish must not stop flushing for every other task
+        pass
 
 
 _default: Flusher | None = None

@@ -16,6 +16,7 @@ from contracts.store import Store
 from worker.cancel import CancelWatcher
 from worker.fetch import ImageFetcher
 from worker.model import QvqModel
+from worker.publisher import BatchingEventBus
 
 IMAGE_THREADS = 16
 
@@ -41,7 +42,7 @@ class WorkerContext:
         return cls(
             settings=settings,
             redis=client,
-            bus=EventBus(client, ttl_s=settings.event_ttl_s),
+            bus=BatchingEventBus(client, ttl_s=settings.event_ttl_s),  # group-committed publishes
             store=Store.from_url(settings.database_url),
             fetcher=ImageFetcher(settings),
             model=QvqModel(settings),
