@@ -9,8 +9,10 @@ read, several frames, or a base64 form over 10 MB):
     JPEG -> JPEG (quality 90), PNG -> PNG, WEBP -> WEBP (quality 90),
     BMP / TIFF -> PNG (usually screenshots, scans, diagrams: keep them lossless),
     HEIC -> JPEG (camera photos), or PNG when the image has alpha.
-If the result is still over the base64 budget: JPEG (WEBP with alpha) at falling quality, then
-smaller sizes, then ``image.too_large``. An image that needs no change is sent byte for byte.
+With high resolution, an image that must be re-encoded anyway is also brought down to 12,845,056 px
+(the 16384-token cap: the service would shrink it to that). If the result is still over the base64
+budget: JPEG (WEBP with alpha) at falling quality, then smaller sizes, then ``image.too_large``.
+An image that needs no change is sent byte for byte.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from __future__ import annotations
 import base64
 import io
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +31,7 @@ import pillow_heif
 from PIL import Image, ImageFile, ImageOps
 
 from contracts.errors import ImageError
-from contracts.tokens import RECOMMENDED_MAX_PIXELS, image_tokens
+from contracts.tokens import HIGH_RES_TOKEN_CAP, PATCH, RECOMMENDED_MAX_PIXELS, image_tokens
 
 if TYPE_CHECKING:
     from worker.fetch import ImageFetcher
@@ -44,6 +48,8 @@ MAX_ASPECT_RATIO = 200
 #: (89,478,485 px, about 9459 x 9459; a 108 MP phone photo passes). Decoding one such RGB image
 #: takes about 270 MB, which bounds a worker thread's memory.
 MAX_PIXELS = 89_478_485
+DECODE_MEMORY_BUDGET = 1 << 30  # bytes of decoded pixels held at once by one process (see MemoryBudget)
+HIGH_RES_MAX_PIXELS = HIGH_RES_TOKEN_CAP * PATCH * PATCH  # 12,845,056: the service's cap with high resolution
 JPEG_QUALITY = 90
 FALLBACK_QUALITIES = (85, 75, 60)
 DOWNSCALE_STEP = 0.75
@@ -204,27 +210,66 @@ def _verify(raw: bytes, fmt: str, ref: str) -> None:
         im.close()
 
 
-def _decode(raw: bytes, fmt: str, ref: str, draft_size: tuple[int, int] | None) -> Image.Image:
-    """Fully decode the first frame; a JPEG is decoded at the smallest DCT scale that suffices."""
-    im = _open(raw, fmt, ref)
-    try:
+class MemoryBudget:
+    """Bounds the pixel memory that concurrent decodes in this process hold at once.
+
+    A thread reserves its estimate before decoding and waits while the budget is spent; an estimate
+    above the whole budget is capped to it, so one huge image still runs, alone.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def reserve(self, n: int) -> Iterator[None]:
+        n = max(0, min(n, self.limit))
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
+
+
+#: 16 threads each decoding a 50 MP WEBP would need about 10 GB; this keeps a worker near 1 GiB.
+decode_budget = MemoryBudget(DECODE_MEMORY_BUDGET)
+
+
+def _decode_cost(im: Image.Image, fmt: str) -> int:
+    """Bytes a decode and re-encode hold: Pillow keeps 4 bytes a pixel for RGB; a copy for conversion or
+    resizing; WEBP also holds the decoder's output buffer."""
+    return im.width * im.height * 4 * (4 if fmt == "WEBP" else 2)
+
+
+@contextmanager
+def _decoded(raw: bytes, fmt: str, ref: str, draft_size: tuple[int, int] | None) -> Iterator[Image.Image]:
+    """The first frame fully decoded, within the memory budget; a JPEG at the smallest DCT scale that
+    still covers ``draft_size``."""
+    with _open(raw, fmt, ref) as im:
         if fmt == "JPEG" and draft_size is not None:
             im.draft(None, draft_size)
-        im.load()
-    except Exception as exc:
-        im.close()
-        if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning) or (
-                "Security limit exceeded" in str(exc)):  # libheif's own size guard
-            raise ImageError(f"the image is larger than its header said, over {MAX_PIXELS:,} pixels; refused "
-                             f"({exc})", code="image.too_many_pixels", ref=ref) from exc
-        raise ImageError(f"{fmt} data is corrupt or truncated ({exc})", code="image.corrupt", ref=ref) from exc
-    return im
+        with decode_budget.reserve(_decode_cost(im, fmt)):
+            try:
+                im.load()
+            except Exception as exc:
+                if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning) or (
+                        "Security limit exceeded" in str(exc)):  # libheif's own size guard
+                    raise ImageError(f"the image is larger than its header said, over {MAX_PIXELS:,} pixels; "
+                                     f"refused ({exc})", code="image.too_many_pixels", ref=ref) from exc
+                raise ImageError(f"{fmt} data is corrupt or truncated ({exc})", code="image.corrupt",
+                                 ref=ref) from exc
+            yield im
 
 
-def _downscaled_size(width: int, height: int) -> tuple[int, int]:
-    scale = math.sqrt(RECOMMENDED_MAX_PIXELS / (width * height))
+def _downscaled_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    scale = math.sqrt(max_pixels / (width * height))
     w, h = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
-    while w * h > RECOMMENDED_MAX_PIXELS:  # floor keeps it under, but guard rounding anyway
+    while w * h > max_pixels:  # floor keeps it under, but guard rounding anyway
         w, h = w - 1, max(1, h - 1)
     return w, h
 
@@ -261,7 +306,7 @@ def _encode(im: Image.Image, fmt: str, quality: int, icc: bytes | None) -> bytes
             im = im.convert("RGBA" if _has_alpha(im) else "RGB")
         im.save(out, "WEBP", quality=quality, method=4, icc_profile=icc)
     else:
-        im.save(out, "PNG", compress_level=6, icc_profile=icc)
+        im.save(out, "PNG", compress_level=1, icc_profile=icc)  # level 6 is 2x slower for ~10% fewer bytes
     return out.getvalue()
 
 
@@ -329,15 +374,21 @@ def prepare_image(ref: str, raw: bytes, *, high_resolution: bool) -> PreparedIma
     header = _read_header(ref, raw)
     _check_geometry(header.width, header.height, ref)
     _verify(raw, header.fmt, ref)
-    downscale = not high_resolution and header.width * header.height > RECOMMENDED_MAX_PIXELS
-    target = _downscaled_size(header.width, header.height) if downscale else (header.width, header.height)
+    pixels = header.width * header.height
+    downscale = not high_resolution and pixels > RECOMMENDED_MAX_PIXELS
+    target = _downscaled_size(header.width, header.height, RECOMMENDED_MAX_PIXELS) if downscale \
+        else (header.width, header.height)
     if not _needs_reencode(header, raw, downscale):
         # Decode anyway (a JPEG at 1/8 scale): only a full decode finds a truncated scan.
-        _decode(raw, header.fmt, ref, (1, 1)).close()
+        with _decoded(raw, header.fmt, ref, (1, 1)):
+            pass
         return _prepared(ref, header, raw, raw, header.fmt, target, high_resolution)
+    if high_resolution and pixels > HIGH_RES_MAX_PIXELS:
+        # Re-encoding anyway: pixels beyond the 16384-token cap would only be thrown away by the service.
+        downscale, target = True, _downscaled_size(header.width, header.height, HIGH_RES_MAX_PIXELS)
     rotated = header.orientation in _SWAPS_SIDES and header.fmt not in _ROTATES_ITSELF
     stored = (target[1], target[0]) if rotated else target
-    with _decode(raw, header.fmt, ref, stored if downscale else None) as im:
+    with _decoded(raw, header.fmt, ref, stored if downscale else None) as im:
         try:
             data, sent_fmt, sent = _reencode(im, header.fmt, target if downscale else None, ref)
         except (ImageError, MemoryError):

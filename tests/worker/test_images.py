@@ -22,10 +22,12 @@ from contracts.errors import ImageError
 from contracts.tokens import PATCH, RECOMMENDED_MAX_PIXELS, image_tokens, scaled_size, token_cap
 from tests import imagegen as gen
 from worker.images import (
+    HIGH_RES_MAX_PIXELS,
     MAX_BASE64_BYTES,
     MAX_IMAGE_BYTES,
     MAX_PIXELS,
     MIME,
+    MemoryBudget,
     PreparedImage,
     prepare_image,
     prepare_images,
@@ -147,6 +149,13 @@ def _check_high_res(image: PreparedImage) -> None:
     assert image.tokens == image_tokens(4000, 3000, True) > 1280
 
 
+def _check_high_res_cap(image: PreparedImage) -> None:
+    assert (image.width, image.height) == (3000, 4800)
+    assert image.sent_width * image.sent_height <= HIGH_RES_MAX_PIXELS
+    assert image.sent_width * image.sent_height > 0.99 * HIGH_RES_MAX_PIXELS
+    assert image.tokens <= 16384 + 2
+
+
 def _check_downscaled_keeps_alpha(image: PreparedImage) -> None:
     assert image.mime == "image/png" and decode_sent(image).mode == "RGBA"
     assert image.sent_width * image.sent_height <= RECOMMENDED_MAX_PIXELS
@@ -248,6 +257,8 @@ CASES: dict[str, Case] = {
     "exif-rotated webp": Case(lambda: gen.exif_rotated("WEBP"), "ok", check=_check_rotated("image/webp")),
     "exif-rotated tiff": Case(lambda: gen.exif_rotated("TIFF"), "ok", check=_check_rotated("image/png")),
     "exif-rotated heic": Case(lambda: gen.exif_rotated("HEIC"), "ok", check=_check_size(40, 80)),
+    "re-encoded high resolution capped at 16384 tokens": Case(lambda: gen.exif_rotated("JPEG", (4800, 3000)), "ok",
+                                                              True, _check_high_res_cap),
     "exif-rotated large jpeg downscaled": Case(lambda: gen.exif_rotated_jpeg((2400, 1200), 8), "ok",
                                                check=_check_rotated_large),
     # base64 budget: sent as-is would be over 10 MB of base64
@@ -467,3 +478,34 @@ def test_many_images_validate_in_parallel_threads_safely() -> None:
 def test_limits_match_the_vendor_rules() -> None:
     assert MAX_IMAGE_BYTES == MB10 and MAX_BASE64_BYTES == MB10
     assert RECOMMENDED_MAX_PIXELS == 1_003_520
+
+
+def test_memory_budget_makes_big_decodes_wait_their_turn() -> None:
+    budget = MemoryBudget(100)
+    inside: list[int] = []
+    most = 0
+    lock = threading.Lock()
+
+    def decode(cost: int) -> None:
+        nonlocal most
+        with budget.reserve(cost):
+            held = min(cost, budget.limit)
+            with lock:
+                inside.append(held)
+                most = max(most, sum(inside))
+            time.sleep(0.05)
+            with lock:
+                inside.remove(held)
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(decode, [60, 60, 60, 30, 10, 500]))  # 500 is capped to the whole budget and runs alone
+    assert most <= 100 and budget.used == 0
+
+
+def test_images_still_validate_with_a_tiny_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.images as images_module
+
+    monkeypatch.setattr(images_module, "decode_budget", MemoryBudget(1))
+    files = {f"{i}.png": gen.make_image("PNG", (1200, 900 + i)) for i in range(4)}
+    images = prepare_images(list(files), FakeFetcher(files), high_resolution=False)
+    assert len(images) == 4 and images_module.decode_budget.used == 0
