@@ -39,6 +39,7 @@ HTTP_ATTEMPTS = 3
 S3_ATTEMPTS = 3  # botocore standard retry mode: 3 attempts in all
 RETRY_DELAYS_S = (0.2, 0.6)
 POOL_CONNECTIONS = 50
+DOWNLOAD_TIME_FACTOR = 3  # one download may take at most this many fetch timeouts in all
 USER_AGENT = "qvq-queue-image-fetcher/0.1"
 
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchVersion"}
@@ -311,7 +312,11 @@ class ImageFetcher:
                              code="image.too_large", ref=ref)
         chunks: list[bytes] = []
         total = 0
+        budget_s = self.settings.fetch_timeout_s * DOWNLOAD_TIME_FACTOR
+        deadline = time.monotonic() + budget_s
         for chunk in response.iter_bytes():
+            if time.monotonic() > deadline:  # a server dripping bytes never trips the read timeout
+                raise ImageError(f"download not finished after {budget_s:g}s", code="image.fetch_failed", ref=ref)
             total += len(chunk)
             if total > self.max_bytes:
                 raise ImageError(f"more than {self.max_bytes:,} bytes; download stopped", code="image.too_large",

