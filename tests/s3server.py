@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -147,7 +148,8 @@ class S3Server:
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}))
         data = root / "data"
-        data.mkdir(exist_ok=True)
+        shutil.rmtree(data, ignore_errors=True)  # nothing left over from a failed first attempt
+        data.mkdir()
         admin = _admin_port()
         ports = [p for p in free_ports(10) if p not in (admin, admin + ADMIN_GRPC_OFFSET)]
         master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports[:8]
@@ -209,6 +211,8 @@ class S3Server:
 
     def _start_moto(self) -> None:
         from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
 
         (port,) = free_ports(1)
         self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -73,6 +73,7 @@ _SAFE_MODES = {
     "TIFF": {"1", "L", "LA", "P", "RGB", "RGBA"},
     "HEIC": {"L", "RGB", "RGBA"},
 }
+_BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}  # the DIB header versions (so "BMW..." is text, not BMP)
 _SWAPS_SIDES = (5, 6, 7, 8)
 #: Their Pillow plugins already report the upright size and rotate while loading.
 _ROTATES_ITSELF = {"TIFF", "HEIC"}
@@ -120,7 +121,7 @@ def sniff_format(raw: bytes) -> str | None:
         return "PNG"
     if raw.startswith(b"\xff\xd8\xff"):
         return "JPEG"
-    if raw.startswith(b"BM") and len(raw) >= 26:
+    if raw.startswith(b"BM") and len(raw) >= 26 and int.from_bytes(raw[14:18], "little") in _BMP_HEADER_SIZES:
         return "BMP"
     if raw[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return "TIFF"

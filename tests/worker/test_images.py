@@ -95,6 +95,11 @@ def _check_png16(image: PreparedImage) -> None:
     assert image.mime == "image/png" and image.data[24] == 8  # re-encoded with 8 bits per channel
 
 
+def _check_png16_gray(image: PreparedImage) -> None:
+    _check_png16(image)
+    assert decode_sent(image).getpixel((5, 5)) == 40000 // 256  # scaled, not clipped to 255
+
+
 def _check_cmyk(image: PreparedImage) -> None:
     assert image.mime == "image/jpeg" and decode_sent(image).mode == "RGB"
 
@@ -194,6 +199,8 @@ CASES: dict[str, Case] = {
     "text": Case(gen.text, "image.unsupported_format", ref="notes.png"),
     "empty": Case(lambda: gen.EMPTY, "image.unsupported_format"),
     "random bytes": Case(lambda: bytes(range(256)) * 4, "image.unsupported_format"),
+    "text starting like a BMP": Case(lambda: b"BMW drivers: a list of names and notes\n" * 3, "image.unsupported_format",
+                                     ref="cars.bmp"),
     # corrupt
     "truncated png": Case(lambda: gen.truncated(gen.noise_image("PNG", (200, 150), seed=1)), "image.corrupt"),
     "truncated jpeg": Case(lambda: gen.truncated(gen.gradient_image("JPEG", (400, 300))), "image.corrupt"),
@@ -244,7 +251,7 @@ CASES: dict[str, Case] = {
                             ref="s3://b/x.png"),
     # modes and frames the model may not read as they are
     "16-bit rgb png": Case(gen.png16_rgb, "ok", check=_check_png16),
-    "16-bit gray png": Case(gen.png16_gray, "ok", check=_check_png16),
+    "16-bit gray png": Case(gen.png16_gray, "ok", check=_check_png16_gray),
     "cmyk jpeg": Case(gen.cmyk_jpeg, "ok", check=_check_cmyk),
     "palette png with transparency": Case(gen.palette_png_with_transparency, "ok", check=_check_palette),
     "grayscale+alpha png": Case(lambda: gen.make_image("PNG", (64, 48), (100, 50), mode="LA"), "ok",
