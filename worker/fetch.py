@@ -290,7 +290,7 @@ class ImageFetcher:
         try:
             with self._http.stream("GET", target, headers=headers, extensions=extensions) as response:
                 if response.is_redirect:
-                    location = response.headers.get("location")
+                    location = str(response.headers.get("location") or "")
                     if not location:
                         raise ImageError(f"redirect without a Location from {url}", code="image.fetch_failed",
                                          retryable=False, ref=ref)

@@ -18,6 +18,7 @@ An image that needs no change is sent byte for byte.
 from __future__ import annotations
 
 import base64
+import builtins
 import io
 import math
 import threading
@@ -96,7 +97,7 @@ class PreparedImage:
     bytes: int
     sent_width: int
     sent_height: int
-    data: bytes
+    data: builtins.bytes  # plain ``bytes`` here would name the field above
     tokens: int
 
     def data_url(self) -> str:
