@@ -45,6 +45,7 @@ class Settings:
     stall_timeout_s: float = 60.0
     task_timeout_s: float = 1800.0
     visibility_timeout_s: int = 7200
+    lease_ttl_s: float = 30.0
     fetch_timeout_s: float = 20.0
     max_image_bytes: int = 10 * 1024 * 1024
     extra: dict[str, str] = field(default_factory=dict, compare=False)
@@ -144,6 +145,7 @@ _ENV: dict[str, tuple[str, Any]] = {
     "stall_timeout_s": ("QVQ_STALL_TIMEOUT_S", _positive_float),
     "task_timeout_s": ("QVQ_TASK_TIMEOUT_S", _positive_float),
     "visibility_timeout_s": ("QVQ_VISIBILITY_TIMEOUT_S", _positive_int),
+    "lease_ttl_s": ("QVQ_LEASE_TTL_S", _positive_float),
     "fetch_timeout_s": ("QVQ_FETCH_TIMEOUT_S", _positive_float),
 }
 

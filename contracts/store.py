@@ -2,6 +2,8 @@
 
 The terminal write is the exactly-once claim: it only succeeds while the task is not yet terminal,
 and the usage row is unique per (task, attempt), so a redelivered task never doubles a result or a bill.
+A failed or cancelled task can be queued again (`requeue`): attempts keep counting, `retry_base`
+remembers where the manual retry started so the attempt cap counts from there.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ tasks = sa.Table(
     sa.Column("error_code", sa.String(64)),
     sa.Column("error_message", sa.Text),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("retry_base", sa.Integer, nullable=False, default=0, server_default="0"),
     sa.Column("images", sa.JSON),
     sa.Column("usage", sa.JSON),
     sa.Column("cost", sa.JSON),
@@ -83,6 +86,7 @@ class TaskRecord:
     created_at: dt.datetime
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    retry_base: int = 0  # attempts made before the last manual retry
 
     @property
     def is_terminal(self) -> bool:
@@ -98,6 +102,21 @@ class TaskRecord:
             {"code": self.error_code, "message": self.error_message} if self.error_code else None
         )
         return out
+
+
+@dataclass(frozen=True)
+class AttemptStart:
+    """An attempt that just began: its number, where the attempt cap counts from, and whether an
+    earlier attempt was still marked running (its worker was lost, so this is a redelivery)."""
+
+    number: int
+    retry_base: int
+    resumed: bool
+
+    @property
+    def since_retry(self) -> int:
+        """1 for the first attempt since submit or since the last manual retry."""
+        return self.number - self.retry_base
 
 
 @dataclass(frozen=True)
@@ -148,6 +167,19 @@ class Store:
 
     def create_schema(self) -> None:
         metadata.create_all(self.engine, checkfirst=True)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Columns added after a table was first created (create_all never alters a table)."""
+        present = {column["name"] for column in sa.inspect(self.engine).get_columns("qvq_tasks")}
+        if "retry_base" not in present:
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(sa.text("ALTER TABLE qvq_tasks ADD COLUMN retry_base INTEGER NOT NULL DEFAULT 0"))
+            except sa.exc.DBAPIError:  # another process added it meanwhile
+                present = {column["name"] for column in sa.inspect(self.engine).get_columns("qvq_tasks")}
+                if "retry_base" not in present:
+                    raise
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -195,15 +227,41 @@ class Store:
     # -- worker side ---------------------------------------------------------------------------
     def start_attempt(self, task_id: str) -> int | None:
         """Mark the task running and count the attempt; None when it is terminal (never run it again)."""
+        started = self._count_attempt(task_id, (QUEUED, RUNNING))
+        return started[0] if started else None
+
+    def begin_attempt(self, task_id: str) -> AttemptStart | None:
+        """Like start_attempt, for a delivery that starts running a task: also tells whether the task
+        was still marked running (a previous delivery's worker was lost) and the retry base."""
+        for status, resumed in ((RUNNING, True), (QUEUED, False)):
+            started = self._count_attempt(task_id, (status,))
+            if started:
+                return AttemptStart(number=started[0], retry_base=started[1], resumed=resumed)
+        return None
+
+    def _count_attempt(self, task_id: str, statuses: tuple[str, ...]) -> tuple[int, int] | None:
         with self.engine.begin() as conn:
             result = conn.execute(
                 tasks.update()
-                .where(tasks.c.id == task_id, tasks.c.status.in_((QUEUED, RUNNING)))
+                .where(tasks.c.id == task_id, tasks.c.status.in_(statuses))
                 .values(status=RUNNING, attempts=tasks.c.attempts + 1,
                         started_at=sa.func.coalesce(tasks.c.started_at, now()))
-                .returning(tasks.c.attempts)
+                .returning(tasks.c.attempts, tasks.c.retry_base)
             ).first()
-        return int(result[0]) if result else None
+        return (int(result[0]), int(result[1] or 0)) if result else None
+
+    def requeue(self, task_id: str) -> TaskRecord | None:
+        """Move a failed or cancelled task back to queued for a manual retry, atomically; None when it
+        is not failed or cancelled. Attempts keep counting; the attempt cap counts from here."""
+        with self.engine.begin() as conn:
+            moved = conn.execute(
+                tasks.update()
+                .where(tasks.c.id == task_id, tasks.c.status.in_((FAILED, CANCELLED)))
+                .values(status=QUEUED, retry_base=tasks.c.attempts, reasoning=None, answer=None,
+                        error_code=None, error_message=None, usage=None, cost=None, timings=None,
+                        finished_at=None)
+            ).rowcount
+        return self.get(task_id) if moved else None
 
     def finish(self, task_id: str, outcome: Outcome) -> bool:
         """Write the terminal state and the bill in one transaction; False when already terminal."""

@@ -189,6 +189,23 @@ def failed(since: str | None, as_json: bool) -> None:
     console.print(table)
 
 
+@main.command()
+@click.argument("task_id")
+@click.option("--follow", is_flag=True, help="Follow the new attempt's events until it ends.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@friendly_errors
+def retry(task_id: str, follow: bool, as_json: bool) -> None:
+    """Queue a failed or cancelled task again (same task id, a new attempt)."""
+    with _client() as client:
+        from_seq = client.retry(task_id)
+        if follow:  # the log still holds the earlier attempts' events: start after them
+            sys.exit(_follow(client, task_id, from_seq, as_json))
+    if as_json:
+        click.echo(json.dumps({"task_id": task_id, "from_seq": from_seq}))
+    else:
+        click.echo(f"{task_id} queued again; follow it with: qvq follow {task_id} --from-seq {from_seq}")
+
+
 def _parse_since(since: str | None) -> dt.datetime | None:
     if not since:
         return None

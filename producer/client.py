@@ -5,10 +5,14 @@
     for event in handle.events():
         ...
     result = handle.result(timeout=300)
+
+A failed or cancelled task can be queued again with `client.retry(task_id)` (same id, a new attempt);
+it returns the seq to follow from, since the task's log already holds the earlier terminal event.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+import sqlalchemy as sa
 from celery import Celery
 
 from contracts import events as ev
@@ -26,6 +31,7 @@ from contracts.settings import Settings, get_settings
 from contracts.store import FAILED, Outcome, Store, TaskRecord
 
 CANCEL_TTL_S = 86_400
+RESULT_RECHECK_S = 5.0  # result() re-reads the row this often while it waits for the terminal event
 
 
 class EnqueueError(QvqError):
@@ -53,6 +59,9 @@ class TaskHandle:
     def cancel(self) -> bool:
         return self.client.cancel(self.task_id)
 
+    def retry(self) -> int:
+        return self.client.retry(self.task_id)
+
 
 class Client:
     def __init__(self, settings: Settings | None = None, *, store: Store | None = None,
@@ -75,7 +84,10 @@ class Client:
 
     def submit_request(self, request: dict[str, Any]) -> TaskHandle:
         job = parse_job(request, default_model=self.settings.model)
-        record, created = self.store.create_task(job)
+        try:
+            record, created = self.store.create_task(job)
+        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError) as exc:
+            raise EnqueueError(f"could not record task {job.task_id}: the database is unavailable: {exc}") from exc
         if not created:
             return TaskHandle(record.id, False, self)
         if record.id != job.task_id:
@@ -83,18 +95,47 @@ class Client:
         self._enqueue(job)
         return TaskHandle(job.task_id, True, self)
 
-    def _enqueue(self, job: JobRequest) -> None:
+    def _enqueue(self, job: JobRequest, attempt: int = 0, *, clear_cancel: bool = False) -> int:
+        """Publish task.queued and send the Celery task; returns the seq of task.queued.
+
+        Fails within seconds when Redis or the broker is down (no waiting for it to come back): the
+        row is marked failed (`qvq retry` queues it again) and EnqueueError is raised.
+        """
         try:
-            self.bus.publish(job.task_id, ev.QUEUED, 0, model=job.model, image_count=len(job.images))
+            if clear_cancel:  # the cancel of an earlier run must not stop this one
+                self.redis.delete(ev.cancel_key(job.task_id))
+            seq = self.bus.publish(job.task_id, ev.QUEUED, attempt, model=job.model, image_count=len(job.images))
             self.celery.send_task(
                 TASK_NAME, args=[job.to_payload()], task_id=job.task_id, queue=QUEUE, serializer="json",
-                retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+                retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
+                                          "interval_max": 1.0},
             )
+            return seq
         except Exception as exc:
             message = f"could not enqueue task {job.task_id}: {type(exc).__name__}: {exc}"
-            self.store.finish(job.task_id, Outcome(status=FAILED, attempt=0, error_code="internal",
+            self.store.finish(job.task_id, Outcome(status=FAILED, attempt=attempt, error_code="internal",
                                                     error_message=message))
+            with contextlib.suppress(Exception):  # a subscriber that saw task.queued must see the end too
+                self.bus.publish(job.task_id, ev.FAILED, attempt,
+                                 error={"code": "internal", "message": message, "retryable": True})
             raise EnqueueError(message) from exc
+
+    # -- retry ---------------------------------------------------------------------------------
+    def retry(self, task_id: str) -> int:
+        """Queue a failed or cancelled task again: same task id, a new attempt, seq continuing.
+
+        Returns the seq to follow from (that of the new task.queued minus 1): the task's log still
+        holds the earlier attempts' events, their terminal one included. The attempt cap
+        (QVQ_MAX_ATTEMPTS) counts from this retry. RequestError when the task is not failed or cancelled.
+        """
+        self.get(task_id)
+        requeued = self.store.requeue(task_id)
+        if requeued is None:
+            status = self.get(task_id).status
+            raise RequestError(f"task {task_id} is {status}: only failed or cancelled tasks can be retried",
+                               field="task_id")
+        job = JobRequest.from_payload(requeued.request)
+        return self._enqueue(job, attempt=requeued.attempts, clear_cancel=True) - 1
 
     @property
     def celery(self) -> Celery:
@@ -138,13 +179,22 @@ class Client:
         record = self.get(task_id)
         while not record.is_terminal:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if remaining == 0.0:
+                raise TimeoutError(f"task {task_id} did not finish within {timeout:g} s")
+            # From just before the latest event: after a retry the log also holds earlier terminal events.
+            # The row is checked again every RESULT_RECHECK_S: a terminal event can be missing (Redis
+            # was unreachable when it was published, or restarted), the row is the source of truth.
+            from_seq = max(0, self.bus.last_seq(task_id) - 1)
+            wait = RESULT_RECHECK_S if remaining is None else min(RESULT_RECHECK_S, remaining)
             try:
-                for event in self.events(task_id, timeout=remaining):
+                for event in self.events(task_id, from_seq=from_seq, timeout=wait):
                     if ev.is_terminal(event):
+                        settle = time.monotonic() + RESULT_RECHECK_S
+                        record = self._wait_for_row(task_id, settle if deadline is None else min(deadline, settle))
                         break
             except TimeoutError:
-                raise TimeoutError(f"task {task_id} did not finish within {timeout:g} s") from None
-            record = self._wait_for_row(task_id, deadline)
+                pass
+            record = self.get(task_id) if not record.is_terminal else record
         return record
 
     def _wait_for_row(self, task_id: str, deadline: float | None) -> TaskRecord:

@@ -24,13 +24,22 @@ class RunWatch:
         self.deadline = deadline
         self.cancelled = False
         self.timed_out = False
+        self.superseded = False  # another delivery took the task's lease over (see worker/lease.py)
         self._stream: Any = None
         self._lock = threading.Lock()
 
     def should_stop(self) -> bool:
         if not self.timed_out and time.monotonic() >= self.deadline:
             self.timed_out = True
-        return self.cancelled or self.timed_out
+        return self.cancelled or self.timed_out or self.superseded
+
+    def remaining_s(self) -> float:
+        """Seconds left before the task's time limit."""
+        return self.deadline - time.monotonic()
+
+    def supersede(self) -> None:
+        self.superseded = True
+        self.close_stream()
 
     def attach(self, stream: Any) -> None:
         with self._lock:
@@ -70,7 +79,12 @@ class CancelWatcher:
             self._runs.pop(task_id, None)
 
     def is_cancel_requested(self, task_id: str) -> bool:
-        return bool(self.redis.exists(ev.cancel_key(task_id)))
+        """The cancel flag; False when Redis cannot tell (the channel, once back, still delivers)."""
+        try:
+            return bool(self.redis.exists(ev.cancel_key(task_id)))
+        except redis.RedisError as exc:
+            log.warning("cancel_watcher.flag_unreadable", task_id=task_id, error=str(exc))
+            return False
 
     def stop(self) -> None:
         self._stopped.set()
@@ -79,8 +93,10 @@ class CancelWatcher:
         while not self._stopped.is_set():
             try:
                 self._listen()
-            except redis.RedisError as exc:
-                log.warning("cancel_watcher.redis_error", error=str(exc))
+            except Exception as exc:  # Redis gone (it reconnects), or the client closed under it at shutdown
+                if self._stopped.is_set():
+                    return
+                log.warning("cancel_watcher.redis_error", error=str(exc), kind=type(exc).__name__)
                 self._stopped.wait(1.0)
 
     def _listen(self) -> None:

@@ -15,6 +15,7 @@ from contracts.settings import Settings, get_settings
 from contracts.store import Store
 from worker.cancel import CancelWatcher
 from worker.fetch import ImageFetcher
+from worker.lease import LeaseKeeper
 from worker.model import QvqModel
 from worker.publisher import BatchingEventBus
 
@@ -32,13 +33,16 @@ class WorkerContext:
     image_pool: ThreadPoolExecutor
     cancels: CancelWatcher
     name: str
+    leases: LeaseKeeper
 
     @classmethod
     def build(cls, settings: Settings) -> WorkerContext:
         client = redis.Redis.from_url(
             settings.redis_url, max_connections=settings.worker_concurrency + 50,
             health_check_interval=30, socket_keepalive=True, retry_on_timeout=True,
+            socket_connect_timeout=5, socket_timeout=10,  # a vanished Redis must not hang a stream's thread
         )
+        name = f"{socket.gethostname()}:{os.getpid()}"
         return cls(
             settings=settings,
             redis=client,
@@ -48,11 +52,13 @@ class WorkerContext:
             model=QvqModel(settings),
             image_pool=ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="qvq-images"),
             cancels=CancelWatcher(client),
-            name=f"{socket.gethostname()}:{os.getpid()}",
+            name=name,
+            leases=LeaseKeeper(client, ttl_s=settings.lease_ttl_s, owner=name),
         )
 
     def close(self) -> None:
         self.cancels.stop()
+        self.leases.stop()
         self.image_pool.shutdown(wait=False, cancel_futures=True)
         self.model.close()
         self.fetcher.close()
