@@ -1,5 +1,6 @@
 """Baseline with no queue: N threads in one process stream the stamping emulator through one openai
 client (the floor for delay), each token's delay = arrival in the SDK's iterator - emulator send time.
+`--lean` reads the same stream with worker.sse.ChunkStream (the worker's reader) instead of the SDK's.
 
     python -m bench.direct --url http://127.0.0.1:8001/v1 --n 50   # prints one JSON object
 """
@@ -10,6 +11,7 @@ import argparse
 import json
 import threading
 import time
+from typing import Any
 
 import httpx
 import openai
@@ -17,9 +19,10 @@ import psutil
 
 from bench.stamp_emulator import stamps
 from bench.subscriber import percentiles
+from worker.sse import ChunkStream
 
 
-def run(url: str, n: int) -> dict[str, object]:
+def run(url: str, n: int, lean: bool = False) -> dict[str, object]:
     limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=n + 10)
     client = openai.OpenAI(api_key="x", base_url=url, max_retries=0,
                            http_client=httpx.Client(timeout=httpx.Timeout(120.0), limits=limits))
@@ -33,9 +36,10 @@ def run(url: str, n: int) -> dict[str, object]:
         first_sent = first_recv = last_sent = last_recv = 0.0
         count = 0
         try:
-            stream = client.chat.completions.create(
-                model="qvq-max", stream=True, stream_options={"include_usage": True},
-                messages=[{"role": "user", "content": "Describe the picture."}])
+            kwargs: dict[str, Any] = {"model": "qvq-max", "stream": True, "stream_options": {"include_usage": True},
+                                      "messages": [{"role": "user", "content": "Describe the picture."}]}
+            stream: Any = (ChunkStream(client.chat.completions.with_streaming_response.create(**kwargs)) if lean
+                           else client.chat.completions.create(**kwargs))
             for chunk in stream:
                 now = time.time()
                 for choice in chunk.choices:
@@ -77,8 +81,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
     parser.add_argument("--n", type=int, default=1)
+    parser.add_argument("--lean", action="store_true", help="read the stream with worker.sse, as the worker does")
     args = parser.parse_args()
-    print(json.dumps(run(args.url, args.n)))
+    print(json.dumps(run(args.url, args.n, args.lean)))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import contextlib
+
 import psutil
 import redis
 
@@ -35,6 +37,7 @@ from bench.services import REPO, Emulator, Sampler, Worker
 from bench.subscriber import SubscriberProcess, summarize
 
 RESULTS = REPO / "bench" / "results"
+EMPTY = {"p50": None, "p99": None, "max": None, "n": 0}
 SAMPLE = REPO / "producer" / "samples" / "triangle.png"
 SECTIONS = ("fanout", "direct", "idle", "prefork", "short")
 
@@ -45,6 +48,7 @@ class Bench:
         self.profile = profile
         self.sizes: list[int] = []
         self.coalesce = ["50", "0"]
+        self.partial: Path | None = None
         self.tmp = tempfile.TemporaryDirectory(prefix="qvq-bench-")
         self.rows: list[dict[str, Any]] = []
         self.redis_server: Any = None
@@ -103,12 +107,18 @@ class Bench:
             stamp = dt.datetime.now(dt.UTC).strftime("%H%M%S")
             profilers = [Profiler(w.process.pid, RESULTS / f"profile-{stamp}-{label}-{i}.txt")
                          for i, w in enumerate(workers) if w.process is not None]
+        machine0 = psutil.cpu_times()
+        me = psutil.Process()
+        me0 = sum(me.cpu_times()[:2])
         with Sampler(processes) as sampler, ThreadPoolExecutor(submitters) as pool:
             t0 = time.time()
             list(pool.map(lambda i: clients[i % submitters].submit(images=images, prompt=prompt, task_id=ids[i]),
                           range(n)))
             submitted = time.time()
             trace = sub.result()
+        machine1 = psutil.cpu_times()
+        producer_cpu = sum(me.cpu_times()[:2]) - me0
+        busy = sum(machine1) - machine1.idle - (sum(machine0) - machine0.idle)
         for profiler in profilers:
             profiler.stop()
         commands = self.redis_commands() - commands0
@@ -117,6 +127,8 @@ class Bench:
         out = summarize(trace)
         finished = [t.finished_at for t in trace.tasks.values() if t.finished_at]
         out.update(sampler.summary())
+        out["machine_cpu_pct"] = round(100 * busy / sampler.wall_s, 1)  # of one core; 200 = both cores busy
+        out["producer_cpu_s"] = round(producer_cpu, 2)
         out["submit_s"] = round(submitted - t0, 3)
         out["end_to_end_s"] = round(max(finished) - t0, 3) if finished else None
         out["tasks_per_s"] = round(len(finished) / (max(finished) - t0), 1) if finished else None
@@ -131,6 +143,8 @@ class Bench:
         self.rows.append(row)
         row.setdefault("loadavg_1m", round(os.getloadavg()[0], 2))
         print(one_line(row), flush=True)
+        if self.partial is not None:  # kept after every row, so an interrupted run keeps what it measured
+            self.partial.write_text(json.dumps({"rows": self.rows}, indent=2, default=str))
         return row
 
     # -- sections ---------------------------------------------------------------------------------
@@ -154,14 +168,22 @@ class Bench:
     def direct(self) -> None:
         sizes = self.sizes or ([1, 50, 500] if self.quick else [1, 50, 200, 500])
         with self.stream_emulator() as emulator:
-            for n in sizes:
-                out = subprocess.run([sys.executable, "-m", "bench.direct", "--url", emulator.url, "--n", str(n)],
-                                     cwd=REPO, capture_output=True, text=True, timeout=600,
-                                     env={**os.environ, "PYTHONPATH": str(REPO)})
-                if out.returncode != 0:
-                    raise RuntimeError(out.stderr[-3000:])
-                row = json.loads(out.stdout.strip().splitlines()[-1])
-                self.record("direct", "openai SDK, no queue", **row)
+            for lean in (False, True):
+                for n in sizes:
+                    label = "worker.sse reader, no queue" if lean else "openai SDK, no queue"
+                    args = [sys.executable, "-m", "bench.direct", "--url", emulator.url, "--n", str(n)]
+                    limit = min(240, 60 + n)  # the SDK at 500 threads can thrash on the GIL for many minutes
+                    try:
+                        out = subprocess.run(args + (["--lean"] if lean else []), cwd=REPO, capture_output=True,
+                                             text=True, timeout=limit, env={**os.environ, "PYTHONPATH": str(REPO)})
+                    except subprocess.TimeoutExpired:
+                        self.record("direct", f"{label} (gave up after {limit} s)", n=n, gave_up_after_s=limit,
+                                    delay_ms=EMPTY, completed=0)
+                        continue
+                    if out.returncode != 0:
+                        raise RuntimeError(out.stderr[-3000:])
+                    row = json.loads(out.stdout.strip().splitlines()[-1])
+                    self.record("direct", label, **row)
 
     def idle(self) -> None:
         """Memory of streams waiting for their first token: RSS with N streams open - RSS idle."""
@@ -257,11 +279,9 @@ def pool_errors(logs: list[str]) -> dict[str, int]:
 
 def machine() -> dict[str, Any]:
     cpu = ""
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     redis_version = ""
     with __import__("contextlib").suppress(Exception):
         redis_version = redis.Redis.from_url(BENCH_REDIS_URL).info()["redis_version"] if BENCH_REDIS_URL else ""
@@ -289,26 +309,31 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = []
     streams = [r for r in rows if r["section"] in ("fanout", "direct")]
     if streams:
-        lines.append("| case | N | delay p50 ms | p99 ms | max ms | tok/s/stream gen -> delivered | CPU % | peak RSS MB"
-                     " | events/task | redis cmds/task | completed |")
+        lines.append("| case | N | token delay p50 / p99 / max ms | delta delay (last token) p50 / p99 ms | "
+                     "tok/s per stream generated -> delivered | CPU % (100 = 1 core) | peak RSS MB | "
+                     "events/task | Redis cmds/task | peak concurrent | completed |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in streams:
-            d = r["delay_ms"]
+            d, dd = r["delay_ms"], r.get("delta_delay_ms") or r["delay_ms"]
             gen, dlv = r.get("stream_tps_generated"), r.get("stream_tps_delivered")
             ratio = f" ({100 * dlv / gen:.1f}%)" if gen and dlv else ""
             done = f"{r.get('completed', r['n'] - r.get('error_count', 0))}/{r['n']}"
-            lines.append(f"| {r['section']}: {r['label']} | {r['n']} | {fmt(d['p50'], 2)} | {fmt(d['p99'], 2)} | "
-                         f"{fmt(d['max'])} | {fmt(gen, 2)} -> {fmt(dlv, 2)}{ratio} | {fmt(r.get('cpu_pct'))} | "
+            lines.append(f"| {r['section']}: {r['label']} | {r['n']} | {fmt(d['p50'], 2)} / {fmt(d['p99'], 1)} / "
+                         f"{fmt(d['max'], 0)} | {fmt(dd['p50'], 2)} / {fmt(dd['p99'], 1)} | "
+                         f"{fmt(gen, 2)} -> {fmt(dlv, 2)}{ratio} | {fmt(r.get('cpu_pct'))} | "
                          f"{fmt(r.get('peak_rss_mb'))} | {fmt(r.get('events_per_task'))} | "
-                         f"{fmt(r.get('redis_commands_per_task'))} | {done} |")
+                         f"{fmt(r.get('redis_commands_per_task'))} | {fmt(r.get('peak_concurrent'))} | {done} |")
     short = [r for r in rows if r["section"] == "short"]
     if short:
         lines.append("")
-        lines.append("| short tasks | tasks | tasks/s end to end | submit s | total s | worker CPU % | completed |")
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append("| short tasks | tasks | tasks/s end to end | submit s | total s | workers' CPU % | "
+                     "machine CPU % (200 = 2 cores) | worker CPU ms/task | completed |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for r in short:
+            per_task = 1000 * r["cpu_s"] / r["n"]
             lines.append(f"| {r['label']} | {r['n']} | {fmt(r['tasks_per_s'])} | {fmt(r['submit_s'], 2)} | "
-                         f"{fmt(r['end_to_end_s'], 2)} | {fmt(r['cpu_pct'])} | {r['completed']}/{r['n']} |")
+                         f"{fmt(r['end_to_end_s'], 2)} | {fmt(r['cpu_pct'])} | {fmt(r.get('machine_cpu_pct'))} | "
+                         f"{per_task:.1f} | {r['completed']}/{r['n']} |")
     idle = [r for r in rows if r["section"] == "idle"]
     for r in idle:
         lines.append("")
@@ -332,7 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     started = time.time()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) if args.out else RESULTS / f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
     with Bench(args.quick, args.profile) as bench:
+        bench.partial = path.with_suffix(".partial.json")
         if args.coalesce:
             bench.coalesce = args.coalesce.split(",")
         if args.sizes:
@@ -345,11 +373,10 @@ def main(argv: list[str] | None = None) -> int:
             sections[name]()
         rows = bench.rows
     report = {"machine": info, "quick": args.quick, "duration_s": round(time.time() - started, 1), "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) if args.out else RESULTS / f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
     path.write_text(json.dumps(report, indent=2, default=str))
     print()
     print(table(rows))
+    bench.partial.unlink(missing_ok=True)
     print(f"\nwritten: {path}")
     return 0
 

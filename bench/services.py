@@ -4,6 +4,7 @@ a worker's CPU time and peak memory."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -170,10 +171,8 @@ class Sampler:
     def rss(self) -> int:
         total = 0
         for p in self.processes:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 total += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
         return total
 
     def _run(self) -> None:

@@ -46,7 +46,7 @@ class Trace:
     timed_out: bool = False
 
 
-def collect(redis_url: str, task_ids: list[str], ready: Any, timeout: float) -> Trace:
+def collect(redis_url: str, task_ids: list[str], ready: Any, timeout: float) -> Trace:  # noqa: C901
     client = redis.Redis.from_url(redis_url)
     pubsub = client.pubsub(ignore_subscribe_messages=False)
     channels = {f"qvq:task:{t}".encode(): t for t in task_ids}
@@ -148,6 +148,17 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": at(0.50), "p99": at(0.99), "max": round(ordered[-1], 2), "n": len(ordered)}
 
 
+def peak_concurrency(tasks: list[TaskTrace]) -> int:
+    """The most tasks between task.started and their terminal event at one moment."""
+    moments = sorted([(t.started_at, 1) for t in tasks if t.started_at and t.finished_at] +
+                     [(t.finished_at, -1) for t in tasks if t.started_at and t.finished_at])
+    peak = running = 0
+    for _, step in moments:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
 def summarize(trace: Trace) -> dict[str, Any]:
     tasks = list(trace.tasks.values())
     done = [t for t in tasks if t.status == "task.completed"]
@@ -172,6 +183,9 @@ def summarize(trace: Trace) -> dict[str, Any]:
         "stream_tps_delivered": round(sum(dlv) / len(dlv), 2) if dlv else None,
         "fleet_tps_generated": round(total_tokens / (max(all_sent) - min(all_sent)), 1) if all_sent else None,
         "fleet_tps_delivered": round(total_tokens / (max(all_recv) - min(all_recv)), 1) if all_recv else None,
+        "peak_concurrent": peak_concurrency(tasks),
+        "start_spread_s": round(max(starts) - min(starts), 2) if (starts := [t.started_at for t in tasks
+                                                                           if t.started_at]) else None,
         "workers": sorted({t.worker for t in tasks if t.worker}),
         "timed_out": trace.timed_out,
     }

@@ -7,6 +7,7 @@ quiet, and flushes them (in parallel when several are due at once).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import threading
@@ -116,10 +117,8 @@ class Flusher:
 
 
 def _flush_due(coalescer: DeltaCoalescer) -> None:
-    try:
+    with contextlib.suppress(Exception):  # a failed publish must not stop flushing for every other task
         coalescer.flush_if_due(time.monotonic())
-    except Exception:  # a failed publish must not stop flushing for every other task
-        pass
 
 
 _default: Flusher | None = None
