@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import redis
 
 from contracts import events as ev
@@ -130,7 +131,11 @@ class Stack:
         return self.wait_events(task_id, lambda es: any(ev.is_terminal(e) for e in es), timeout)
 
     def stats(self) -> dict[str, int]:
-        return self.emulator.stats
+        """The emulator's counters, read over HTTP (GET /_emulator/stats) like any outside observer."""
+        response = httpx.get(f"http://{self.emulator.host}:{self.emulator.port}/_emulator/stats", timeout=5)
+        response.raise_for_status()
+        counters: dict[str, int] = response.json()
+        return counters
 
     def wait_no_active_streams(self, timeout: float = 5) -> float:
         """Seconds until the emulator has no open stream (AssertionError past the timeout)."""
