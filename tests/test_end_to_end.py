@@ -3,6 +3,9 @@ local images -> emulator over HTTP -> Redis events -> SQL store."""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,9 @@ import pytest
 from contracts import events as ev
 from contracts.catalog import MODELS
 from contracts.errors import RequestError
+from contracts.webhook import SIGNATURE_HEADER, verify
 from tests.imagegen import make_image
+from tests.worker.test_callback import Receiver
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -118,3 +123,30 @@ def test_idempotency_key_returns_the_first_task(make_client: Any, start_worker: 
     assert second.task_id == first.task_id and first.created and not second.created
     assert first.result(timeout=30).status == "completed"
     assert len(client.store.list_tasks()) == 1
+
+
+def test_the_terminal_event_is_posted_signed_to_the_callback_url(
+    start_worker: Any, make_client: Any, tmp_path: Path
+) -> None:
+
+    receiver = Receiver([])
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        image = tmp_path / "a.png"
+        image.write_bytes(make_image("PNG"))
+        start_worker(QVQ_WEBHOOK_SECRET="hook-secret")
+        client = make_client()
+        url = f"http://127.0.0.1:{receiver.server_address[1]}/done"
+        handle = client.submit(images=[str(image)], prompt="hello", callback_url=url)
+        terminal = _collect(handle)[-1]
+        deadline = time.monotonic() + 10
+        while not receiver.received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        headers, body = receiver.received[0]
+        assert verify(body, headers[SIGNATURE_HEADER], "hook-secret")
+        posted = json.loads(body)
+        assert posted["type"] == "task.completed" and posted["seq"] == terminal["seq"]
+        assert posted["answer"] == terminal["answer"]
+    finally:
+        receiver.shutdown()
+        receiver.server_close()

@@ -31,6 +31,7 @@ from contracts.errors import InternalError, ModelError, QvqError
 from contracts.job import JobRequest
 from contracts.logging import get_logger
 from contracts.store import CANCELLED, COMPLETED, FAILED, Outcome
+from worker import callback
 from worker.coalesce import DeltaCoalescer
 from worker.context import WorkerContext
 from worker.images import PreparedImage, prepare_images
@@ -300,7 +301,18 @@ class TaskRun:
         return None
 
     def _publish_terminal(self, type_: str, **fields: Any) -> int | None:
-        """Publish the terminal event (already persisted), retrying a few times; never raises."""
+        """Publish the terminal event (already persisted) and POST it to the job's callback_url."""
+        seq = self._publish_terminal_event(type_, **fields)
+        if self.job.callback_url:
+            event = {"seq": seq, "task_id": self.task_id, "type": type_, "ts": time.time(),
+                     "attempt": self.attempt, **fields}
+            settings = self.ctx.settings
+            callback.deliver(self.job.callback_url, event, secret=settings.webhook_secret,
+                             allow_private=settings.allow_private_urls)
+        return seq
+
+    def _publish_terminal_event(self, type_: str, **fields: Any) -> int | None:
+        """Publish the terminal event, retrying a few times; never raises."""
         for delay in (*TERMINAL_PUBLISH_DELAYS_S, None):
             try:
                 return self.ctx.bus.publish(self.task_id, type_, self.attempt, **fields)
