@@ -150,3 +150,17 @@ def test_the_terminal_event_is_posted_signed_to_the_callback_url(
     finally:
         receiver.shutdown()
         receiver.server_close()
+
+
+def test_presigned_delivery_sends_a_store_url_instead_of_the_bytes(
+    start_worker: Any, make_client: Any, s3: Any
+) -> None:
+    s3.create_bucket("photos")
+    s3.put("photos", "green.png", make_image("PNG", size=(64, 48), color=(20, 200, 20)))
+    start_worker(QVQ_IMAGE_DELIVERY="presigned")
+    client = make_client()
+    handle = client.submit(images=["s3://photos/green.png"], prompt="What is this?")
+    events = _collect(handle)
+    assert events[-1]["type"] == ev.COMPLETED
+    # The emulator never downloads URLs: it describes them as remote images.
+    assert "remote image" in events[-1]["reasoning"]

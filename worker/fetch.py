@@ -164,6 +164,17 @@ class ImageFetcher:
             raise ImageError(f"more than {self.max_bytes:,} bytes", code="image.too_large", ref=ref)
 
     # -- s3:// and oss:// ----------------------------------------------------------------------
+    def presigned_url(self, ref: str, expires_s: int) -> str | None:
+        """A time-limited GET URL for an s3:// or oss:// object (QVQ_IMAGE_DELIVERY=presigned); None
+        for other references, which are always sent inline."""
+        scheme = ref.split("://", 1)[0].lower() if "://" in ref else ""
+        if scheme not in ("s3", "oss"):
+            return None
+        bucket, key = self._bucket_key(scheme, ref)
+        url = self._client(scheme, ref).generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires_s)
+        return str(url)
+
     def _client(self, scheme: str, ref: str) -> Any:
         with self._lock:
             client = self._clients.get(scheme)

@@ -41,6 +41,7 @@ from worker.prompt import build_messages, check_token_budget
 
 log = get_logger(__name__)
 DELTA_EVENT = {"reasoning": ev.REASONING_DELTA, "answer": ev.ANSWER_DELTA}
+PRESIGNED_URL_TTL_S = 3600  # long enough for the service to fetch it, even after retries
 SUPERSEDED = "superseded"  # another delivery took the task over; this run wrote nothing
 
 #: Database errors worth retrying (connection lost, server gone, SQLite busy); others are bugs.
@@ -163,7 +164,18 @@ class TaskRun:
         self._publish(ev.IMAGES_READY, images=summaries, image_tokens=sum(i.tokens for i in self.images))
         history = self._history()
         check_token_budget(job.model, job.prompt, self.images, history)
-        return build_messages(job.prompt, self.images, history)
+        return build_messages(job.prompt, self.images, history, url_for=self._image_url)
+
+    def _image_url(self, image: PreparedImage) -> str:
+        """Inline base64 by default; with QVQ_IMAGE_DELIVERY=presigned, an object we send unchanged
+        goes as a presigned URL of the store (the service downloads it; the request stays small)."""
+        unchanged = len(image.data) == image.bytes and (image.sent_width, image.sent_height) == (
+            image.width, image.height)
+        if self.ctx.settings.image_delivery == "presigned" and unchanged:
+            url = self.ctx.fetcher.presigned_url(image.ref, PRESIGNED_URL_TTL_S)
+            if url:
+                return url
+        return image.data_url()
 
     def _history(self) -> list[tuple[str, str]]:
         if not self.job.conversation_id:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from contracts.catalog import model_info
@@ -17,14 +17,17 @@ class SendableImage(Protocol):
 
 
 def build_messages(
-    prompt: str, images: Sequence[SendableImage], history: Sequence[tuple[str, str]]
+    prompt: str, images: Sequence[SendableImage], history: Sequence[tuple[str, str]],
+    url_for: Callable[[Any], str] | None = None,
 ) -> list[dict[str, Any]]:
+    """The chat messages; each image goes as `url_for(image)`, by default its base64 data URL."""
+    url_for = url_for or (lambda image: image.data_url())
     messages: list[dict[str, Any]] = []
     for past_prompt, past_answer in history:
         messages.append({"role": "user", "content": past_prompt})
         messages.append({"role": "assistant", "content": past_answer})
     parts: list[dict[str, Any]] = [
-        {"type": "image_url", "image_url": {"url": image.data_url()}} for image in images
+        {"type": "image_url", "image_url": {"url": url_for(image)}} for image in images
     ]
     parts.append({"type": "text", "text": prompt})
     messages.append({"role": "user", "content": parts})

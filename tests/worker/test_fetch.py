@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import boto3
+import httpx
 import pytest
 from botocore.response import StreamingBody
 
@@ -477,6 +478,15 @@ def test_s3_fetch(make_fetcher: Any, store: S3Server) -> None:
     store.put(BUCKET, "dir/cat photo.png", PNG, content_type="image/jpeg")
     fetcher = make_fetcher(s3_endpoint_url=store.endpoint_url)
     assert fetcher.fetch(f"s3://{BUCKET}/dir/cat photo.png") == PNG
+
+
+def test_a_presigned_url_serves_the_object_and_only_for_store_references(make_fetcher: Any, store: S3Server) -> None:
+    store.put(BUCKET, "presigned.png", PNG)
+    fetcher = make_fetcher(s3_endpoint_url=store.endpoint_url)
+    url = fetcher.presigned_url(f"s3://{BUCKET}/presigned.png", 60)
+    assert url is not None and "Signature" in url
+    assert httpx.get(url).content == PNG
+    assert fetcher.presigned_url("https://example.com/a.png", 60) is None
 
 
 def test_s3_missing_key_and_bucket_are_not_found(make_fetcher: Any, store: S3Server) -> None:
