@@ -165,11 +165,9 @@ def usage(by: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, default=str, indent=2))
         return
-    table = Table(by, "calls", "prompt tokens", "completion tokens", "cost (CNY)")
-    for row in rows:
-        table.add_row(str(row[by]), str(row["calls"]), str(row["prompt_tokens"]),
-                      str(row["completion_tokens"]), str(row["cost_cny"]))
-    console.print(table)
+    _print_rows((by, "calls", "prompt tokens", "completion tokens", "cost (CNY)"),
+                [(str(row[by]), str(row["calls"]), str(row["prompt_tokens"]), str(row["completion_tokens"]),
+                  str(row["cost_cny"])) for row in rows])
 
 
 @main.command()
@@ -183,9 +181,20 @@ def failed(since: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in records], default=str, indent=2))
         return
-    table = Table("task", "created", "code", "message")
-    for r in records:
-        table.add_row(r.id, r.created_at.isoformat(timespec="seconds"), r.error_code or "", r.error_message or "")
+    _print_rows(("task", "created", "code", "message"),
+                [(r.id, r.created_at.isoformat(timespec="seconds"), r.error_code or "", r.error_message or "")
+                 for r in records])
+
+
+def _print_rows(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A table on a terminal; tab-separated lines when piped, so nothing is cut or wrapped for grep."""
+    if not console.is_terminal:
+        for row in (columns, *rows):
+            click.echo("\t".join(row))
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 
