@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,13 +17,9 @@ from typing import Any
 
 import psutil
 
+from producer.embedded import free_port, stop_process_group
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 20.0, process: subprocess.Popen[bytes] | None = None) -> None:
@@ -38,17 +33,6 @@ def wait_port(port: int, timeout: float = 20.0, process: subprocess.Popen[bytes]
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing answers on port {port} after {timeout:g} s")
-
-
-def _stop(process: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
-    if process is None or process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 class Emulator:
@@ -73,7 +57,7 @@ class Emulator:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _stop(self.process)
+        stop_process_group(self.process)
 
     def stats(self) -> dict[str, int]:
         import httpx
@@ -134,7 +118,7 @@ class Worker:
             return []
 
     def stop(self) -> None:
-        _stop(self.process)
+        stop_process_group(self.process)
 
     def __enter__(self) -> Worker:
         return self.start()

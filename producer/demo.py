@@ -21,7 +21,7 @@ from rich.console import Console
 
 from contracts.settings import Settings
 from producer.client import Client
-from producer.embedded import EmbeddedRedis, redis_reachable
+from producer.embedded import EmbeddedRedis, redis_reachable, stop_process_group
 from producer.render import EventRenderer
 
 SAMPLE_IMAGE = Path(__file__).parent / "samples" / "triangle.png"
@@ -62,15 +62,6 @@ def start_worker(env: dict[str, str], log_file: IO[bytes], concurrency: int = 8)
     return subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop_worker(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    process.terminate()  # SIGTERM: Celery's warm shutdown
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def _events_while_alive(handle: Any, worker: subprocess.Popen[bytes], log_path: str) -> Iterator[dict[str, Any]]:
     """The task's events; if the worker dies first, say so and show its log instead of waiting forever."""
     last_seq = 0
@@ -93,7 +84,7 @@ def run_demo(images: Sequence[str], prompt: str | None, console: Console | None 
         env = demo_environment(stack, console)
         worker_log = stack.enter_context(tempfile.NamedTemporaryFile(prefix="qvq-demo-worker-", suffix=".log"))
         worker = start_worker(env, worker_log)
-        stack.callback(stop_worker, worker)
+        stack.callback(stop_process_group, worker)  # SIGTERM: Celery's warm shutdown
         client = stack.enter_context(Client(Settings.from_env(env)))
         handle = client.submit(images=list(images) or [str(SAMPLE_IMAGE)], prompt=prompt or DEFAULT_PROMPT)
         terminal = EventRenderer(console).render_all(_events_while_alive(handle, worker, worker_log.name))

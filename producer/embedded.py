@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -16,6 +17,18 @@ import time
 from pathlib import Path
 
 import redis
+
+
+def stop_process_group(process: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
+    """SIGTERM a child started with start_new_session=True and its children; SIGKILL after timeout."""
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def redis_reachable(url: str, timeout: float = 0.5) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from producer.embedded import redis_reachable
+from producer.embedded import redis_reachable, stop_process_group
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_REDIS = "redis://127.0.0.1:6379/15"  # a dedicated db, flushed by the tests
@@ -80,15 +80,7 @@ class WorkerProcess:
             self.process.wait()
 
     def stop(self, timeout: float = 15.0) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_process_group(self.process, timeout)
 
     def __enter__(self) -> WorkerProcess:
         return self.start()
