@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -58,7 +58,7 @@ class AsyncEventBus:
     async def subscribe(
         self, task_id: str, from_seq: int = 0, timeout: float | None = None, *,
         idle_timeout: float | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Yield every event with seq > from_seq exactly once, in seq order, ending after the terminal one.
 
         As `EventBus.subscribe`: subscribe (confirmed), read the log, then live; gaps and quiet
@@ -96,7 +96,7 @@ class AsyncEventBus:
     async def _catch_up(self, state: SubscriptionState) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         while True:
-            rows = await self.redis.xrange(ev.log_key(state.task_id), min=state.log_start(), count=READ_BATCH)
+            rows = await self.redis.xrange(ev.log_key(state.task_id), min=state.log_start(), count=READ_BATCH) or []
             out.extend(state.take_log(rows))
             if len(rows) < READ_BATCH:
                 return out

@@ -44,7 +44,7 @@ def publish_args(task_id: str, type_: str, attempt: int, fields: dict[str, Any])
     return [ev.seq_key(task_id), ev.log_key(task_id), ev.channel(task_id)], encoded[1:]
 
 
-def decode_entry(fields: dict[Any, Any]) -> dict[str, Any]:
+def decode_entry(fields: Any) -> dict[str, Any]:
     """The event held by one stream entry (bytes or str keys, whatever the client decodes)."""
     return json.loads(fields[b"event"] if b"event" in fields else fields["event"])
 
@@ -67,7 +67,7 @@ class EventBus:
         out: list[dict[str, Any]] = []
         start = "-"
         while True:
-            rows = self.redis.xrange(ev.log_key(task_id), min=start, count=READ_BATCH)
+            rows = self.redis.xrange(ev.log_key(task_id), min=start, count=READ_BATCH) or []
             out.extend(event for event in map(decode_entry, (f for _id, f in rows)) if event["seq"] > after_seq)
             if len(rows) < READ_BATCH:
                 return out
@@ -116,7 +116,7 @@ class SubscriptionState:
         """The XRANGE `min` for the next log read."""
         return "-" if self.log_cursor is None else "(" + self.log_cursor
 
-    def take_log(self, rows: Sequence[tuple[Any, dict[Any, Any]]]) -> list[dict[str, Any]]:
+    def take_log(self, rows: Sequence[tuple[Any, Any]]) -> list[dict[str, Any]]:
         """The events of one XRANGE batch that are due, in order; advances the cursor."""
         out: list[dict[str, Any]] = []
         for entry_id, fields in rows:
@@ -217,7 +217,7 @@ class _Subscription:
     def _catch_up(self) -> list[dict[str, Any]]:
         state, out = self.state, []
         while True:
-            rows = self.bus.redis.xrange(ev.log_key(state.task_id), min=state.log_start(), count=READ_BATCH)
+            rows = self.bus.redis.xrange(ev.log_key(state.task_id), min=state.log_start(), count=READ_BATCH) or []
             out.extend(state.take_log(rows))
             if len(rows) < READ_BATCH:
                 return out
@@ -232,5 +232,5 @@ class _Subscription:
         return self._catch_up() if batch is None else batch
 
 
-def _as_str(value: bytes | str) -> str:
+def _as_str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else value

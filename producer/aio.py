@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -46,7 +46,7 @@ class AsyncClient:
         return record
 
     def events(self, task_id: str, from_seq: int = 0, timeout: float | None = None,
-               idle_timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
+               idle_timeout: float | None = None) -> AsyncGenerator[dict[str, Any], None]:
         """Every event of the task after from_seq, replayed then live, ending after the terminal one.
 
         TimeoutError after `timeout` seconds in all, or `idle_timeout` seconds without an event.

@@ -78,7 +78,7 @@ def submit(images: tuple[str, ...], prompt: str, model: str | None, conversation
            high_resolution: bool, tenant: str | None, task_id: str | None, idempotency_key: str | None,
            follow: bool, as_json: bool) -> None:
     """Enqueue a job; prints the task id (or follows it live with --follow)."""
-    fields = {k: v for k, v in {"conversation_id": conversation_id, "tenant": tenant, "task_id": task_id,
+    fields: dict[str, Any] = {k: v for k, v in {"conversation_id": conversation_id, "tenant": tenant, "task_id": task_id,
                                 "idempotency_key": idempotency_key}.items() if v}
     if high_resolution:
         fields["high_resolution"] = True

@@ -67,12 +67,14 @@ class QvqModel:
         timeout = httpx.Timeout(connect=10.0, read=settings.stall_timeout_s, write=60.0, pool=30.0)
         limits = httpx.Limits(max_connections=settings.worker_concurrency + 10,
                               max_keepalive_connections=settings.worker_concurrency + 10)
+        # Recent openai releases type their client against the `httpx2` fork; a plain httpx.Client
+        # works with every release (tested), and keeps transport errors in the httpx tree map_error knows.
         self.client = openai.OpenAI(
             api_key=settings.dashscope_api_key or "not-needed-for-the-emulator",
             base_url=settings.base_url,
             max_retries=0,
-            timeout=timeout,
-            http_client=httpx.Client(timeout=timeout, limits=limits),
+            timeout=timeout,  # type: ignore[arg-type]
+            http_client=httpx.Client(timeout=timeout, limits=limits),  # type: ignore[arg-type]
         )
 
     def close(self) -> None:
@@ -86,8 +88,8 @@ class QvqModel:
         """Stream one completion, calling on_text for every piece of text as it arrives."""
         result = StreamResult()
         try:
-            stream = ChunkStream(self.client.chat.completions.with_streaming_response.create(
-                model=model, messages=messages, stream=True,  # type: ignore[arg-type]
+            stream = ChunkStream(self.client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
+                model=model, messages=messages, stream=True,
                 stream_options={"include_usage": True},
                 extra_body={"vl_high_resolution_images": True} if high_resolution else None,
                 extra_headers={"X-Qvq-Attempt": str(attempt)},
@@ -167,7 +169,7 @@ def _message(exc: openai.APIStatusError) -> str:
     return str(exc.message)
 
 
-def _retry_after(response: httpx.Response | None) -> float | None:
+def _retry_after(response: Any) -> float | None:
     if response is None:
         return None
     raw = response.headers.get("retry-after")

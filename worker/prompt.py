@@ -11,7 +11,8 @@ from contracts.tokens import estimate_text_tokens
 
 
 class SendableImage(Protocol):
-    tokens: int
+    @property
+    def tokens(self) -> int: ...
 
     def data_url(self) -> str: ...
 
