@@ -88,17 +88,10 @@ class QvqModel:
         """Stream one completion, calling on_text for every piece of text as it arrives."""
         result = StreamResult()
         try:
-            # The messages go in extra_body, which the SDK sends as given: passed as `messages` they
-            # are walked by its TypedDict transform, key by key (~1 ms of CPU per task with one image,
-            # half of building the request); ours are plain JSON already. `messages=[]` only
-            # satisfies the signature: extra_body's keys replace the body's.
-            body: dict[str, Any] = {"messages": messages}
-            if high_resolution:
-                body["vl_high_resolution_images"] = True
             stream = ChunkStream(self.client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
-                model=model, messages=[], stream=True,
+                model=model, messages=messages, stream=True,
                 stream_options={"include_usage": True},
-                extra_body=body,
+                extra_body={"vl_high_resolution_images": True} if high_resolution else None,
                 extra_headers={"X-Qvq-Attempt": str(attempt)},
             ))
         except openai.OpenAIError as exc:
