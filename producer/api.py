@@ -8,6 +8,7 @@
 | POST /v1/tasks/upload | multipart: image file(s) + prompt (+ model, high_resolution) -> the same, the files saved locally and sent as file:// refs |
 | GET /v1/tasks/{id} | the task's record |
 | POST /v1/tasks/{id}/cancel | stop a queued or running task |
+| POST /v1/tasks/{id}/retry | queue a failed or cancelled task again -> 202 {"task_id", "follow_from_seq"} |
 | GET /v1/tasks/{id}/events | Server-Sent Events: replay + live, resumable (Last-Event-ID or ?from_seq=), ends after the terminal event |
 | GET / | the web viewer; GET /healthz | liveness (Redis and the database) |
 
@@ -138,6 +139,7 @@ def _v1_router(settings: Settings) -> APIRouter:
     router.add_api_route("/tasks/upload", upload_task, methods=["POST"], status_code=202)
     router.add_api_route("/tasks/{task_id}", get_task, methods=["GET"])
     router.add_api_route("/tasks/{task_id}/cancel", cancel_task, methods=["POST"])
+    router.add_api_route("/tasks/{task_id}/retry", retry_task, methods=["POST"], status_code=202)
     router.add_api_route("/tasks/{task_id}/events", task_events, methods=["GET"],
                          response_class=StreamingResponse)
     return router
@@ -219,6 +221,22 @@ async def task_events(
         sse_stream(services.aclient, task_id, start, services.keepalive_s), media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"},
     )
+
+
+async def retry_task(task_id: str, request: Request) -> JSONResponse:
+    """Queue a failed or cancelled task again (same id, a new attempt); 409 for any other status.
+
+    `follow_from_seq` is where its events continue: GET .../events?from_seq=<it>."""
+    services = _services(request)
+    try:
+        from_seq = await run_in_threadpool(services.client.retry, task_id)
+    except KeyError:
+        raise _not_found(task_id) from None
+    except RequestError as exc:
+        raise ApiError(409, exc.code, exc.message, field=exc.field) from None
+    except EnqueueError as exc:
+        raise ApiError(503, exc.code, exc.message) from None
+    return JSONResponse({"task_id": task_id, "follow_from_seq": from_seq}, status_code=202)
 
 
 async def _submit(services: Services, body: dict[str, Any]) -> JSONResponse:

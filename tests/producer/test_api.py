@@ -200,6 +200,19 @@ def test_submit_get_and_cancel_a_queued_task(api: ApiServer) -> None:
         assert [f["event"] for f in sse_events(response)] == [ev.QUEUED, ev.CANCELLED]
 
 
+def test_retry_requeues_a_cancelled_task_and_refuses_a_queued_one(api: ApiServer) -> None:
+    body = {"images": ["s3://photos/a.png"], "prompt": "hi"}
+    task_id = httpx.post(api.url + "/v1/tasks", json=body).json()["task_id"]
+    refused = httpx.post(f"{api.url}/v1/tasks/{task_id}/retry")
+    assert refused.status_code == 409 and "queued" in refused.json()["error"]["message"]
+    httpx.post(f"{api.url}/v1/tasks/{task_id}/cancel")
+    retried = httpx.post(f"{api.url}/v1/tasks/{task_id}/retry")
+    assert retried.status_code == 202
+    assert retried.json() == {"task_id": task_id, "follow_from_seq": 2}  # after queued, cancelled
+    assert httpx.get(f"{api.url}/v1/tasks/{task_id}").json()["status"] == "queued"
+    assert httpx.post(f"{api.url}/v1/tasks/nope/retry").status_code == 404
+
+
 def test_healthz_and_the_web_page(api: ApiServer) -> None:
     health = httpx.get(api.url + "/healthz")
     assert health.status_code == 200 and health.json() == {"status": "ok", "redis": True, "database": True}
