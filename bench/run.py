@@ -72,7 +72,9 @@ class Bench:
 
     def env(self, emulator: Emulator, **extra: str) -> dict[str, str]:
         db = Path(self.tmp.name) / f"qvq-{uuid.uuid4().hex[:8]}.db"
-        env = {"REDIS_URL": self.redis_url, "DATABASE_URL": f"sqlite:///{db}", "QVQ_BASE_URL": emulator.url,
+        # QVQ_BENCH_DATABASE_URL (e.g. a PostgreSQL URL) replaces the default fresh SQLite file.
+        database_url = os.environ.get("QVQ_BENCH_DATABASE_URL") or f"sqlite:///{db}"
+        env = {"REDIS_URL": self.redis_url, "DATABASE_URL": database_url, "QVQ_BASE_URL": emulator.url,
                "QVQ_ALLOW_LOCAL_FILES": "1", "QVQ_ALLOW_PRIVATE_URLS": "1", "LOG_LEVEL": "INFO"}
         if self.s3 is not None:
             env.update(self.s3.env())
