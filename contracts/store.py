@@ -263,12 +263,6 @@ class Store:
             row = conn.execute(_SELECT_TASK, {"p_task_id": task_id}).mappings().first()
         return TaskRecord(**row) if row else None
 
-    def delete(self, task_id: str) -> None:
-        """Remove a task that could not be enqueued, so no row stays queued forever."""
-        with self.engine.begin() as conn:
-            conn.execute(usage.delete().where(usage.c.task_id == task_id))
-            conn.execute(tasks.delete().where(tasks.c.id == task_id))
-
     # -- worker side ---------------------------------------------------------------------------
     def start_attempt(self, task_id: str) -> int | None:
         """Mark the task running and count the attempt; None when it is terminal (never run it again)."""
