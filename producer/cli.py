@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -59,6 +60,7 @@ def demo(images: tuple[str, ...], prompt: str | None) -> None:
     """Run the whole pipeline on embedded defaults and stream the thinking and the answer."""
     from producer.demo import run_demo
 
+    _check_local_paths(images)
     sys.exit(run_demo(images, prompt, console))
 
 
@@ -78,6 +80,7 @@ def submit(images: tuple[str, ...], prompt: str, model: str | None, conversation
            high_resolution: bool, tenant: str | None, task_id: str | None, idempotency_key: str | None,
            follow: bool, as_json: bool) -> None:
     """Enqueue a job; prints the task id (or follows it live with --follow)."""
+    _check_local_paths(images)
     fields: dict[str, Any] = {k: v for k, v in {"conversation_id": conversation_id, "tenant": tenant, "task_id": task_id,
                                 "idempotency_key": idempotency_key}.items() if v}
     if high_resolution:
@@ -89,6 +92,13 @@ def submit(images: tuple[str, ...], prompt: str, model: str | None, conversation
                        else handle.task_id)
             return
         sys.exit(_follow(client, handle.task_id, 0, as_json))
+
+
+def _check_local_paths(images: tuple[str, ...]) -> None:
+    """A plain path names a file on this machine: refuse a missing one here, before anything is queued."""
+    for index, ref in enumerate(images):
+        if "://" not in ref and not os.path.isfile(os.path.expanduser(ref)):
+            raise click.UsageError(f"images[{index}]: no such file {ref!r}")
 
 
 def _follow(client: Any, task_id: str, from_seq: int, as_json: bool) -> int:

@@ -68,6 +68,8 @@ def test_failed_tasks_are_listed_with_their_codes(qvq: Any, start_worker: Any, t
 def test_bad_input_exits_2_with_a_clear_message(qvq: Any, image: str) -> None:
     done = qvq("submit", image, "--prompt", "hi", "--model", "qvq-ultra", check_code=2)
     assert "model.unknown" in done.stderr and "qvq-ultra" in done.stderr
+    done = qvq("submit", "missing.png", "--prompt", "hi", check_code=2)
+    assert "no such file 'missing.png'" in done.stderr
     done = qvq("result", "no-such-task", check_code=2)
     assert "no task" in done.stderr
     done = qvq("failed", "--since", "yesterday-ish", check_code=2)
