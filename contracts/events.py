@@ -41,5 +41,10 @@ def cancel_key(task_id: str) -> str:
     return f"{KEY_PREFIX}{task_id}:cancel"
 
 
+def lease_key(task_id: str) -> str:
+    """Held by the worker running the task (worker/lease.py), so a redelivery never runs it twice."""
+    return f"{KEY_PREFIX}{task_id}:lease"
+
+
 def is_terminal(event: dict[str, Any]) -> bool:
     return event.get("type") in TERMINAL_TYPES

@@ -28,7 +28,7 @@ from typing import Any
 
 import redis
 
-from contracts import events as ev
+from contracts.events import lease_key
 from contracts.logging import get_logger
 
 log = get_logger(__name__)
@@ -48,10 +48,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
-def lease_key(task_id: str) -> str:
-    return f"{ev.KEY_PREFIX}{task_id}:lease"
 
 
 class Lease:

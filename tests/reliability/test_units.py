@@ -13,9 +13,10 @@ import pytest
 import redis
 
 from contracts.errors import ConfigError, ModelError
+from contracts.events import lease_key
 from contracts.settings import Settings
 from worker.app import app, celery_config, delivery_problems, restore_interval_s
-from worker.lease import LeaseKeeper, lease_key
+from worker.lease import LeaseKeeper
 from worker.model import map_error
 from worker.pipeline import TaskRun, backoff_s
 
