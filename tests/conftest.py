@@ -12,20 +12,31 @@ import pytest
 import redis
 
 from contracts.settings import Settings
-from contracts.store import Store, metadata
 from producer.client import Client
 from producer.embedded import EmbeddedRedis
-from tests.services import WorkerProcess, local_redis_url, postgres_url
+from tests.services import ThrowawayPostgres, WorkerProcess, postgres_server_url, shared_redis_url
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    url = local_redis_url()
+    """The run's own Redis on a free port (QVQ_TEST_REDIS_URL points the tests at another one)."""
+    url = shared_redis_url()
     if url:
         yield url
         return
     with EmbeddedRedis() as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[ThrowawayPostgres | None]:
+    server = postgres_server_url()
+    if server is None:
+        yield None
+        return
+    database = ThrowawayPostgres(server)
+    yield database
+    database.drop()
 
 
 @pytest.fixture()
@@ -61,13 +72,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield _sqlite_url(tmp_path)
         return
-    url = postgres_url()
-    if url is None:
+    database = request.getfixturevalue("postgres_database")
+    if database is None:
         pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432 (set QVQ_TEST_POSTGRES_URL)")
-    store = Store.from_url(url)
-    metadata.drop_all(store.engine)
-    store.dispose()
-    yield url
+    database.reset()
+    yield database.url
 
 
 @pytest.fixture()

@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -17,11 +18,12 @@ import sqlalchemy as sa
 from producer.embedded import redis_reachable, stop_process_group
 
 REPO = Path(__file__).resolve().parent.parent
-LOCAL_REDIS = "redis://127.0.0.1:6379/15"  # a dedicated db, flushed by the tests
+#: The PostgreSQL server the tests create their own database on (QVQ_TEST_POSTGRES_URL overrides).
 LOCAL_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
-def postgres_url() -> str | None:
+def postgres_server_url() -> str | None:
+    """A reachable PostgreSQL server to create throwaway databases on; None when there is none."""
     url = os.environ.get("QVQ_TEST_POSTGRES_URL", LOCAL_POSTGRES)
     try:
         engine = sa.create_engine(url, connect_args={"connect_timeout": 2})
@@ -33,9 +35,37 @@ def postgres_url() -> str | None:
         return None
 
 
-def local_redis_url() -> str | None:
-    url = os.environ.get("QVQ_TEST_REDIS_URL", LOCAL_REDIS)
-    return url if redis_reachable(url) else None
+class ThrowawayPostgres:
+    """A database of the test run's own (`qvq_test_<random>`), created on the server and dropped at
+    the end: the tests never empty a database they did not create."""
+
+    def __init__(self, server_url: str) -> None:
+        self.server_url = server_url
+        self.name = f"qvq_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        self.url = str(sa.engine.make_url(server_url).set(database=self.name))
+        self._admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT",
+                                       connect_args={"connect_timeout": 5})
+        with self._admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{self.name}"'))
+
+    def reset(self) -> None:
+        """Empty it for the next test (it is ours)."""
+        with self._admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
+            conn.execute(sa.text(f'CREATE DATABASE "{self.name}"'))
+
+    def drop(self) -> None:
+        with self._admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
+        self._admin.dispose()
+
+
+def shared_redis_url() -> str | None:
+    """QVQ_TEST_REDIS_URL, when set: a Redis the tests may use and empty (else each run starts its own)."""
+    url = os.environ.get("QVQ_TEST_REDIS_URL")
+    if url and not redis_reachable(url):
+        raise RuntimeError(f"QVQ_TEST_REDIS_URL={url} does not answer")
+    return url
 
 
 class WorkerProcess:
