@@ -211,20 +211,10 @@ class Store:
         return store
 
     def create_schema(self) -> None:
-        metadata.create_all(self.engine, checkfirst=True)
-        self._add_missing_columns()
+        """Bring the schema to the newest migration (contracts/schema.py)."""
+        from contracts.schema import upgrade
 
-    def _add_missing_columns(self) -> None:
-        """Columns added after a table was first created (create_all never alters a table)."""
-        present = {column["name"] for column in sa.inspect(self.engine).get_columns("qvq_tasks")}
-        if "retry_base" not in present:
-            try:
-                with self.engine.begin() as conn:
-                    conn.execute(sa.text("ALTER TABLE qvq_tasks ADD COLUMN retry_base INTEGER NOT NULL DEFAULT 0"))
-            except sa.exc.DBAPIError:  # another process added it meanwhile
-                present = {column["name"] for column in sa.inspect(self.engine).get_columns("qvq_tasks")}
-                if "retry_base" not in present:
-                    raise
+        upgrade(self.engine)
 
     def dispose(self) -> None:
         self.engine.dispose()
