@@ -38,6 +38,8 @@ tasks = sa.Table(
     sa.Column("error_message", sa.Text),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("retry_base", sa.Integer, nullable=False, default=0, server_default="0"),
+    sa.Column("run", sa.Integer, nullable=False, default=0, server_default="0"),
+    sa.Column("last_seq", sa.Integer, nullable=False, default=0, server_default="0"),
     sa.Column("images", sa.JSON),
     sa.Column("usage", sa.JSON),
     sa.Column("cost", sa.JSON),
@@ -132,6 +134,8 @@ class TaskRecord:
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     retry_base: int = 0  # attempts made before the last manual retry
+    run: int = 0  # 0 for the first run; each manual retry starts the next one
+    last_seq: int = 0  # the highest event seq the store knows of (seq never goes back)
 
     @property
     def is_terminal(self) -> bool:
@@ -282,7 +286,7 @@ class Store:
             moved = conn.execute(
                 tasks.update()
                 .where(tasks.c.id == task_id, tasks.c.status.in_((FAILED, CANCELLED)))
-                .values(status=QUEUED, retry_base=tasks.c.attempts, reasoning=None, answer=None,
+                .values(status=QUEUED, retry_base=tasks.c.attempts, run=tasks.c.run + 1, reasoning=None, answer=None,
                         error_code=None, error_message=None, usage=None, cost=None, timings=None,
                         finished_at=None)
             ).rowcount
@@ -318,6 +322,12 @@ class Store:
             "input_cost": Decimal(str(outcome.cost["input"])), "output_cost": Decimal(str(outcome.cost["output"])),
             "total_cost": Decimal(str(outcome.cost["total"])), "created_at": now(),
         })
+
+    def note_seq(self, task_id: str, seq: int) -> None:
+        """Remember that events up to `seq` exist (never lowers it): the floor for the next publish
+        after Redis lost its counters."""
+        with self.engine.begin() as conn:
+            conn.execute(tasks.update().where(tasks.c.id == task_id, tasks.c.last_seq < seq).values(last_seq=seq))
 
     def cancel_if_queued(self, task_id: str) -> bool:
         with self.engine.begin() as conn:
