@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -10,6 +12,7 @@ from urllib.parse import urlparse
 
 from contracts.catalog import MODELS, REFUSED_MODELS
 from contracts.errors import RequestError
+from contracts.tenants import SAFE_ID_RULE, is_safe_id
 
 PAYLOAD_VERSION = 1
 TASK_NAME = "qvq.reason"
@@ -17,7 +20,12 @@ QUEUE = "qvq"
 MAX_IMAGES = 100
 MAX_PROMPT_CHARS = 100_000
 MAX_ID_CHARS = 128
-IMAGE_SCHEMES = ("s3", "oss", "https", "http", "file")
+IMAGE_SCHEMES = ("s3", "oss", "https", "http", "file", "upload")
+MAX_METADATA_BYTES = 16 * 1024  # metadata is echoed in the result and the terminal event
+MAX_METADATA_DEPTH = 8
+#: What POST /v1/uploads returns: `upload://<32 hex>`, valid only for the tenant that uploaded it.
+UPLOAD_REF = re.compile(r"upload://([0-9a-f]{32})")
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,256}")
 
 _FIELDS = {
     "task_id", "idempotency_key", "model", "images", "prompt", "conversation_id",
@@ -55,8 +63,12 @@ class JobRequest:
         return cls(**data)
 
 
-def parse_job(raw: dict[str, Any], *, default_model: str = "qvq-max") -> JobRequest:
-    """Validate a job request (design.md's table); a bad field raises RequestError naming it."""
+def parse_job(raw: dict[str, Any], *, default_model: str = "qvq-max", local_files: bool = True) -> JobRequest:
+    """Validate a job request (design.md's table); a bad field raises RequestError naming it.
+
+    `local_files=False` (requests over HTTP): `file://` references and bare paths are refused, since
+    they would name files on the server; `upload://` references of POST /v1/uploads stand in for them.
+    """
     if not isinstance(raw, dict):
         raise RequestError("the job request must be a JSON object")
     unknown = sorted(set(raw) - _FIELDS)
@@ -66,9 +78,9 @@ def parse_job(raw: dict[str, Any], *, default_model: str = "qvq-max") -> JobRequ
     return JobRequest(
         task_id=_optional_id(raw, "task_id") or str(uuid.uuid4()),
         model=_model(raw.get("model") or default_model),
-        images=_images(raw.get("images"), continuing=conversation_id is not None),
+        images=_images(raw.get("images"), continuing=conversation_id is not None, local_files=local_files),
         prompt=_prompt(raw.get("prompt")),
-        idempotency_key=_optional_id(raw, "idempotency_key", limit=256),
+        idempotency_key=_idempotency_key(raw.get("idempotency_key")),
         conversation_id=conversation_id,
         high_resolution=_bool(raw, "high_resolution"),
         tenant=_optional_id(raw, "tenant"),
@@ -90,7 +102,7 @@ def _model(value: Any) -> str:
     return value
 
 
-def _images(value: Any, *, continuing: bool) -> tuple[str, ...]:
+def _images(value: Any, *, continuing: bool, local_files: bool = True) -> tuple[str, ...]:
     if value is None:
         value = []
     if isinstance(value, str) or not isinstance(value, list | tuple):
@@ -100,7 +112,20 @@ def _images(value: Any, *, continuing: bool) -> tuple[str, ...]:
                            field="images")
     if len(value) > MAX_IMAGES:
         raise RequestError(f"at most {MAX_IMAGES} images per job", field="images")
-    return tuple(_image_ref(ref, index) for index, ref in enumerate(value))
+    refs = tuple(_image_ref(ref, index) for index, ref in enumerate(value))
+    for index, ref in enumerate(refs):
+        _check_origin(ref, index, local_files)
+    return refs
+
+
+def _check_origin(ref: str, index: int, local_files: bool) -> None:
+    """Local files only from local callers; upload references only in their own form."""
+    scheme = urlparse(ref).scheme.lower()
+    if scheme == "upload" and not UPLOAD_REF.fullmatch(ref):
+        raise RequestError("expected upload://<id> as returned by POST /v1/uploads", field=f"images[{index}]")
+    if not local_files and (scheme == "file" or len(scheme) <= 1):
+        raise RequestError("files on the server cannot be named over HTTP; upload the image "
+                           "(POST /v1/uploads) and pass the upload:// reference it returns", field=f"images[{index}]")
 
 
 def _image_ref(ref: Any, index: int) -> str:
@@ -127,14 +152,20 @@ def _prompt(value: Any) -> str:
     return value
 
 
-def _optional_id(raw: dict[str, Any], name: str, limit: int = MAX_ID_CHARS) -> str | None:
+def _optional_id(raw: dict[str, Any], name: str) -> str | None:
     value = raw.get(name)
     if value is None:
         return None
-    if not isinstance(value, str) or not value.strip():
-        raise RequestError("must be a non-empty string", field=name)
-    if len(value) > limit or any(ch.isspace() or ord(ch) < 32 for ch in value):
-        raise RequestError(f"at most {limit} characters, no spaces or control characters", field=name)
+    if not isinstance(value, str) or not is_safe_id(value):
+        raise RequestError(f"must be {SAFE_ID_RULE}", field=name)
+    return value
+
+
+def _idempotency_key(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _IDEMPOTENCY_KEY.fullmatch(value):
+        raise RequestError("must be 1-256 printable ASCII characters without spaces", field="idempotency_key")
     return value
 
 
@@ -159,4 +190,22 @@ def _metadata(value: Any) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise RequestError("must be a JSON object", field="metadata")
+    if _depth(value) > MAX_METADATA_DEPTH:
+        raise RequestError(f"nested deeper than {MAX_METADATA_DEPTH} levels", field="metadata")
+    size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > MAX_METADATA_BYTES:
+        raise RequestError(f"{size:,} bytes as JSON, over the limit of {MAX_METADATA_BYTES:,}", field="metadata")
     return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value, without recursion (a hostile value may be nested very deeply)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth > MAX_METADATA_DEPTH:
+                return depth
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest

@@ -34,6 +34,11 @@ class Settings:
     event_ttl_s: int = 86_400
     webhook_secret: str = ""
     api_keys: tuple[str, ...] = ()
+    api_insecure: bool = False
+    max_request_bytes: int = 1024 * 1024
+    upload_url: str = ""  # s3://bucket/prefix, or a local directory; empty: <temp dir>/qvq-uploads
+    upload_ttl_s: int = 86_400
+    cors_origins: tuple[str, ...] = ()
     log_format: str = "console"
     log_level: str = "INFO"
     worker_concurrency: int = 200
@@ -134,6 +139,11 @@ _ENV: dict[str, tuple[str, Any]] = {
     "event_ttl_s": ("QVQ_EVENT_TTL_S", _positive_int),
     "webhook_secret": ("QVQ_WEBHOOK_SECRET", str),
     "api_keys": ("QVQ_API_KEYS", _list),
+    "api_insecure": ("QVQ_API_INSECURE", _bool),
+    "max_request_bytes": ("QVQ_MAX_REQUEST_BYTES", _positive_int),
+    "upload_url": ("QVQ_UPLOAD_URL", str),
+    "upload_ttl_s": ("QVQ_UPLOAD_TTL_S", _positive_int),
+    "cors_origins": ("QVQ_CORS_ORIGINS", _list),
     "log_format": ("LOG_FORMAT", str),
     "log_level": ("LOG_LEVEL", str),
     "worker_concurrency": ("QVQ_WORKER_CONCURRENCY", _positive_int),
@@ -161,6 +171,11 @@ def _check(settings: Settings) -> None:
         raise ConfigError(f"LOG_FORMAT={settings.log_format!r}: expected json or console")
     if settings.coalesce_ms < 0:
         raise ConfigError("QVQ_COALESCE_MS must be >= 0")
+    from contracts.tenants import KeyRing
+
+    KeyRing.parse(settings.api_keys)  # a malformed entry fails at start, without showing the key
+    if settings.upload_url.startswith(("oss://", "http://", "https://", "file://")):
+        raise ConfigError(f"QVQ_UPLOAD_URL={settings.upload_url!r}: expected s3://bucket/prefix or a directory")
     if settings.visibility_timeout_s <= settings.task_timeout_s:
         raise ConfigError(
             f"QVQ_VISIBILITY_TIMEOUT_S ({settings.visibility_timeout_s}) must exceed QVQ_TASK_TIMEOUT_S "

@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from contracts.errors import RequestError
 from contracts.job import JobRequest
 
 QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED = "queued", "running", "completed", "failed", "cancelled"
@@ -30,7 +31,8 @@ tasks = sa.Table(
     sa.Column("model", sa.String(64), nullable=False),
     sa.Column("tenant", sa.String(128), index=True),
     sa.Column("conversation_id", sa.String(128), index=True),
-    sa.Column("idempotency_key", sa.String(256), unique=True),
+    sa.Column("idempotency_key", sa.String(256), index=True),
+    sa.Column("idempotency_scope", sa.String(400)),  # "<tenant>/<key>": idempotency keys are per tenant
     sa.Column("request", sa.JSON, nullable=False),
     sa.Column("reasoning", sa.Text),
     sa.Column("answer", sa.Text),
@@ -47,6 +49,18 @@ tasks = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("started_at", sa.DateTime(timezone=True)),
     sa.Column("finished_at", sa.DateTime(timezone=True)),
+    sa.UniqueConstraint("idempotency_scope", name="uq_qvq_tasks_idempotency_scope"),
+)
+
+uploads = sa.Table(
+    "qvq_uploads", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("tenant", sa.String(128), index=True),
+    sa.Column("filename", sa.String(256)),
+    sa.Column("format", sa.String(16), nullable=False),
+    sa.Column("bytes", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
 )
 
 usage = sa.Table(
@@ -136,13 +150,14 @@ class TaskRecord:
     retry_base: int = 0  # attempts made before the last manual retry
     run: int = 0  # 0 for the first run; each manual retry starts the next one
     last_seq: int = 0  # the highest event seq the store knows of (seq never goes back)
+    idempotency_scope: str | None = None  # internal: "<tenant>/<idempotency_key>"
 
     @property
     def is_terminal(self) -> bool:
         return self.status in TERMINAL
 
     def to_dict(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "idempotency_scope"}
         for name in ("created_at", "started_at", "finished_at"):
             out[name] = out[name].isoformat() if out[name] else None
         out["task_id"] = out.pop("id")
@@ -188,6 +203,25 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def idempotency_scope(tenant: str | None, key: str | None) -> str | None:
+    return f"{tenant or ''}/{key}" if key else None
+
+
+class AnyTenant:
+    """The `tenant` argument meaning: rows of every tenant."""
+
+
+ANY_TENANT = AnyTenant()
+
+
+def _tenant_is(column: sa.Column[Any], tenant: str | None) -> sa.ColumnElement[bool]:
+    return column.is_(None) if tenant is None else column == tenant
+
+
+class TaskIdTaken(RequestError):
+    """The caller chose a task id that exists already (HTTP 409)."""
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
@@ -225,32 +259,50 @@ class Store:
 
     # -- producer side -------------------------------------------------------------------------
     def create_task(self, job: JobRequest) -> tuple[TaskRecord, bool]:
-        """Insert the queued task; with an idempotency key already used, return the first task instead."""
-        if job.idempotency_key:
-            existing = self.find_by_idempotency_key(job.idempotency_key)
+        """Insert the queued task; with an idempotency key this tenant already used, return that task.
+
+        TaskIdTaken when the task id exists (whoever owns it)."""
+        scope = idempotency_scope(job.tenant, job.idempotency_key)
+        if scope:
+            existing = self.find_by_idempotency_scope(scope)
             if existing:
                 return existing, False
         row = {
             "id": job.task_id, "status": QUEUED, "model": job.model, "tenant": job.tenant,
             "conversation_id": job.conversation_id, "idempotency_key": job.idempotency_key,
-            "request": job.to_payload(), "attempts": 0, "created_at": now(),
+            "idempotency_scope": scope, "request": job.to_payload(), "attempts": 0, "created_at": now(),
         }
         try:
             with self.engine.begin() as conn:
                 conn.execute(_INSERT_TASK, row)
         except sa.exc.IntegrityError:
-            existing = (self.find_by_idempotency_key(job.idempotency_key) if job.idempotency_key else None)
+            existing = self.find_by_idempotency_scope(scope) if scope else None
             if existing:
                 return existing, False
+            if self.get(job.task_id) is not None:
+                raise TaskIdTaken("a task with this id already exists; choose another (or omit it)",
+                                  field="task_id") from None
             raise
         record = self.get(job.task_id)
         assert record is not None
         return record, True
 
-    def find_by_idempotency_key(self, key: str) -> TaskRecord | None:
+    def find_by_idempotency_scope(self, scope: str) -> TaskRecord | None:
         with self.engine.connect() as conn:
-            row = conn.execute(tasks.select().where(tasks.c.idempotency_key == key)).mappings().first()
+            row = conn.execute(tasks.select().where(tasks.c.idempotency_scope == scope)).mappings().first()
         return TaskRecord(**row) if row else None
+
+    def find_by_idempotency_key(self, key: str, tenant: str | None = None) -> TaskRecord | None:
+        scope = idempotency_scope(tenant, key)
+        return self.find_by_idempotency_scope(scope) if scope else None
+
+    def conversation_tenant(self, conversation_id: str) -> tuple[bool, str | None]:
+        """(exists, tenant of its first turn): a conversation belongs to the tenant that started it."""
+        query = (sa.select(tasks.c.tenant).where(tasks.c.conversation_id == conversation_id)
+                 .order_by(tasks.c.created_at, tasks.c.id).limit(1))
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return (row is not None, row.tenant if row is not None else None)
 
     def get(self, task_id: str) -> TaskRecord | None:
         with self.engine.connect() as conn:
@@ -336,12 +388,13 @@ class Store:
                 .values(status=CANCELLED, finished_at=now())
             ).rowcount)
 
-    def history(self, conversation_id: str, before: dt.datetime) -> list[tuple[str, str]]:
-        """(prompt, answer) of the conversation's completed turns, oldest first."""
+    def history(self, conversation_id: str, before: dt.datetime, tenant: str | None = None) -> list[tuple[str, str]]:
+        """(prompt, answer) of the conversation's completed turns of this tenant, oldest first."""
+        same_tenant = tasks.c.tenant.is_(None) if tenant is None else tasks.c.tenant == tenant
         query = (
             sa.select(tasks.c.request, tasks.c.answer)
             .where(tasks.c.conversation_id == conversation_id, tasks.c.status == COMPLETED,
-                   tasks.c.created_at < before)
+                   tasks.c.created_at < before, same_tenant)
             .order_by(tasks.c.created_at)
         )
         with self.engine.connect() as conn:
@@ -349,12 +402,21 @@ class Store:
 
     # -- reports -------------------------------------------------------------------------------
     def list_tasks(self, *, status: str | None = None, since: dt.datetime | None = None,
-                   limit: int = 100) -> list[TaskRecord]:
-        query = tasks.select().order_by(tasks.c.created_at.desc()).limit(limit)
+                   limit: int = 100, tenant: str | None | AnyTenant = ANY_TENANT,
+                   before: tuple[dt.datetime, str] | None = None) -> list[TaskRecord]:
+        """Newest first. `tenant` narrows to one tenant (None: the rows without one); `before` is a
+        keyset cursor (created_at, id): only rows strictly after it in that order."""
+        query = tasks.select().order_by(tasks.c.created_at.desc(), tasks.c.id.desc()).limit(limit)
         if status:
             query = query.where(tasks.c.status == status)
         if since:
             query = query.where(tasks.c.created_at >= since)
+        if not isinstance(tenant, AnyTenant):
+            query = query.where(_tenant_is(tasks.c.tenant, tenant))
+        if before is not None:
+            created, task_id = before
+            query = query.where(sa.or_(tasks.c.created_at < created,
+                                       sa.and_(tasks.c.created_at == created, tasks.c.id < task_id)))
         with self.engine.connect() as conn:
             return [TaskRecord(**row) for row in conn.execute(query).mappings()]
 
@@ -363,7 +425,8 @@ class Store:
             rows = conn.execute(usage.select().where(usage.c.task_id == task_id).order_by(usage.c.attempt))
             return [dict(row) for row in rows.mappings()]
 
-    def usage_summary(self, by: str = "model") -> list[dict[str, Any]]:
+    def usage_summary(self, by: str = "model", *, tenant: str | None | AnyTenant = ANY_TENANT,
+                      since: dt.datetime | None = None, until: dt.datetime | None = None) -> list[dict[str, Any]]:
         column = {
             "model": usage.c.model,
             "tenant": usage.c.tenant,
@@ -376,5 +439,50 @@ class Store:
                       sa.func.sum(usage.c.total_cost).label("cost_cny"))
             .group_by(column).order_by(column)
         )
+        if not isinstance(tenant, AnyTenant):
+            query = query.where(_tenant_is(usage.c.tenant, tenant))
+        if since:
+            query = query.where(usage.c.created_at >= since)
+        if until:
+            query = query.where(usage.c.created_at < until)
         with self.engine.connect() as conn:
             return [dict(row) for row in conn.execute(query).mappings()]
+
+    # -- uploads -------------------------------------------------------------------------------
+    def add_upload(self, upload_id: str, *, tenant: str | None, filename: str | None, format_: str,
+                   size: int, ttl_s: int) -> UploadRecord:
+        created = now()
+        row = {"id": upload_id, "tenant": tenant, "filename": filename, "format": format_, "bytes": size,
+               "created_at": created, "expires_at": created + dt.timedelta(seconds=ttl_s)}
+        with self.engine.begin() as conn:
+            conn.execute(uploads.insert(), row)
+        return UploadRecord(**row)
+
+    def get_upload(self, upload_id: str) -> UploadRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(uploads.select().where(uploads.c.id == upload_id)).mappings().first()
+        return UploadRecord(**row) if row else None
+
+    def expired_uploads(self, at: dt.datetime | None = None, limit: int = 500) -> list[UploadRecord]:
+        query = uploads.select().where(uploads.c.expires_at <= (at or now())).limit(limit)
+        with self.engine.connect() as conn:
+            return [UploadRecord(**row) for row in conn.execute(query).mappings()]
+
+    def delete_upload(self, upload_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(uploads.delete().where(uploads.c.id == upload_id))
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    id: str
+    tenant: str | None
+    filename: str | None
+    format: str
+    bytes: int
+    created_at: dt.datetime
+    expires_at: dt.datetime
+
+    @property
+    def ref(self) -> str:
+        return f"upload://{self.id}"

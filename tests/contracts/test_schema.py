@@ -17,11 +17,11 @@ from contracts.store import Store, metadata
 LEGACY_TASKS = """
 CREATE TABLE qvq_tasks (
     id VARCHAR(128) NOT NULL PRIMARY KEY, status VARCHAR(16) NOT NULL, model VARCHAR(64) NOT NULL,
-    tenant VARCHAR(128), conversation_id VARCHAR(128), idempotency_key VARCHAR(256) UNIQUE,
+    tenant VARCHAR(128), conversation_id VARCHAR(128), idempotency_key VARCHAR(256),
     request JSON NOT NULL, reasoning TEXT, answer TEXT, error_code VARCHAR(64), error_message TEXT,
     attempts INTEGER NOT NULL, images JSON, usage JSON, cost JSON, timings JSON,
     created_at TIMESTAMP WITH TIME ZONE NOT NULL, started_at TIMESTAMP WITH TIME ZONE,
-    finished_at TIMESTAMP WITH TIME ZONE {extra}
+    finished_at TIMESTAMP WITH TIME ZONE {extra}, UNIQUE (idempotency_key)
 )"""
 LEGACY_USAGE = """
 CREATE TABLE qvq_usage (
@@ -43,8 +43,9 @@ def _legacy_database(url: str, *, with_retry_base: bool) -> None:
             extra=", retry_base INTEGER NOT NULL DEFAULT 0" if with_retry_base else "")))
         conn.execute(sa.text(LEGACY_USAGE.format(autoincrement=serial)))
         conn.execute(sa.text(
-            "INSERT INTO qvq_tasks (id, status, model, request, attempts, created_at, answer) "
-            "VALUES ('old-1', 'completed', 'qvq-max', '{\"prompt\": \"hi\"}', 1, :now, 'an old answer')"),
+            "INSERT INTO qvq_tasks (id, status, model, request, attempts, created_at, answer, tenant, idempotency_key) "
+            "VALUES ('old-1', 'completed', 'qvq-max', '{\"prompt\": \"hi\"}', 1, :now, 'an old answer', "
+            "'acme', 'order-1')"),
             {"now": dt.datetime.now(dt.UTC)})
     engine.dispose()
 
@@ -76,8 +77,11 @@ def test_a_database_from_before_migrations_is_upgraded_with_its_rows(database_ur
     _legacy_database(database_url, with_retry_base=False)
     store = Store.from_url(database_url)
     record = store.get("old-1")
+    by_key = store.find_by_idempotency_key("order-1", tenant="acme")
+    other_tenant = store.find_by_idempotency_key("order-1", tenant="globex")
     store.dispose()
     assert record is not None and record.answer == "an old answer" and record.retry_base == 0
+    assert by_key is not None and by_key.id == "old-1" and other_tenant is None
     assert _revision(database_url) == head_revision()
 
 
