@@ -9,7 +9,7 @@ remembers where the manual retry started so the attempt cap counts from there.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -452,11 +452,11 @@ class Store:
     def add_upload(self, upload_id: str, *, tenant: str | None, filename: str | None, format_: str,
                    size: int, ttl_s: int) -> UploadRecord:
         created = now()
-        row = {"id": upload_id, "tenant": tenant, "filename": filename, "format": format_, "bytes": size,
-               "created_at": created, "expires_at": created + dt.timedelta(seconds=ttl_s)}
+        record = UploadRecord(id=upload_id, tenant=tenant, filename=filename, format=format_, bytes=size,
+                              created_at=created, expires_at=created + dt.timedelta(seconds=ttl_s))
         with self.engine.begin() as conn:
-            conn.execute(uploads.insert(), row)
-        return UploadRecord(**row)
+            conn.execute(uploads.insert(), asdict(record))
+        return record
 
     def get_upload(self, upload_id: str) -> UploadRecord | None:
         with self.engine.connect() as conn:
