@@ -34,6 +34,7 @@ ERROR_CODES: dict[str, bool] = {
     "model.rejected": False,
     "model.stream_broken": True,
     "budget.exceeded": False,
+    "conversation.not_found": False,
     "internal": False,
 }
 

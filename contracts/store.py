@@ -486,3 +486,7 @@ class UploadRecord:
     @property
     def ref(self) -> str:
         return f"upload://{self.id}"
+
+    def is_live(self, at: dt.datetime | None = None) -> bool:
+        expires = self.expires_at if self.expires_at.tzinfo else self.expires_at.replace(tzinfo=dt.UTC)
+        return expires > (at or now())

@@ -1,80 +1,92 @@
-"""The HTTP API: enqueue jobs, read their state, cancel them, watch their events live (SSE), and a web page.
+"""The HTTP API: enqueue jobs, read their state, cancel and retry them, watch their events live (SSE),
+list them and their usage, upload images, and a web page.
 
     qvq api --port 8000                     # or: uvicorn --factory producer.api:create_app
 
 | method + path | does |
 |---|---|
 | POST /v1/tasks | a JSON job request (design.md) -> 202 {"task_id", "created"} (200 when an idempotency key returned an earlier task) |
-| POST /v1/tasks/upload | multipart: image file(s) + prompt (+ model, high_resolution) -> the same, the files saved locally and sent as file:// refs |
+| POST /v1/uploads | multipart, one image `file` -> 201 {"upload_id", "ref": "upload://<id>", ...}, for the uploader's tenant |
+| POST /v1/tasks/upload | multipart: image file(s) + prompt (+ model, high_resolution) -> uploads them and submits, as POST /v1/tasks |
+| GET /v1/tasks | the caller's tasks, newest first: ?status=&since=&limit=&cursor= (&tenant= for admin keys) |
 | GET /v1/tasks/{id} | the task's record |
 | POST /v1/tasks/{id}/cancel | stop a queued or running task |
-| POST /v1/tasks/{id}/retry | queue a failed or cancelled task again -> 202 {"task_id", "follow_from_seq"} |
+| POST /v1/tasks/{id}/retry | queue a failed or cancelled task again -> 202 {"task_id", "from_seq"} |
 | GET /v1/tasks/{id}/events | Server-Sent Events: replay + live, resumable (Last-Event-ID or ?from_seq=), ends after the terminal event |
-| GET / | the web viewer; GET /healthz | liveness (Redis and the database) |
+| GET /v1/usage | tokens and cost: ?by=model|tenant|day&since=&until= |
+| GET / | the web viewer; GET /healthz | Redis and the database |
 
-Errors are {"error": {"code", "message", "field"}}. With QVQ_API_KEYS set, /v1/* needs
-`Authorization: Bearer <key>` or `?api_key=<key>` (EventSource cannot set headers).
+Every /v1/ request is authenticated (producer/security.py) before its body is read, and acts as the
+tenant of its key: another tenant's task answers exactly like a missing one. Errors are
+{"error": {"code", "message", "field"}} and never show an internal address or a secret.
 
 Submitting, reading and cancelling use the synchronous client in the server's thread pool (short
-calls); the SSE streams use the asyncio event bus, so a connected viewer costs a coroutine and a
-Redis pub/sub connection, never a thread.
+calls); the SSE streams use the asyncio event bus, so a connected viewer costs a coroutine, never a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import base64
+import binascii
+import datetime as dt
 import json
 import logging
 import re
-import shutil
-import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
+import redis
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contracts import events as ev
 from contracts.errors import RequestError
-from contracts.job import MAX_IMAGES
 from contracts.logging import get_logger
 from contracts.settings import Settings, get_settings
-from contracts.store import Store
+from contracts.store import ANY_TENANT, Store, TaskIdTaken, TaskRecord
+from contracts.tenants import KeyRing, Principal
+from contracts.uploads import UploadStorage
+from producer import schemas
 from producer.aio import AsyncClient
 from producer.client import Client, EnqueueError
+from producer.http import ApiError, error_response, read_json, read_multipart
+from producer.security import (
+    Authenticator,
+    LoopbackOnly,
+    SecurityHeaders,
+    authenticator,
+    bearer_scheme,
+    bearer_token,
+    page_policy,
+    query_key_scheme,
+)
+
+__all__ = ["ApiError", "create_app", "error_response", "format_sse", "sse_stream"]
 
 log = get_logger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 KEEPALIVE_S = 15.0
 SSE_RETRY_MS = 3000  # how long a browser waits before reconnecting a dropped stream
-MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # per image, as the model service allows
-_SAFE_SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,5}$")
-
-
-class ApiError(Exception):
-    """An error answered as {"error": {"code", "message", "field"}} with an HTTP status."""
-
-    def __init__(self, status: int, code: str, message: str, *, field: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.field, self.headers = status, code, message, field, headers
-
-
-def error_response(status: int, code: str, message: str, field: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, "field": field}}, status_code=status,
-                        headers=headers)
+MAX_UPLOAD_FILES = 10  # per POST /v1/tasks/upload
+MULTIPART_OVERHEAD = 64 * 1024  # form fields and part headers on top of the files themselves
+UPLOAD_SWEEP_S = 300.0  # how often expired uploads are deleted
+UNAVAILABLE = "the service's queue or database is unavailable right now; nothing was changed, try again"
 
 
 @dataclass
@@ -84,43 +96,45 @@ class Services:
     settings: Settings
     client: Client
     aclient: AsyncClient
-    upload_dir: Path
+    uploads: UploadStorage
     keepalive_s: float
 
 
 def create_app(settings: Settings | None = None, *, keepalive_s: float = KEEPALIVE_S,
                upload_dir: str | Path | None = None) -> FastAPI:
-    """The API app. `keepalive_s`: seconds between SSE keep-alive comments; `upload_dir`: where
-    POST /v1/tasks/upload saves images (default: a temporary directory removed at shutdown)."""
+    """The API app. `keepalive_s`: seconds between SSE keep-alive comments; `upload_dir`: a local
+    directory for uploads instead of QVQ_UPLOAD_URL (tests, a single host)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = await run_in_threadpool(Store.from_url, settings.database_url)
-        own_dir = upload_dir is None
-        directory = Path(tempfile.mkdtemp(prefix="qvq-uploads-") if own_dir else upload_dir)  # type: ignore[arg-type]
-        directory.mkdir(parents=True, exist_ok=True)
         services = Services(settings, Client(settings, store=store), AsyncClient(settings, store=store),
-                            directory.resolve(), keepalive_s)
+                            UploadStorage(settings, directory=upload_dir), keepalive_s)
         app.state.services = services
+        sweeper = asyncio.create_task(_sweep_uploads(services))
         try:
             yield
         finally:
+            sweeper.cancel()
+            with suppress(asyncio.CancelledError):
+                await sweeper
             await services.aclient.aclose()
             await run_in_threadpool(services.client.close)
-            if own_dir:
-                shutil.rmtree(directory, ignore_errors=True)
 
     app = FastAPI(title="qvq-queue", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.authenticator = Authenticator(KeyRing.parse(settings.api_keys))
     _install_error_handlers(app)
     _redact_access_log()
-    app.include_router(_v1_router(settings), prefix="/v1")
+    app.include_router(_v1_router(), prefix="/v1")
+    _install_middleware(app, settings)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
-    @app.get("/healthz")
+    @app.get("/healthz", include_in_schema=False)
     async def healthz(request: Request) -> JSONResponse:
         services: Services = request.app.state.services
         checks = {"redis": await _check(services.aclient.redis.ping()),
@@ -132,83 +146,188 @@ def create_app(settings: Settings | None = None, *, keepalive_s: float = KEEPALI
     return app
 
 
+def _install_middleware(app: FastAPI, settings: Settings) -> None:
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type",
+                                                                         "Last-Event-ID"])
+    if not settings.api_keys and not settings.api_insecure:
+        app.add_middleware(LoopbackOnly)
+    app.add_middleware(SecurityHeaders, page_csp=page_policy(STATIC_DIR / "index.html"))
+
+
+# -- who is calling ----------------------------------------------------------------------------
+async def caller(request: Request,
+                 credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)]) -> Principal:
+    """The principal of the request's bearer key."""
+    return authenticator(request).principal(bearer_token(credentials))
+
+
+async def viewer(request: Request,
+                 credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
+                 api_key: Annotated[str | None, Security(query_key_scheme)] = None) -> Principal:
+    """As `caller`, also accepting ?api_key= (EventSource cannot send headers)."""
+    return authenticator(request).principal(bearer_token(credentials) or api_key)
+
+
+Caller = Annotated[Principal, Depends(caller)]
+
+
 # -- /v1 ---------------------------------------------------------------------------------------
-def _v1_router(settings: Settings) -> APIRouter:
-    router = APIRouter(dependencies=[Depends(_key_checker(settings.api_keys))])
-    router.add_api_route("/tasks", submit_task, methods=["POST"], status_code=202)
-    router.add_api_route("/tasks/upload", upload_task, methods=["POST"], status_code=202)
-    router.add_api_route("/tasks/{task_id}", get_task, methods=["GET"])
-    router.add_api_route("/tasks/{task_id}/cancel", cancel_task, methods=["POST"])
-    router.add_api_route("/tasks/{task_id}/retry", retry_task, methods=["POST"], status_code=202)
-    router.add_api_route("/tasks/{task_id}/events", task_events, methods=["GET"],
-                         response_class=StreamingResponse)
+def _v1_router() -> APIRouter:
+    router = APIRouter()
+    errors = schemas.error_responses
+    router.add_api_route(
+        "/tasks", submit_task, methods=["POST"], status_code=202, response_model=schemas.TaskCreated,
+        responses={200: {"model": schemas.TaskCreated, "description": "an idempotency key returned an earlier task"},
+                   **errors(400, 401, 403, 404, 409, 413, 415, 422, 503)},
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/JobRequestBody"}}}}})
+    router.add_api_route(
+        "/uploads", upload_image, methods=["POST"], status_code=201, response_model=schemas.UploadCreated,
+        responses=errors(400, 401, 413, 415, 422, 503), openapi_extra=_multipart_body(single=True))
+    router.add_api_route(
+        "/tasks/upload", upload_task, methods=["POST"], status_code=202, response_model=schemas.TaskCreated,
+        responses=errors(400, 401, 413, 415, 422, 503), openapi_extra=_multipart_body(single=False))
+    router.add_api_route("/tasks", list_tasks, methods=["GET"], response_model=schemas.TaskList,
+                         responses=errors(400, 401, 403, 422, 503))
+    router.add_api_route("/tasks/{task_id}", get_task, methods=["GET"], response_model=schemas.TaskRecord,
+                         responses=errors(401, 404, 422, 503))
+    router.add_api_route("/tasks/{task_id}/cancel", cancel_task, methods=["POST"], status_code=202,
+                         response_model=schemas.CancelResult,
+                         responses={200: {"model": schemas.CancelResult, "description": "it had already ended"},
+                                    **errors(401, 404, 422, 503)})
+    router.add_api_route("/tasks/{task_id}/retry", retry_task, methods=["POST"], status_code=202,
+                         response_model=schemas.RetryResult, responses=errors(401, 404, 409, 422, 503))
+    router.add_api_route(
+        "/tasks/{task_id}/events", task_events, methods=["GET"], response_class=StreamingResponse,
+        responses={200: {"description": "Server-Sent Events: `id: <seq>`, `event: <type>`, `data: <event JSON>`",
+                         "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                   204: {"description": "the task had already ended before Last-Event-ID: nothing more will come"},
+                   **errors(400, 401, 404, 410, 422, 503)})
+    router.add_api_route("/usage", get_usage, methods=["GET"], response_model=schemas.UsageReport,
+                         responses=errors(400, 401, 403, 422, 503))
     return router
 
 
-async def submit_task(request: Request) -> JSONResponse:
+def _multipart_body(*, single: bool) -> dict[str, Any]:
+    binary = {"type": "string", "format": "binary"}
+    properties: dict[str, Any] = {"file": binary} if single else {
+        "images": {"type": "array", "items": binary, "maxItems": MAX_UPLOAD_FILES},
+        "prompt": {"type": "string", "minLength": 1}, "model": {"type": "string"},
+        "high_resolution": {"type": "boolean"}}
+    required = ["file"] if single else ["images", "prompt"]
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "properties": properties, "required": required}}}}}
+
+
+async def submit_task(request: Request, principal: Caller) -> JSONResponse:
     """Enqueue a job request (JSON, as in design.md)."""
-    try:
-        body = json.loads(await request.body() or b"null")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, "request.invalid", f"the body is not valid JSON: {exc}") from None
+    services = _services(request)
+    body = await read_json(request, services.settings.max_request_bytes)
     if not isinstance(body, dict):
         raise ApiError(400, "request.invalid", "the body must be a JSON object (a job request)")
-    return await _submit(_services(request), body)
+    return await _submit(services, principal, body)
 
 
-async def upload_task(
-    request: Request,
-    images: Annotated[list[UploadFile], File(description="one or more image files")],
-    prompt: Annotated[str, Form()],
-    model: Annotated[str | None, Form()] = None,
-    high_resolution: Annotated[bool, Form()] = False,
-) -> JSONResponse:
-    """Enqueue a job for uploaded images (saved locally, sent to the worker as file:// refs)."""
+async def upload_image(request: Request, principal: Caller) -> JSONResponse:
+    """Store one image for this tenant; use the returned `upload://` reference in a job's images."""
     services = _services(request)
-    if len(images) > MAX_IMAGES:
-        raise ApiError(422, "request.invalid", f"at most {MAX_IMAGES} images per job", field="images")
-    saved: list[Path] = []
+    form = await read_multipart(request, services.settings.max_image_bytes + MULTIPART_OVERHEAD, max_files=1)
+    file = form.get("file")
+    if not isinstance(file, UploadFile):
+        raise ApiError(422, "request.invalid", "send the image as the form field `file`", field="file")
+    upload = await _store_upload(services, principal, file, "file")
+    return JSONResponse(status_code=201, content={
+        "upload_id": upload.id, "ref": upload.ref, "format": upload.format, "bytes": upload.bytes,
+        "expires_at": upload.expires_at.isoformat()})
+
+
+async def upload_task(request: Request, principal: Caller) -> JSONResponse:
+    """Upload image file(s) and submit a job for them in one request."""
+    services = _services(request)
+    limit = MAX_UPLOAD_FILES * services.settings.max_image_bytes + MULTIPART_OVERHEAD
+    form = await read_multipart(request, limit, max_files=MAX_UPLOAD_FILES)
+    files = [item for item in form.getlist("images") if isinstance(item, UploadFile)]
+    if not files:
+        raise ApiError(422, "request.invalid", "at least one image file is required", field="images")
+    body: dict[str, Any] = {"prompt": _form_text(form.get("prompt"), "prompt")}
+    if model := _form_text(form.get("model"), "model", required=False):
+        body["model"] = model
+    if _form_text(form.get("high_resolution"), "high_resolution", required=False).lower() in {"true", "1", "on"}:
+        body["high_resolution"] = True
+    stored = []
     try:
-        for index, image in enumerate(images):
-            saved.append(await run_in_threadpool(_save_upload, image.file, image.filename,
-                                                 services.upload_dir, f"images[{index}]"))
-        body: dict[str, Any] = {"images": [path.as_uri() for path in saved], "prompt": prompt}
-        if model:
-            body["model"] = model
-        if high_resolution:
-            body["high_resolution"] = True
-        return await _submit(services, body)
+        for index, file in enumerate(files):
+            stored.append(await _store_upload(services, principal, file, f"images[{index}]"))
+        body["images"] = [upload.ref for upload in stored]
+        return await _submit(services, principal, body)
     except BaseException:
-        for path in saved:
-            path.unlink(missing_ok=True)
+        for upload in stored:
+            await run_in_threadpool(_delete_upload, services, upload.id)
         raise
 
 
-async def get_task(task_id: str, request: Request) -> dict[str, Any]:
+async def list_tasks(
+    request: Request, principal: Caller,
+    status: Annotated[schemas.Status | None, Query()] = None,
+    tenant: Annotated[str | None, Query(pattern=schemas.SAFE_ID_PATTERN, description="admin keys only")] = None,
+    since: Annotated[dt.datetime | None, Query(description="ISO 8601; created at or after")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> dict[str, Any]:
+    """The caller's tasks, newest first, a page at a time."""
+    services = _services(request)
+    scope = _tenant_filter(principal, tenant)
+    records: list[TaskRecord] = await run_in_threadpool(
+        lambda: services.client.store.list_tasks(status=status, since=_aware(since), limit=limit + 1,
+                                                 tenant=scope, before=_decode_cursor(cursor)))
+    page, more = records[:limit], len(records) > limit
+    return {"tasks": [_summary(record) for record in page],
+            "next_cursor": _encode_cursor(page[-1]) if more and page else None}
+
+
+async def get_task(task_id: str, request: Request, principal: Caller) -> dict[str, Any]:
     """The task's record."""
-    return (await _record(_services(request), task_id)).to_dict()  # type: ignore[no-any-return]
+    return (await _record(_services(request), principal, task_id)).to_dict()
 
 
-async def cancel_task(task_id: str, request: Request) -> JSONResponse:
+async def cancel_task(task_id: str, request: Request, principal: Caller) -> JSONResponse:
     """Stop a queued or running task (202), or say it had already finished (200)."""
     services = _services(request)
+    await _record(services, principal, task_id)
     try:
         requested = await run_in_threadpool(services.client.cancel, task_id)
     except KeyError:
         raise _not_found(task_id) from None
-    record = await _record(services, task_id)
+    record = await _record(services, principal, task_id)
     return JSONResponse({"task_id": task_id, "cancel_requested": requested, "status": record.status},
                         status_code=202 if requested else 200)
 
 
+async def retry_task(task_id: str, request: Request, principal: Caller) -> JSONResponse:
+    """Queue a failed or cancelled task again (same id, a new run); 409 for any other status.
+
+    `from_seq` is where its events continue: GET .../events?from_seq=<it>."""
+    services = _services(request)
+    await _record(services, principal, task_id)
+    try:
+        from_seq = await run_in_threadpool(services.client.retry, task_id)
+    except KeyError:
+        raise _not_found(task_id) from None
+    except RequestError as exc:
+        raise ApiError(409, exc.code, exc.message, field=exc.field) from None
+    return JSONResponse({"task_id": task_id, "from_seq": from_seq}, status_code=202)
+
+
 async def task_events(
-    task_id: str, request: Request,
+    task_id: str, request: Request, principal: Annotated[Principal, Depends(viewer)],
     from_seq: Annotated[int, Query(ge=0, description="only events after this seq")] = 0,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Server-Sent Events: the log replayed after max(from_seq, Last-Event-ID), then live."""
     services = _services(request)
-    record = await _record(services, task_id)
+    record = await _record(services, principal, task_id)
     start = max(from_seq, _parse_last_event_id(last_event_id))
     last = await services.aclient.bus.last_event(task_id)
     if last is None and record.is_terminal:
@@ -223,34 +342,99 @@ async def task_events(
     )
 
 
-async def retry_task(task_id: str, request: Request) -> JSONResponse:
-    """Queue a failed or cancelled task again (same id, a new attempt); 409 for any other status.
-
-    `follow_from_seq` is where its events continue: GET .../events?from_seq=<it>."""
+async def get_usage(
+    request: Request, principal: Caller,
+    by: Annotated[Literal["model", "tenant", "day"], Query()] = "model",
+    since: Annotated[dt.datetime | None, Query(description="ISO 8601, inclusive")] = None,
+    until: Annotated[dt.datetime | None, Query(description="ISO 8601, exclusive")] = None,
+    tenant: Annotated[str | None, Query(pattern=schemas.SAFE_ID_PATTERN, description="admin keys only")] = None,
+) -> dict[str, Any]:
+    """Tokens and cost (CNY, exact decimals) of the caller's tenant, grouped."""
     services = _services(request)
+    scope = _tenant_filter(principal, tenant)
+    rows = await run_in_threadpool(lambda: services.client.store.usage_summary(
+        by, tenant=scope, since=_aware(since), until=_aware(until)))
+    counts = ("calls", "prompt_tokens", "completion_tokens")
+    out: list[dict[str, Any]] = [
+        {by: None if row[by] is None else str(row[by]), **{name: int(row[name] or 0) for name in counts},
+         "cost_cny": str(Decimal(row["cost_cny"] or 0))} for row in rows]
+    total: dict[str, Any] = {name: sum(r[name] for r in out) for name in counts}
+    total["cost_cny"] = str(sum((Decimal(r["cost_cny"]) for r in out), Decimal(0)))
+    return {"rows": out, "total": total}
+
+
+# -- submitting --------------------------------------------------------------------------------
+async def _submit(services: Services, principal: Principal, body: dict[str, Any]) -> JSONResponse:
+    if principal.tenant is not None:
+        named = body.get("tenant")
+        if named is not None and named != principal.tenant:
+            raise ApiError(403, "auth.forbidden", f"this key submits for tenant {principal.tenant!r} only",
+                           field="tenant")
+        body = {**body, "tenant": principal.tenant}
     try:
-        from_seq = await run_in_threadpool(services.client.retry, task_id)
-    except KeyError:
-        raise _not_found(task_id) from None
-    except RequestError as exc:
+        handle = await run_in_threadpool(lambda: services.client.submit_request(body, local_files=False))
+    except TaskIdTaken as exc:
         raise ApiError(409, exc.code, exc.message, field=exc.field) from None
-    except EnqueueError as exc:
-        raise ApiError(503, exc.code, exc.message) from None
-    return JSONResponse({"task_id": task_id, "follow_from_seq": from_seq}, status_code=202)
-
-
-async def _submit(services: Services, body: dict[str, Any]) -> JSONResponse:
-    try:
-        handle = await run_in_threadpool(services.client.submit_request, body)
     except RequestError as exc:
-        raise ApiError(422, exc.code, exc.message, field=exc.field) from None
+        status = 404 if exc.code == "conversation.not_found" else 422
+        raise ApiError(status, exc.code, exc.message, field=exc.field) from None
     except EnqueueError as exc:
-        raise ApiError(503, exc.code, exc.message) from None
+        log.error("api.enqueue_failed", error=exc.detail or exc.message)
+        raise ApiError(503, "unavailable", exc.message) from None
     return JSONResponse({"task_id": handle.task_id, "created": handle.created},
                         status_code=202 if handle.created else 200,
                         headers={"Location": f"/v1/tasks/{handle.task_id}"})
 
 
+async def _store_upload(services: Services, principal: Principal, file: UploadFile, field: str) -> Any:
+    from worker.images import sniff_format  # the producer's own copy lands with the CLI's format check
+
+    limit = services.settings.max_image_bytes
+    data = await file.read(limit + 1)
+    name = (file.filename or "upload")[:200]
+    if len(data) > limit:
+        raise ApiError(413, "image.too_large", f"{name}: larger than {limit / 1048576:g} MB", field=field)
+    if not data:
+        raise ApiError(422, "request.invalid", f"{name}: empty file", field=field)
+    format_ = sniff_format(data)
+    if format_ is None:
+        raise ApiError(422, "image.unsupported_format",
+                       f"{name}: not an image this service accepts (BMP, JPEG, PNG, TIFF, WEBP, HEIC)", field=field)
+    upload_id = uuid.uuid4().hex
+    await run_in_threadpool(services.uploads.put, upload_id, data, f"image/{format_.lower()}")
+    return await run_in_threadpool(lambda: services.client.store.add_upload(
+        upload_id, tenant=principal.tenant, filename=name, format_=format_, size=len(data),
+        ttl_s=services.settings.upload_ttl_s))
+
+
+def _form_text(value: Any, field: str, *, required: bool = True) -> str:
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise ApiError(422, "request.invalid", f"{field}: a text field is required", field=field)
+    return value
+
+
+def _delete_upload(services: Services, upload_id: str) -> None:
+    services.uploads.delete(upload_id)
+    services.client.store.delete_upload(upload_id)
+
+
+async def _sweep_uploads(services: Services) -> None:
+    """Delete uploads past their retention (QVQ_UPLOAD_TTL_S), for as long as the API runs."""
+    while True:
+        try:
+            expired = await run_in_threadpool(services.client.store.expired_uploads)
+            for upload in expired:
+                await run_in_threadpool(_delete_upload, services, upload.id)
+            if expired:
+                log.info("uploads.expired_deleted", count=len(expired))
+        except Exception as exc:  # the next round tries again
+            log.warning("uploads.sweep_failed", error=type(exc).__name__)
+        await asyncio.sleep(min(UPLOAD_SWEEP_S, max(1.0, services.settings.upload_ttl_s / 4)))
+
+
+# -- events ------------------------------------------------------------------------------------
 async def sse_stream(aclient: AsyncClient, task_id: str, from_seq: int,
                      keepalive_s: float = KEEPALIVE_S) -> AsyncIterator[str]:
     """The task's events as SSE frames (`id: seq`, `event: type`, `data: json`), a keep-alive
@@ -296,15 +480,55 @@ def _services(request: Request) -> Services:
     return request.app.state.services  # type: ignore[no-any-return]
 
 
-async def _record(services: Services, task_id: str) -> Any:
+async def _record(services: Services, principal: Principal, task_id: str) -> TaskRecord:
+    """The task's row, if this principal may see it; otherwise exactly what a missing task answers."""
     try:
-        return await services.aclient.get(task_id)
+        record = await services.aclient.get(task_id)
     except KeyError:
         raise _not_found(task_id) from None
+    if not principal.may_see(record.tenant):
+        raise _not_found(task_id)
+    return record
 
 
 def _not_found(task_id: str) -> ApiError:
-    return ApiError(404, "task.not_found", f"no task {task_id!r}", field="task_id")
+    shown = task_id if len(task_id) <= 128 else task_id[:128] + "..."
+    return ApiError(404, "task.not_found", f"no task {shown!r}", field="task_id")
+
+
+def _tenant_filter(principal: Principal, tenant: str | None) -> Any:
+    """Which tenant's rows a listing shows: the key's own; an admin's choice (every tenant by default)."""
+    if principal.tenant is None:
+        return ANY_TENANT if tenant is None else tenant
+    if tenant is not None and tenant != principal.tenant:
+        raise ApiError(403, "auth.forbidden", f"this key reads tenant {principal.tenant!r} only", field="tenant")
+    return principal.tenant
+
+
+def _summary(record: TaskRecord) -> dict[str, Any]:
+    full = record.to_dict()
+    return {name: full[name] for name in schemas.TaskSummary.model_fields}
+
+
+def _encode_cursor(record: TaskRecord) -> str:
+    raw = json.dumps([record.created_at.isoformat(), record.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None) -> tuple[dt.datetime, str] | None:
+    if not cursor:
+        return None
+    try:
+        created, task_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return _aware(dt.datetime.fromisoformat(created)), str(task_id)  # type: ignore[return-value]
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise ApiError(400, "request.invalid", "the cursor is not one this API returned", field="cursor") from None
+
+
+def _aware(moment: dt.datetime | None) -> dt.datetime | None:
+    if moment is None:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 def _parse_last_event_id(value: str | None) -> int:
@@ -313,51 +537,8 @@ def _parse_last_event_id(value: str | None) -> int:
     try:
         return max(0, int(value.strip()))
     except ValueError:
-        raise ApiError(400, "request.invalid", f"Last-Event-ID must be a seq (an integer), got {value!r}",
+        raise ApiError(400, "request.invalid", "Last-Event-ID must be a seq (an integer)",
                        field="Last-Event-ID") from None
-
-
-def _save_upload(source: IO[bytes], filename: str | None, directory: Path, field: str) -> Path:
-    """Copy one uploaded file under `directory` with a fresh name; at most MAX_UPLOAD_BYTES."""
-    suffix = Path(filename or "").suffix
-    target = directory / f"{uuid.uuid4().hex}{suffix.lower() if _SAFE_SUFFIX.match(suffix) else ''}"
-    written = 0
-    with target.open("wb") as out:
-        while chunk := source.read(1 << 20):
-            written += len(chunk)
-            if written > MAX_UPLOAD_BYTES:
-                out.close()
-                target.unlink(missing_ok=True)
-                raise ApiError(413, "image.too_large",
-                               f"{filename or 'upload'}: larger than {MAX_UPLOAD_BYTES / 1048576:g} MB",
-                               field=field)
-            out.write(chunk)
-    if written == 0:
-        target.unlink(missing_ok=True)
-        raise ApiError(422, "request.invalid", f"{filename or 'upload'}: empty file", field=field)
-    return target
-
-
-def _key_checker(keys: tuple[str, ...]) -> Any:
-    expected = [key.encode() for key in keys]
-
-    async def require_key(request: Request) -> None:
-        if not expected:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        supplied = token.strip() if scheme.lower() == "bearer" else request.query_params.get("api_key", "")
-        challenge = {"WWW-Authenticate": "Bearer"}
-        if not supplied:
-            raise ApiError(401, "auth.required", "an API key is required: Authorization: Bearer <key> "
-                           "(or ?api_key= for EventSource)", headers=challenge)
-        matched = False
-        for key in expected:  # every key compared, in constant time each
-            matched |= hmac.compare_digest(key, supplied.encode())
-        if not matched:
-            raise ApiError(401, "auth.invalid", "the API key is not valid", headers=challenge)
-
-    return require_key
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -377,6 +558,37 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else "request.invalid" if exc.status_code < 500 else "internal"
         return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    async def unavailable(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("api.dependency_unavailable", error=type(exc).__name__, detail=str(exc))
+        return error_response(503, "unavailable", UNAVAILABLE)
+
+    async def internal(_request: Request, exc: Exception) -> JSONResponse:
+        error_id = uuid.uuid4().hex[:12]
+        log.error("api.internal_error", error_id=error_id, error=type(exc).__name__, exc_info=exc)
+        return error_response(500, "internal", f"an internal error occurred (error id {error_id})")
+
+    app.add_exception_handler(Exception, internal)
+    app.add_exception_handler(sa.exc.OperationalError, unavailable)
+    app.add_exception_handler(sa.exc.InterfaceError, unavailable)
+    app.add_exception_handler(sa.exc.TimeoutError, unavailable)
+    app.add_exception_handler(redis.RedisError, unavailable)
+    app.add_exception_handler(OSError, unavailable)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, with the job request's schema and the error shape FastAPI cannot infer."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    document = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                           description="Visual-reasoning jobs on Alibaba QVQ: submit, watch live, get the result.")
+    components = document.setdefault("components", {}).setdefault("schemas", {})
+    for model in (schemas.JobRequestBody, schemas.ErrorBody):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+    app.openapi_schema = document
+    return document
 
 
 class _RedactApiKey(logging.Filter):

@@ -261,8 +261,12 @@ def api(host: str, port: int) -> None:
 
     from contracts.logging import configure
     from producer.api import create_app
+    from producer.security import is_loopback
 
     settings = get_settings()
+    if not settings.api_keys and not settings.api_insecure and not (host == "localhost" or is_loopback(host)):
+        raise click.UsageError(f"refusing to serve on {host} without API keys: set QVQ_API_KEYS "
+                               "(tenant:key,...), or QVQ_API_INSECURE=1 to serve an open API anyway")
     configure(settings.log_format, settings.log_level)
     click.echo(f"qvq API on http://{host}:{port}/  (docs: /docs)", err=True)
     uvicorn.run(create_app(settings), host=host, port=port, log_config=None, proxy_headers=False,

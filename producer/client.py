@@ -26,7 +26,7 @@ from celery import Celery
 from contracts import events as ev
 from contracts.bus import EventBus
 from contracts.errors import QvqError, RequestError
-from contracts.job import QUEUE, TASK_NAME, JobRequest, parse_job
+from contracts.job import QUEUE, TASK_NAME, UPLOAD_REF, JobRequest, parse_job
 from contracts.settings import Settings, get_settings
 from contracts.store import FAILED, Outcome, Store, TaskRecord
 
@@ -35,9 +35,15 @@ RESULT_RECHECK_S = 5.0  # result() re-reads the row this often while it waits fo
 
 
 class EnqueueError(QvqError):
-    """The job could not be handed to the queue (Redis or the broker is unreachable); nothing was lost."""
+    """The job could not be handed to the queue (Redis or the broker is unreachable); nothing was lost.
+
+    `message` is safe to show anyone; `detail` (the underlying error, which may name a host) is for logs."""
 
     default_code = "internal"
+
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -82,18 +88,42 @@ class Client:
             request["model"] = model
         return self.submit_request(request)
 
-    def submit_request(self, request: dict[str, Any]) -> TaskHandle:
-        job = parse_job(request, default_model=self.settings.model)
+    def submit_request(self, request: dict[str, Any], *, local_files: bool = True) -> TaskHandle:
+        """Validate and enqueue a job request (a dict as in design.md). `local_files=False` refuses
+        references to files on this machine (the HTTP API's callers are elsewhere)."""
+        job = parse_job(request, default_model=self.settings.model, local_files=local_files)
         try:
+            self._check_conversation(job)
+            self._check_uploads(job)
             record, created = self.store.create_task(job)
         except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError) as exc:
-            raise EnqueueError(f"could not record task {job.task_id}: the database is unavailable: {exc}") from exc
+            raise EnqueueError(f"could not record task {job.task_id}: the database is unavailable",
+                               detail=str(exc)) from exc
         if not created:
             return TaskHandle(record.id, False, self)
-        if record.id != job.task_id:
-            raise RequestError(f"task id {job.task_id!r} is already taken", field="task_id")
         self._enqueue(job)
         return TaskHandle(job.task_id, True, self)
+
+    def _check_conversation(self, job: JobRequest) -> None:
+        """A turn continues a conversation of its own tenant, or starts one (with images)."""
+        if not job.conversation_id:
+            return
+        exists, owner = self.store.conversation_tenant(job.conversation_id)
+        if (exists and owner != job.tenant) or (not exists and not job.images):
+            raise RequestError(f"no conversation {job.conversation_id!r}" + ("" if exists else
+                               "; a new conversation starts with a turn that has images"),
+                               field="conversation_id", code="conversation.not_found")
+
+    def _check_uploads(self, job: JobRequest) -> None:
+        """upload:// references only to live uploads of the job's own tenant."""
+        for index, ref in enumerate(job.images):
+            match = UPLOAD_REF.fullmatch(ref)
+            if match is None:
+                continue
+            upload = self.store.get_upload(match.group(1))
+            if upload is None or upload.tenant != job.tenant or not upload.is_live():
+                raise RequestError("no such upload (or it expired); upload the image again",
+                                   field=f"images[{index}]")
 
     def _enqueue(self, job: JobRequest, attempt: int = 0, *, clear_cancel: bool = False) -> int:
         """Publish task.queued and send the Celery task; returns the seq of task.queued.
@@ -112,13 +142,13 @@ class Client:
             )
             return seq
         except Exception as exc:
-            message = f"could not enqueue task {job.task_id}: {type(exc).__name__}: {exc}"
+            message = f"could not enqueue task {job.task_id}: the queue is unavailable ({type(exc).__name__})"
             self.store.finish(job.task_id, Outcome(status=FAILED, attempt=attempt, error_code="internal",
                                                     error_message=message))
             with contextlib.suppress(Exception):  # a subscriber that saw task.queued must see the end too
                 self.bus.publish(job.task_id, ev.FAILED, attempt,
                                  error={"code": "internal", "message": message, "retryable": True})
-            raise EnqueueError(message) from exc
+            raise EnqueueError(message, detail=str(exc)) from exc
 
     # -- retry ---------------------------------------------------------------------------------
     def retry(self, task_id: str) -> int:

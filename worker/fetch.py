@@ -32,7 +32,9 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from contracts.errors import ImageError
+from contracts.job import UPLOAD_REF
 from contracts.settings import Settings
+from contracts.uploads import UploadStorage
 
 MAX_REDIRECTS = 5
 HTTP_ATTEMPTS = 3
@@ -96,6 +98,7 @@ class ImageFetcher:
                  trusted: Collection[tuple[str, int]] = (), ssl_context: ssl.SSLContext | None = None) -> None:
         self.settings = settings
         self.max_bytes = settings.max_image_bytes
+        self._uploads = UploadStorage(settings)
         self._resolve = resolver or resolve_host
         self._trusted = {(str(ipaddress.ip_address(ip)), port) for ip, port in trusted}
         self._lock = threading.Lock()
@@ -125,8 +128,27 @@ class ImageFetcher:
             return self._fetch_url(ref)
         if scheme in ("file", ""):
             return self._fetch_file(ref)
+        if scheme == "upload":
+            return self._fetch_upload(ref)
         raise ImageError(f"unsupported reference scheme {scheme}://; use s3://, oss://, https:// or a local path",
                          code="image.access_denied", ref=ref)
+
+    # -- upload:// (images uploaded over HTTP, kept where QVQ_UPLOAD_URL says) -----------------
+    def _fetch_upload(self, ref: str) -> bytes:
+        match = UPLOAD_REF.fullmatch(ref)
+        if match is None:
+            raise ImageError("not an upload reference", code="image.not_found", ref=ref)
+        location = self._uploads.location(match.group(1))
+        if location.startswith("s3://"):
+            return self._fetch_object("s3", location, allowed=True)
+        try:
+            with open(location, "rb") as fh:
+                data = fh.read(self.max_bytes + 1)
+        except FileNotFoundError as exc:
+            raise ImageError("the upload is gone (expired, or QVQ_UPLOAD_URL differs between the API and "
+                             "this worker)", code="image.not_found", ref=ref) from exc
+        self._check_read_size(len(data), ref)
+        return data
 
     # -- local files ---------------------------------------------------------------------------
     def _fetch_file(self, ref: str) -> bytes:
@@ -204,18 +226,19 @@ class ImageFetcher:
             ),
         )
 
-    def _bucket_key(self, scheme: str, ref: str) -> tuple[str, str]:
+    def _bucket_key(self, scheme: str, ref: str, *, allowed: bool = False) -> tuple[str, str]:
         rest = ref.split("://", 1)[1]
         bucket, _, key = rest.partition("/")
         if not bucket or not key:
             raise ImageError(f"expected {scheme}://bucket/key", code="image.not_found", ref=ref)
-        allowed = self.settings.allowed_buckets
-        if allowed and bucket not in allowed and f"{scheme}://{bucket}" not in allowed:
+        permitted = self.settings.allowed_buckets
+        if not allowed and permitted and bucket not in permitted and f"{scheme}://{bucket}" not in permitted:
             raise ImageError(f"bucket {bucket!r} is not in QVQ_ALLOWED_BUCKETS", code="image.access_denied", ref=ref)
         return bucket, key
 
-    def _fetch_object(self, scheme: str, ref: str) -> bytes:
-        bucket, key = self._bucket_key(scheme, ref)
+    def _fetch_object(self, scheme: str, ref: str, *, allowed: bool = False) -> bytes:
+        """`allowed`: the bucket is ours (uploads), whatever QVQ_ALLOWED_BUCKETS says."""
+        bucket, key = self._bucket_key(scheme, ref, allowed=allowed)
         client = self._client(scheme, ref)
         try:
             response = client.get_object(Bucket=bucket, Key=key)

@@ -208,7 +208,7 @@ def test_retry_requeues_a_cancelled_task_and_refuses_a_queued_one(api: ApiServer
     httpx.post(f"{api.url}/v1/tasks/{task_id}/cancel")
     retried = httpx.post(f"{api.url}/v1/tasks/{task_id}/retry")
     assert retried.status_code == 202
-    assert retried.json() == {"task_id": task_id, "follow_from_seq": 2}  # after queued, cancelled
+    assert retried.json() == {"task_id": task_id, "from_seq": 2}  # after queued, cancelled
     assert httpx.get(f"{api.url}/v1/tasks/{task_id}").json()["status"] == "queued"
     assert httpx.post(f"{api.url}/v1/tasks/nope/retry").status_code == 404
 
@@ -223,7 +223,7 @@ def test_healthz_and_the_web_page(api: ApiServer) -> None:
 
 # -- API keys ----------------------------------------------------------------------------------
 def test_api_keys_are_required_when_configured(settings: Settings, bus: EventBus) -> None:
-    keyed = settings.with_overrides(api_keys=("k-one", "k-two"))
+    keyed = settings.with_overrides(api_keys=("k-one-0123456789abcdef", "k-two-0123456789abcdef"))
     task_id = make_task(settings)
     publish_run(bus, task_id, 2, terminal=True)
     with ApiServer(keyed, keepalive_s=0.2) as api:
@@ -231,13 +231,13 @@ def test_api_keys_are_required_when_configured(settings: Settings, bus: EventBus
         missing = httpx.get(task_url)
         assert missing.status_code == 401 and missing.json()["error"]["code"] == "auth.required"
         assert missing.headers["www-authenticate"] == "Bearer"
-        wrong = httpx.get(task_url, headers={"Authorization": "Bearer k-three"})
+        wrong = httpx.get(task_url, headers={"Authorization": "Bearer k-three-0123456789abcdef"})
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "auth.invalid"
         assert httpx.get(task_url, headers={"Authorization": "Basic azpvbmU="}).status_code == 401
-        assert httpx.get(task_url, headers={"Authorization": "Bearer k-two"}).status_code == 200
-        assert httpx.get(task_url, params={"api_key": "k-one"}).status_code == 200
+        assert httpx.get(task_url, headers={"Authorization": "Bearer k-two-0123456789abcdef"}).status_code == 200
+        assert httpx.get(task_url, params={"api_key": "k-one-0123456789abcdef"}).status_code == 401  # events only
         assert httpx.post(f"{api.url}/v1/tasks", json={}).status_code == 401  # before validation
-        with stream(api, task_id, params={"api_key": "k-one"}) as response:  # EventSource style
+        with stream(api, task_id, params={"api_key": "k-one-0123456789abcdef"}) as response:  # EventSource style
             assert [int(f["id"]) for f in sse_events(response)] == [1, 2, 3]
         assert httpx.get(api.url + "/healthz").status_code == 200
         assert httpx.get(api.url + "/").status_code == 200
@@ -257,13 +257,18 @@ def test_whole_runs_through_the_api_with_a_real_worker(
         service_env: dict[str, str], start_worker: Any, tmp_path: Path) -> None:
     """JSON submit (with a retry injected into the emulator's first attempt) and a multipart upload,
     each streamed over SSE to the end; the streamed text matches the persisted record."""
-    start_worker()
-    settings = Settings.from_env(service_env)
+    uploads = str(tmp_path / "uploads")
+    start_worker(QVQ_UPLOAD_URL=uploads, QVQ_ALLOW_LOCAL_FILES="0")  # uploads are read without it
+    settings = Settings.from_env({**service_env, "QVQ_UPLOAD_URL": uploads})
     image = tmp_path / "red.png"
     image.write_bytes(make_image("PNG", size=(96, 64), color=(220, 20, 20)))
-    with ApiServer(settings, keepalive_s=1.0, upload_dir=tmp_path / "uploads") as api:
+    with ApiServer(settings, keepalive_s=1.0) as api:
+        with image.open("rb") as handle:
+            upload = httpx.post(api.url + "/v1/uploads", files={"file": ("red.png", handle, "image/png")})
+        assert upload.status_code == 201, upload.text
+        assert upload.json()["ref"].startswith("upload://") and upload.json()["format"] == "PNG"
         created = httpx.post(api.url + "/v1/tasks", json={
-            "images": [image.as_uri()], "model": "qvq-plus",
+            "images": [upload.json()["ref"]], "model": "qvq-plus",
             "prompt": "Which colour? [[emulator: fault=cut:6@1]]"})
         assert created.status_code == 202, created.text
         json_task = created.json()["task_id"]
@@ -290,26 +295,26 @@ def test_whole_runs_through_the_api_with_a_real_worker(
             assert events[-1]["cost"]["currency"] == "CNY"
 
         uploaded_ref = next(e for e in events if e["type"] == ev.IMAGES_READY)["images"][0]["ref"]
-        assert uploaded_ref.startswith((tmp_path / "uploads").resolve().as_uri()) and uploaded_ref.endswith(".png")
+        assert uploaded_ref.startswith("upload://")
 
 
-def test_upload_limits(settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import producer.api
-
-    monkeypatch.setattr(producer.api, "MAX_UPLOAD_BYTES", 1000)
+def test_upload_limits(settings: Settings, tmp_path: Path) -> None:
+    png = make_image("PNG", size=(32, 32), color=(0, 0, 200))
     uploads = tmp_path / "uploads"
-    with ApiServer(settings, upload_dir=uploads) as api:
+    with ApiServer(settings.with_overrides(max_image_bytes=len(png) + 10), upload_dir=uploads) as api:
         too_big = httpx.post(api.url + "/v1/tasks/upload", data={"prompt": "hi"},
-                             files=[("images", ("a.png", b"x" * 500, "image/png")),
-                                    ("images", ("b.png", b"x" * 2000, "image/png"))])
+                             files=[("images", ("a.png", png, "image/png")),
+                                    ("images", ("b.png", png + b"x" * 2000, "image/png"))])
         assert too_big.status_code == 413
         error = too_big.json()["error"]
         assert error["code"] == "image.too_large" and error["field"] == "images[1]" and "b.png" in error["message"]
-        missing_prompt = httpx.post(api.url + "/v1/tasks/upload", files=[("images", ("a.png", b"x", "image/png"))])
+        missing_prompt = httpx.post(api.url + "/v1/tasks/upload", files=[("images", ("a.png", png, "image/png"))])
         assert missing_prompt.status_code == 422 and missing_prompt.json()["error"]["field"] == "prompt"
         bad_model = httpx.post(api.url + "/v1/tasks/upload", data={"prompt": "hi", "model": "gpt"},
-                               files=[("images", ("a.png", b"x", "image/png"))])
+                               files=[("images", ("a.png", png, "image/png"))])
         assert bad_model.status_code == 422 and bad_model.json()["error"]["code"] == "model.unknown"
+        not_image = httpx.post(api.url + "/v1/uploads", files={"file": ("a.png", b"hello, world", "image/png")})
+        assert not_image.status_code == 422 and not_image.json()["error"]["code"] == "image.unsupported_format"
     assert not uploads.exists() or list(uploads.iterdir()) == []  # nothing left behind by refused uploads
 
 
