@@ -22,9 +22,10 @@ from botocore.response import StreamingBody
 
 from contracts.errors import ImageError
 from contracts.settings import Settings
+from contracts.ssrf import is_public_address, resolve_host
 from tests import imagegen as gen
 from tests.s3server import S3Server, free_ports
-from worker.fetch import ImageFetcher, is_public_address, oss_region
+from worker.fetch import ImageFetcher, oss_region
 from worker.images import prepare_images
 
 PNG = gen.make_image("PNG", (64, 48))
@@ -324,8 +325,6 @@ def stub_resolver(host: str, port: int) -> list[str]:
 
 
 def socket_resolver(host: str, port: int) -> list[str]:
-    from worker.fetch import resolve_host
-
     return resolve_host(host, port)
 
 
