@@ -62,14 +62,15 @@ def parse_url(url: str, *, credentials: bool = True, max_chars: int = MAX_URL_CH
         raise UnsafeURL("must be a non-empty http(s) URL", reason="invalid")
     if len(url) > max_chars:
         raise UnsafeURL(f"at most {max_chars} characters", reason="invalid")
-    if any(ch.isspace() or ord(ch) < 32 or ord(ch) == 127 for ch in url):
-        raise UnsafeURL("spaces and control characters are not allowed in a URL", reason="invalid")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in url):
+        raise UnsafeURL("control characters are not allowed in a URL", reason="invalid")
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, ValueError, TypeError) as exc:
         raise UnsafeURL(f"not a valid URL ({exc})", reason="invalid") from None
     if parsed.scheme not in SCHEMES:
-        raise UnsafeURL(f"must be an http(s) URL, not {parsed.scheme or 'no'} scheme", reason="refused")
+        given = f", not {parsed.scheme}://" if parsed.scheme else ""
+        raise UnsafeURL(f"must be an http(s) URL{given}", reason="refused")
     _check_host(parsed.raw_host.decode("ascii", "replace"))
     if parsed.port is not None and not 1 <= parsed.port <= 65535:
         raise UnsafeURL(f"port {parsed.port} is out of range (1..65535)", reason="invalid")
