@@ -84,6 +84,8 @@ def _headers(event: dict[str, Any], body: bytes, secret: str) -> dict[str, Any]:
 
 
 def _drain(response: httpx.Response) -> None:
+    if response.is_stream_consumed:  # a reply already held in memory (an in-process transport)
+        return
     read = 0
     for chunk in response.iter_raw():
         read += len(chunk)
