@@ -175,7 +175,6 @@ def guarded_client(*, timeout: httpx.Timeout, verify: ssl.SSLContext | bool = Tr
                    limits: httpx.Limits | None = None, headers: dict[str, str] | None = None,
                    transport: httpx.BaseTransport | None = None) -> httpx.Client:
     """The HTTP client for pinned requests: no proxy from the environment, no redirect followed."""
-    return httpx.Client(
-        timeout=timeout, follow_redirects=False, trust_env=False, verify=verify,
-        limits=limits or httpx.Limits(), headers=headers, transport=transport,
-    )
+    options: dict[str, Any] = {"limits": limits} if limits is not None else {}
+    return httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False, verify=verify,
+                        headers=headers, transport=transport, **options)

@@ -4,7 +4,8 @@ Best effort: the result is already persisted and published, so a receiver that i
 it cannot fetch again. The URL goes through the SSRF guard (contracts/ssrf.py) like an image URL: the
 host is resolved once and every address checked, the POST goes to the checked address, no proxy from
 the environment, no redirect followed. `post_once` makes one try and says what to do next; `deliver`
-makes the tries of contracts/retry.CALLBACK and never raises.
+makes the tries of contracts/retry.CALLBACK and never raises. A caller making its own tries (a Celery
+task) calls `post_once` with `make_guard(...)` and `make_client()`.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ class Outcome(StrEnum):
 def deliver(url: str, event: dict[str, Any], *, secret: str, allow_private: bool,
             client: httpx.Client | None = None, guard: UrlGuard | None = None) -> bool:
     """True when the receiver answered 2xx; never raises. ``guard`` (tests) replaces allow_private."""
-    guard = guard or UrlGuard(allow_private=allow_private, https_only=False)
-    http = client or guarded_client(timeout=TIMEOUT)
+    guard = guard or make_guard(allow_private)
+    http = client or make_client()
     try:
         outcome = CALLBACK.call(post_once, url, event, secret=secret, guard=guard, client=http)
     except Exception as exc:  # the task's result is already persisted: a bug here must not fail it
@@ -49,6 +50,15 @@ def deliver(url: str, event: dict[str, Any], *, secret: str, allow_private: bool
     if outcome is not Outcome.DELIVERED:
         log.warning("callback.undelivered", url=_shown(url), outcome=str(outcome))
     return outcome is Outcome.DELIVERED
+
+
+def make_guard(allow_private: bool) -> UrlGuard:
+    """The guard for callback URLs: plain http is allowed (the body is signed), private addresses are not."""
+    return UrlGuard(allow_private=allow_private, https_only=False)
+
+
+def make_client() -> httpx.Client:
+    return guarded_client(timeout=TIMEOUT)
 
 
 def post_once(url: str, event: dict[str, Any], *, secret: str, guard: UrlGuard, client: httpx.Client) -> Outcome:
