@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 from contracts.catalog import MODELS, REFUSED_MODELS
 from contracts.errors import RequestError
+from contracts.ssrf import MAX_URL_CHARS, UnsafeURL, parse_url
 from contracts.tenants import SAFE_ID_RULE, is_safe_id
 
 PAYLOAD_VERSION = 1
@@ -20,6 +21,7 @@ QUEUE = "qvq"
 MAX_IMAGES = 100
 MAX_PROMPT_CHARS = 100_000
 MAX_ID_CHARS = 128
+MAX_CALLBACK_URL_CHARS = 2048
 IMAGE_SCHEMES = ("s3", "oss", "https", "http", "file", "upload")
 MAX_METADATA_BYTES = 16 * 1024  # metadata is echoed in the result and the terminal event
 MAX_METADATA_DEPTH = 8
@@ -136,8 +138,8 @@ def _image_ref(ref: Any, index: int) -> str:
     scheme = parsed.scheme.lower()
     if scheme in {"s3", "oss"} and (not parsed.netloc or not parsed.path.strip("/")):
         raise RequestError(f"expected {scheme}://bucket/key, got {ref!r}", field=name)
-    if scheme in {"http", "https"} and not parsed.netloc:
-        raise RequestError(f"not a valid URL: {ref!r}", field=name)
+    if scheme in {"http", "https"}:
+        _check_url(ref, field=name)
     if scheme and len(scheme) > 1 and scheme not in IMAGE_SCHEMES:
         raise RequestError(f"unsupported scheme {scheme!r}; use s3://, oss://, https:// or a local file",
                            field=name)
@@ -179,10 +181,18 @@ def _bool(raw: dict[str, Any], name: str) -> bool:
 def _callback(value: Any) -> str | None:
     if value is None:
         return None
-    parsed = urlparse(value) if isinstance(value, str) else None
-    if parsed is None or parsed.scheme not in {"http", "https"} or not parsed.netloc:
+    if not isinstance(value, str):
         raise RequestError("must be an http(s) URL", field="callback_url")
-    return str(value)
+    _check_url(value, field="callback_url", credentials=False, max_chars=MAX_CALLBACK_URL_CHARS)
+    return value
+
+
+def _check_url(url: str, *, field: str, credentials: bool = True, max_chars: int = MAX_URL_CHARS) -> None:
+    """The worker's SSRF guard parses the URL the same way (contracts/ssrf.py); addresses are checked there."""
+    try:
+        parse_url(url, credentials=credentials, max_chars=max_chars)
+    except UnsafeURL as exc:
+        raise RequestError(exc.message, field=field) from None
 
 
 def _metadata(value: Any) -> dict[str, Any]:

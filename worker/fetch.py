@@ -8,20 +8,18 @@ Every third-party error (botocore, httpx, OS) is translated here into an ImageEr
     image.too_large        over settings.max_image_bytes (refused before download when the size is known)
     image.fetch_failed     5xx, throttling, timeouts, connection errors, after a few retries (retryable)
 
-SSRF guard for URLs: the host is resolved once, every address is checked, and the connection goes to
-the checked address (with the original Host header and TLS server name), so a second DNS answer
-cannot swap in an internal address. Redirects are followed by hand and each hop is checked again.
+URLs go through the SSRF guard (contracts/ssrf.py): the host is resolved once, every address is
+checked, and the connection goes to the checked address (with the original Host header and TLS server
+name). Redirects are followed by hand and each hop is checked again. Retries follow contracts/retry.FETCH.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
-import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
@@ -33,13 +31,13 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from contracts.errors import ImageError
 from contracts.job import UPLOAD_REF
+from contracts.retry import FETCH
 from contracts.settings import Settings
+from contracts.ssrf import Pinned, Resolver, UnsafeURL, UrlGuard, guarded_client
 from contracts.uploads import UploadStorage
 
 MAX_REDIRECTS = 5
-HTTP_ATTEMPTS = 3
 S3_ATTEMPTS = 3  # botocore standard retry mode: 3 attempts in all
-RETRY_DELAYS_S = (0.2, 0.6)
 POOL_CONNECTIONS = 50
 DOWNLOAD_TIME_FACTOR = 3  # one download may take at most this many fetch timeouts in all
 USER_AGENT = "qvq-queue-image-fetcher/0.1"
@@ -51,30 +49,9 @@ _DENIED_CODES = {
     "SecondLevelDomainForbidden", "UserDisable", "401", "Unauthorized",
 }
 _OSS_REGION = re.compile(r"(?:^|\.)oss-([a-z0-9-]+?)(?:-internal)?\.aliyuncs\.com$")
-#: NAT64 and 6to4 prefixes embed an IPv4 address that must be checked too.
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-
-Resolver = Callable[[str, int], list[str]]
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def resolve_host(host: str, port: int) -> list[str]:
-    """Every address the host resolves to (getaddrinfo, both families)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
-
-
-def is_public_address(ip: IPAddress) -> bool:
-    """False for private, loopback, link-local (incl. cloud metadata), multicast, reserved, shared."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour or (
-            ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in _NAT64 else None)
-        if embedded is not None:
-            return is_public_address(embedded)
-    return ip.is_global and not (
-        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
-        or ip.is_reserved or ip.is_unspecified
-    )
+#: how each refusal of the SSRF guard reads as an image error
+_UNSAFE_CODES = {"invalid": "image.not_found", "refused": "image.access_denied", "not_found": "image.not_found",
+                 "unresolved": "image.fetch_failed"}
 
 
 def oss_region(settings: Settings) -> str | None:
@@ -89,9 +66,9 @@ def oss_region(settings: Settings) -> str | None:
 class ImageFetcher:
     """Fetches the bytes of one image reference; thread-safe, built once per worker process.
 
-    ``resolver``, ``trusted`` and ``ssl_context`` exist for tests: ``trusted`` is a set of (ip, port)
-    endpoints exempt from the address check (and allowed over plain http), standing in for a public
-    server; ``ssl_context`` replaces the default certificate store (e.g. a private CA).
+    ``resolver``, ``trusted`` and ``ssl_context`` exist for tests: ``resolver`` and ``trusted`` go to
+    the SSRF guard (contracts/ssrf.UrlGuard); ``ssl_context`` replaces the default certificate store
+    (e.g. a private CA).
     """
 
     def __init__(self, settings: Settings, *, resolver: Resolver | None = None,
@@ -99,14 +76,11 @@ class ImageFetcher:
         self.settings = settings
         self.max_bytes = settings.max_image_bytes
         self._uploads = UploadStorage(settings)
-        self._resolve = resolver or resolve_host
-        self._trusted = {(str(ipaddress.ip_address(ip)), port) for ip, port in trusted}
+        self._guard = UrlGuard(allow_private=settings.allow_private_urls, resolver=resolver, trusted=trusted)
         self._lock = threading.Lock()
         self._clients: dict[str, Any] = {}
-        self._http = httpx.Client(
+        self._http = guarded_client(
             timeout=httpx.Timeout(settings.fetch_timeout_s),
-            follow_redirects=False,
-            trust_env=False,  # a proxy would connect on our behalf and bypass the address check
             verify=ssl_context if ssl_context is not None else True,
             limits=httpx.Limits(max_connections=POOL_CONNECTIONS, max_keepalive_connections=POOL_CONNECTIONS),
             # identity: the size cap then counts the bytes on the wire, and no gzip bomb is inflated
@@ -265,64 +239,23 @@ class ImageFetcher:
     def _fetch_url(self, ref: str) -> bytes:
         url = ref
         for _ in range(MAX_REDIRECTS + 1):
-            location = self._get_with_retries(url, ref)
+            location = FETCH.call(self._get_once, url, ref)
             if isinstance(location, bytes):
                 return location
             url = location
         raise ImageError(f"more than {MAX_REDIRECTS} redirects", code="image.fetch_failed", retryable=False, ref=ref)
 
-    def _get_with_retries(self, url: str, ref: str) -> bytes | str:
-        for attempt in range(HTTP_ATTEMPTS):
-            try:
-                return self._get_once(url, ref)
-            except ImageError as exc:
-                if not exc.retryable or attempt == HTTP_ATTEMPTS - 1:
-                    raise
-                time.sleep(RETRY_DELAYS_S[min(attempt, len(RETRY_DELAYS_S) - 1)])
-        raise AssertionError("unreachable")
-
-    def _target(self, url: str, ref: str) -> tuple[httpx.URL, dict[str, str], dict[str, Any]]:
-        """The URL to connect to (host replaced by a checked address), the Host header and TLS name."""
+    def _pin(self, url: str, ref: str) -> Pinned:
         try:
-            parsed = httpx.URL(url)
-        except httpx.InvalidURL as exc:
-            raise ImageError(f"invalid URL {url!r}", code="image.not_found", ref=ref) from exc
-        if parsed.scheme not in ("https", "http"):
-            raise ImageError(f"redirected to an unsupported scheme: {url}", code="image.access_denied", ref=ref)
-        host, port = parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80)
-        if not host:
-            raise ImageError(f"URL without a host: {url}", code="image.not_found", ref=ref)
-        ip = self._checked_address(host, port, url, ref)
-        if parsed.scheme != "https" and not (self.settings.allow_private_urls or (ip, port) in self._trusted):
-            raise ImageError(f"plain http is refused ({url}); use https://", code="image.access_denied", ref=ref)
-        host_header = host if parsed.port is None else f"{host}:{parsed.port}"
-        if ":" in host and not host.startswith("["):
-            host_header = f"[{host}]" if parsed.port is None else f"[{host}]:{parsed.port}"
-        extensions = {"sni_hostname": host} if parsed.scheme == "https" else {}
-        return parsed.copy_with(host=ip), {"Host": host_header}, extensions
-
-    def _checked_address(self, host: str, port: int, url: str, ref: str) -> str:
-        try:
-            addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in self._resolve(host, port)]
-        except socket.gaierror as exc:
-            code = "image.not_found" if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)) \
-                else "image.fetch_failed"
-            raise ImageError(f"cannot resolve host {host!r} ({exc.strerror})", code=code, ref=ref) from exc
-        if not addresses:
-            raise ImageError(f"host {host!r} has no address", code="image.not_found", ref=ref)
-        if not self.settings.allow_private_urls:
-            for address in addresses:
-                if not is_public_address(address) and (str(address), port) not in self._trusted:
-                    raise ImageError(
-                        f"refused: {url} resolves to {address}, a private, loopback, link-local or reserved "
-                        "address (set QVQ_ALLOW_PRIVATE_URLS=1 only for local testing)",
-                        code="image.access_denied", ref=ref)
-        return str(addresses[0])
+            return self._guard.pin(url)
+        except UnsafeURL as exc:
+            raise ImageError(exc.message, code=_UNSAFE_CODES[exc.reason], ref=ref) from exc
 
     def _get_once(self, url: str, ref: str) -> bytes | str:
-        target, headers, extensions = self._target(url, ref)
+        pinned = self._pin(url, ref)
         try:
-            with self._http.stream("GET", target, headers=headers, extensions=extensions) as response:
+            with self._http.stream("GET", pinned.url, headers=pinned.headers,
+                                   extensions=pinned.extensions) as response:
                 if response.is_redirect:
                     location = str(response.headers.get("location") or "")
                     if not location:

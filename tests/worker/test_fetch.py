@@ -22,9 +22,10 @@ from botocore.response import StreamingBody
 
 from contracts.errors import ImageError
 from contracts.settings import Settings
+from contracts.ssrf import is_public_address, resolve_host
 from tests import imagegen as gen
 from tests.s3server import S3Server, free_ports
-from worker.fetch import ImageFetcher, is_public_address, oss_region
+from worker.fetch import ImageFetcher, oss_region
 from worker.images import prepare_images
 
 PNG = gen.make_image("PNG", (64, 48))
@@ -324,8 +325,6 @@ def stub_resolver(host: str, port: int) -> list[str]:
 
 
 def socket_resolver(host: str, port: int) -> list[str]:
-    from worker.fetch import resolve_host
-
     return resolve_host(host, port)
 
 
@@ -351,6 +350,16 @@ def socket_resolver(host: str, port: int) -> list[str]:
     "https://mixed.example/a.png",
     "https://v6-internal.example/a.png",
     "http://public.example/a.png",
+    "https://[fec0::1]/a.png",
+    "https://[::7f00:1]/a.png",
+    "https://[2002:a00:1::1]/a.png",
+    "https://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/a.png",
+    "https://[64:ff9b:1::a00:1]/a.png",
+    "https://[3fff::1]/a.png",
+    "https://198.18.0.1/a.png",
+    "https://192.0.0.8/a.png",
+    "https://255.255.255.255/a.png",
+    "https://127.1/a.png",
 ])
 def test_private_and_special_addresses_are_refused_and_nothing_is_fetched(make_fetcher: Any, url: str) -> None:
     fetcher = make_fetcher(resolver=stub_resolver)
@@ -358,6 +367,60 @@ def test_private_and_special_addresses_are_refused_and_nothing_is_fetched(make_f
     error = fetch_error(fetcher, url)
     assert error.code == "image.access_denied"
     assert "refused" in error.message
+
+
+@pytest.mark.parametrize(("url", "code"), [
+    ("https://public.example:99999/a.png", "image.not_found"),
+    ("https://public.example:0/a.png", "image.not_found"),
+    ("https://exa%20mple.example/a.png", "image.not_found"),
+])
+def test_a_bad_port_or_host_is_refused_before_any_lookup(make_fetcher: Any, url: str, code: str) -> None:
+    def resolver(host: str, port: int) -> list[str]:
+        raise AssertionError("nothing should have been resolved")
+
+    fetcher = make_fetcher(resolver=resolver)
+    fetcher._http = Tripwire()
+    assert fetch_error(fetcher, url).code == code
+
+
+def test_a_refusal_does_not_name_the_internal_address(make_fetcher: Any) -> None:
+    fetcher = make_fetcher(resolver=stub_resolver)
+    fetcher._http = Tripwire()
+    error = fetch_error(fetcher, "https://internal.example/a.png")
+    assert "10.1.2.3" not in error.message and "internal.example" in error.message
+
+
+def test_proxy_environment_variables_are_ignored(make_fetcher: Any, public: LocalServer,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = socket.create_server(("127.0.0.1", 0))  # a proxy that must stay unused: nothing accepts
+    proxy.settimeout(0.2)
+    try:
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        with httpx.Client(trust_env=True, timeout=0.5) as naive, pytest.raises(httpx.HTTPError):
+            naive.get(public.url("/ok.png"))  # a client that reads the environment goes to the proxy
+        proxy.accept()[0].close()
+        assert make_fetcher(trusted=[("127.0.0.1", public.port)]).fetch(public.url("/ok.png")) == PNG
+        with pytest.raises(TimeoutError):
+            proxy.accept()
+        assert public.hits == [("/ok.png", f"127.0.0.1:{public.port}")]
+    finally:
+        proxy.close()
+
+
+def test_http_retries_follow_the_fetch_policy(make_fetcher: Any, public: LocalServer,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from contracts import retry
+
+    waits: list[float] = []
+    monkeypatch.setattr(retry, "sleep", waits.append)
+    error = fetch_error(make_fetcher(allow_private_urls=True), public.url("/error"))
+    assert error.retryable and len(public.hits) == 3 and waits == [0.2, 0.6]
+    waits.clear()
+    fetch_error(make_fetcher(allow_private_urls=True), public.url("/teapot"))
+    assert waits == []
 
 
 def test_a_real_loopback_server_is_not_reached(make_fetcher: Any, public: LocalServer) -> None:
