@@ -53,8 +53,10 @@ from fastapi.security import HTTPAuthorizationCredentials
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from contracts import events as ev
+from contracts.catalog import MODELS
 from contracts.errors import RequestError
 from contracts.logging import get_logger
 from contracts.settings import Settings, get_settings
@@ -84,6 +86,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 KEEPALIVE_S = 15.0
 SSE_RETRY_MS = 3000  # how long a browser waits before reconnecting a dropped stream
 MAX_UPLOAD_FILES = 10  # per POST /v1/tasks/upload
+UPLOAD_TASK_FIELDS = {"images", "prompt", "model", "high_resolution"}
 MULTIPART_OVERHEAD = 64 * 1024  # form fields and part headers on top of the files themselves
 UPLOAD_SWEEP_S = 300.0  # how often expired uploads are deleted
 UNAVAILABLE = "the service's queue or database is unavailable right now; nothing was changed, try again"
@@ -202,7 +205,10 @@ def _v1_router() -> APIRouter:
     router.add_api_route(
         "/tasks/{task_id}/events", task_events, methods=["GET"], response_class=StreamingResponse,
         responses={200: {"description": "Server-Sent Events: `id: <seq>`, `event: <type>`, `data: <event JSON>`",
-                         "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                         "content": {"text/event-stream": {"schema": {
+                             "type": "object", "required": ["data"], "properties": {
+                                 "id": {"type": "string"}, "event": {"type": "string"},
+                                 "data": {"type": "string", "description": "the event JSON"}}}}}},
                    204: {"description": "the task had already ended before Last-Event-ID: nothing more will come"},
                    **errors(400, 401, 404, 410, 422, 503)})
     router.add_api_route("/usage", get_usage, methods=["GET"], response_model=schemas.UsageReport,
@@ -213,12 +219,12 @@ def _v1_router() -> APIRouter:
 def _multipart_body(*, single: bool) -> dict[str, Any]:
     binary = {"type": "string", "format": "binary"}
     properties: dict[str, Any] = {"file": binary} if single else {
-        "images": {"type": "array", "items": binary, "maxItems": MAX_UPLOAD_FILES},
-        "prompt": {"type": "string", "minLength": 1}, "model": {"type": "string"},
-        "high_resolution": {"type": "boolean"}}
+        "images": {"type": "array", "items": binary, "minItems": 1, "maxItems": MAX_UPLOAD_FILES},
+        "prompt": {"type": "string", "minLength": 1, "maxLength": 100_000, "pattern": r"\S"},
+        "model": {"type": "string", "enum": list(MODELS)}, "high_resolution": {"type": "boolean"}}
     required = ["file"] if single else ["images", "prompt"]
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
-        "schema": {"type": "object", "properties": properties, "required": required}}}}}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "properties": properties, "required": required, "additionalProperties": False}}}}}
 
 
 async def submit_task(request: Request, principal: Caller) -> JSONResponse:
@@ -234,6 +240,7 @@ async def upload_image(request: Request, principal: Caller) -> JSONResponse:
     """Store one image for this tenant; use the returned `upload://` reference in a job's images."""
     services = _services(request)
     form = await read_multipart(request, services.settings.max_image_bytes + MULTIPART_OVERHEAD, max_files=1)
+    _only_fields(form, {"file"})
     file = form.get("file")
     if not isinstance(file, UploadFile):
         raise ApiError(422, "request.invalid", "send the image as the form field `file`", field="file")
@@ -248,13 +255,17 @@ async def upload_task(request: Request, principal: Caller) -> JSONResponse:
     services = _services(request)
     limit = MAX_UPLOAD_FILES * services.settings.max_image_bytes + MULTIPART_OVERHEAD
     form = await read_multipart(request, limit, max_files=MAX_UPLOAD_FILES)
+    _only_fields(form, UPLOAD_TASK_FIELDS)
     files = [item for item in form.getlist("images") if isinstance(item, UploadFile)]
     if not files:
         raise ApiError(422, "request.invalid", "at least one image file is required", field="images")
     body: dict[str, Any] = {"prompt": _form_text(form.get("prompt"), "prompt")}
     if model := _form_text(form.get("model"), "model", required=False):
         body["model"] = model
-    if _form_text(form.get("high_resolution"), "high_resolution", required=False).lower() in {"true", "1", "on"}:
+    high_resolution = _form_text(form.get("high_resolution"), "high_resolution", required=False).lower()
+    if high_resolution not in {"", "true", "false"}:
+        raise ApiError(422, "request.invalid", "high_resolution: true or false", field="high_resolution")
+    if high_resolution == "true":
         body["high_resolution"] = True
     stored = []
     try:
@@ -272,7 +283,8 @@ async def list_tasks(
     request: Request, principal: Caller,
     status: Annotated[schemas.Status | None, Query()] = None,
     tenant: Annotated[str | None, Query(pattern=schemas.SAFE_ID_PATTERN, description="admin keys only")] = None,
-    since: Annotated[dt.datetime | None, Query(description="ISO 8601; created at or after")] = None,
+    since: Annotated[str | None, Query(description="created at or after; " + schemas.DATETIME_DESCRIPTION,
+                                       json_schema_extra={"format": "date-time"})] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> dict[str, Any]:
@@ -280,7 +292,7 @@ async def list_tasks(
     services = _services(request)
     scope = _tenant_filter(principal, tenant)
     records: list[TaskRecord] = await run_in_threadpool(
-        lambda: services.client.store.list_tasks(status=status, since=_aware(since), limit=limit + 1,
+        lambda: services.client.store.list_tasks(status=status, since=_moment(since, "since"), limit=limit + 1,
                                                  tenant=scope, before=_decode_cursor(cursor)))
     page, more = records[:limit], len(records) > limit
     return {"tasks": [_summary(record) for record in page],
@@ -323,7 +335,7 @@ async def retry_task(task_id: str, request: Request, principal: Caller) -> JSONR
 async def task_events(
     task_id: str, request: Request, principal: Annotated[Principal, Depends(viewer)],
     from_seq: Annotated[int, Query(ge=0, description="only events after this seq")] = 0,
-    last_event_id: Annotated[str | None, Header()] = None,
+    last_event_id: Annotated[str, Header(pattern=r"^\s*[0-9]{0,18}\s*$")] = "",
 ) -> Response:
     """Server-Sent Events: the log replayed after max(from_seq, Last-Event-ID), then live."""
     services = _services(request)
@@ -345,15 +357,17 @@ async def task_events(
 async def get_usage(
     request: Request, principal: Caller,
     by: Annotated[Literal["model", "tenant", "day"], Query()] = "model",
-    since: Annotated[dt.datetime | None, Query(description="ISO 8601, inclusive")] = None,
-    until: Annotated[dt.datetime | None, Query(description="ISO 8601, exclusive")] = None,
+    since: Annotated[str | None, Query(description="inclusive; " + schemas.DATETIME_DESCRIPTION,
+                                       json_schema_extra={"format": "date-time"})] = None,
+    until: Annotated[str | None, Query(description="exclusive; " + schemas.DATETIME_DESCRIPTION,
+                                       json_schema_extra={"format": "date-time"})] = None,
     tenant: Annotated[str | None, Query(pattern=schemas.SAFE_ID_PATTERN, description="admin keys only")] = None,
 ) -> dict[str, Any]:
     """Tokens and cost (CNY, exact decimals) of the caller's tenant, grouped."""
     services = _services(request)
     scope = _tenant_filter(principal, tenant)
     rows = await run_in_threadpool(lambda: services.client.store.usage_summary(
-        by, tenant=scope, since=_aware(since), until=_aware(until)))
+        by, tenant=scope, since=_moment(since, "since"), until=_moment(until, "until")))
     counts = ("calls", "prompt_tokens", "completion_tokens")
     out: list[dict[str, Any]] = [
         {by: None if row[by] is None else str(row[by]), **{name: int(row[name] or 0) for name in counts},
@@ -376,7 +390,7 @@ async def _submit(services: Services, principal: Principal, body: dict[str, Any]
     except TaskIdTaken as exc:
         raise ApiError(409, exc.code, exc.message, field=exc.field) from None
     except RequestError as exc:
-        status = 404 if exc.code == "conversation.not_found" else 422
+        status = 404 if exc.code in {"conversation.not_found", "image.not_found"} else 422
         raise ApiError(status, exc.code, exc.message, field=exc.field) from None
     except EnqueueError as exc:
         log.error("api.enqueue_failed", error=exc.detail or exc.message)
@@ -405,6 +419,13 @@ async def _store_upload(services: Services, principal: Principal, file: UploadFi
     return await run_in_threadpool(lambda: services.client.store.add_upload(
         upload_id, tenant=principal.tenant, filename=name, format_=format_, size=len(data),
         ttl_s=services.settings.upload_ttl_s))
+
+
+def _only_fields(form: Any, allowed: set[str]) -> None:
+    unknown = sorted(set(form.keys()) - allowed)
+    if unknown:
+        raise ApiError(422, "request.invalid", f"unknown form field(s) {', '.join(map(repr, unknown))}",
+                       field=unknown[0][:64])
 
 
 def _form_text(value: Any, field: str, *, required: bool = True) -> str:
@@ -525,6 +546,19 @@ def _decode_cursor(cursor: str | None) -> tuple[dt.datetime, str] | None:
         raise ApiError(400, "request.invalid", "the cursor is not one this API returned", field="cursor") from None
 
 
+def _moment(value: str | None, field: str) -> dt.datetime | None:
+    """An RFC 3339 date-time query parameter (a bare number is refused, not taken as a timestamp)."""
+    if value is None:
+        return None
+    try:
+        if not re.match(r"^\d{4}-\d{2}-\d{2}", value):
+            raise ValueError(value)
+        return _aware(dt.datetime.fromisoformat(value.upper().replace("Z", "+00:00")))
+    except ValueError:
+        raise ApiError(422, "request.invalid", f"{field}: expected a date-time like 2026-12-01T00:00:00Z",
+                       field=field) from None
+
+
 def _aware(moment: dt.datetime | None) -> dt.datetime | None:
     if moment is None:
         return None
@@ -532,7 +566,7 @@ def _aware(moment: dt.datetime | None) -> dt.datetime | None:
 
 
 def _parse_last_event_id(value: str | None) -> int:
-    if not value:
+    if not value or not value.strip():
         return 0
     try:
         return max(0, int(value.strip()))
@@ -555,9 +589,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(422, "request.invalid", message, field)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else "request.invalid" if exc.status_code < 500 else "internal"
-        return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # every method of the path, not only those of the first route matched
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return error_response(exc.status_code, code, str(exc.detail), headers=headers or None)
 
     async def unavailable(_request: Request, exc: Exception) -> JSONResponse:
         log.error("api.dependency_unavailable", error=type(exc).__name__, detail=str(exc))
@@ -574,6 +611,15 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(sa.exc.TimeoutError, unavailable)
     app.add_exception_handler(redis.RedisError, unavailable)
     app.add_exception_handler(OSError, unavailable)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE or route.matches({**request.scope, "method": "POST"})[0] != Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

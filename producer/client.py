@@ -123,7 +123,7 @@ class Client:
             upload = self.store.get_upload(match.group(1))
             if upload is None or upload.tenant != job.tenant or not upload.is_live():
                 raise RequestError("no such upload (or it expired); upload the image again",
-                                   field=f"images[{index}]")
+                                   field=f"images[{index}]", code="image.not_found")
 
     def _enqueue(self, job: JobRequest, attempt: int = 0, *, clear_cancel: bool = False) -> int:
         """Publish task.queued and send the Celery task; returns the seq of task.queued.

@@ -14,7 +14,13 @@ from contracts.catalog import MODELS
 from contracts.job import MAX_IMAGES, MAX_PROMPT_CHARS
 
 SAFE_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}$"
-IMAGE_REF_PATTERN = r"^((s3|oss)://[^/\s]+/[^\s]+|https?://[^/\s]+[^\s]*|upload://[0-9a-f]{32})$"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_PORT = rf"{_LABEL}(?:\.{_LABEL})*(?::[1-9][0-9]{{0,3}})?"
+_PATH_CHAR = r"[^\s?#\x00-\x1f\x7f]"
+URL_PATTERN = rf"^https?://{_HOST_PORT}(?:/{_PATH_CHAR}*)?$"
+IMAGE_REF_PATTERN = (rf"^(?:(?:s3|oss)://[a-z0-9][a-z0-9.-]{{1,62}}/{_PATH_CHAR}+|https?://{_HOST_PORT}"
+                     rf"(?:/{_PATH_CHAR}*)?|upload://[0-9a-f]{{32}})$")
+DATETIME_DESCRIPTION = "ISO 8601 / RFC 3339 date-time, e.g. 2026-12-01T00:00:00Z"
 Status = Literal["queued", "running", "completed", "failed", "cancelled"]
 
 
@@ -22,7 +28,8 @@ class JobRequestBody(BaseModel):
     """A job (design.md, "Job request"). Over HTTP, images are s3://, oss://, https:// or the
     upload:// references of POST /v1/uploads; never files on the server."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
+        {"required": ["images"], "properties": {"images": {"minItems": 1}}}, {"required": ["conversation_id"], "properties": {"conversation_id": {"type": "string"}}}]})
     task_id: str | None = Field(None, pattern=SAFE_ID_PATTERN, description="caller-chosen id; a UUID if absent")
     idempotency_key: str | None = Field(None, pattern=r"^[\x21-\x7e]{1,256}$",
                                         description="a repeat with the same key (same tenant) returns the first task")
@@ -34,7 +41,7 @@ class JobRequestBody(BaseModel):
     high_resolution: bool = False
     tenant: str | None = Field(None, pattern=SAFE_ID_PATTERN,
                                description="who pays: with a tenant key, its own tenant (or absent)")
-    callback_url: str | None = Field(None, max_length=2048, pattern=r"^https?://[^\s]+$")
+    callback_url: str | None = Field(None, max_length=2048, pattern=URL_PATTERN)
     metadata: dict[str, Any] | None = Field(None, description="echoed in the result (at most 16 KB, depth 8)")
 
 

@@ -100,7 +100,8 @@ def test_a_tenant_cannot_submit_as_another_reuse_its_keys_uploads_or_conversatio
     assert as_acme.status_code == 403 and as_acme.json()["error"] == {
         "code": "auth.forbidden", "field": "tenant", "message": "this key submits for tenant 'globex' only"}
     their_upload = globex.submit(images=[acme_upload])
-    assert their_upload.status_code == 422 and their_upload.json()["error"]["field"] == "images[0]"
+    assert their_upload.status_code == 404 and their_upload.json()["error"]["field"] == "images[0]"
+    assert their_upload.json()["error"]["code"] == "image.not_found"
     for images in ([], ["s3://photos/b.png"]):  # continuing it, or "starting" it again
         their_chat = globex.submit(conversation_id="chat-1", images=images)
         assert their_chat.status_code == 404 and their_chat.json()["error"]["code"] == "conversation.not_found"
@@ -146,10 +147,11 @@ def test_files_on_the_server_are_never_named_over_http(api: ApiServer, settings:
                                                        redis_client: redis.Redis) -> None:
     acme = Tenant(api, ACME)
     before = snapshot(settings, redis_client)
-    for ref in ("file:///etc/shadow", "/etc/passwd", "relative/photo.png", "FILE:///srv/scans/private.png",
-                "upload://" + "0" * 32, "upload://../../etc/passwd"):
+    for ref, status in (("file:///etc/shadow", 422), ("/etc/passwd", 422), ("relative/photo.png", 422),
+                        ("FILE:///srv/scans/private.png", 422), ("upload://" + "0" * 32, 404),
+                        ("upload://../../etc/passwd", 422)):
         response = acme.submit(images=[ref])
-        assert response.status_code == 422, (ref, response.text)
+        assert response.status_code == status, (ref, response.text)
         assert response.json()["error"]["field"] == "images[0]"
     assert snapshot(settings, redis_client) == before
 

@@ -1,0 +1,58 @@
+"""The OpenAPI document is one generated clients can use, and the served API keeps to it: schemathesis
+runs every check against it over real HTTP (a bounded number of examples; QVQ_SLOW=1 runs more)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from contracts.settings import Settings
+from tests.producer import ApiServer
+
+pytestmark = pytest.mark.timeout(600)
+KEY = "schemathesis-key-0123456789abcdef"
+CONFIG = Path(__file__).with_name("schemathesis.toml")
+
+
+@pytest.fixture()
+def api(redis_url: str, redis_client: redis.Redis, sqlite_url: str, tmp_path: Path) -> Iterator[ApiServer]:
+    settings = Settings.from_env({"REDIS_URL": redis_url, "DATABASE_URL": sqlite_url,
+                                  "QVQ_API_KEYS": f"acme:{KEY}", "QVQ_UPLOAD_URL": str(tmp_path / "uploads")})
+    with ApiServer(settings, keepalive_s=0.2) as server:
+        yield server
+
+
+def test_the_document_declares_bodies_errors_statuses_and_security(api: ApiServer) -> None:
+    document = httpx.get(api.url + "/openapi.json").json()
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["bearer"] == {"type": "http", "scheme": "bearer",
+                                 "description": schemes["bearer"]["description"]}
+    submit = document["paths"]["/v1/tasks"]["post"]
+    assert submit["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/JobRequestBody"}
+    assert set(submit["responses"]) >= {"200", "202", "400", "401", "403", "409", "413", "415", "422", "503"}
+    error = submit["responses"]["413"]["content"]["application/json"]["schema"]
+    assert error == {"$ref": "#/components/schemas/ErrorBody"}
+    assert "HTTPValidationError" not in document["components"]["schemas"]  # FastAPI's {detail} is never sent
+    events = document["paths"]["/v1/tasks/{task_id}/events"]["get"]["responses"]["200"]["content"]
+    assert list(events) == ["text/event-stream"]
+    for path in document["paths"].values():
+        for operation in path.values():
+            assert operation["security"], operation["operationId"]
+
+
+def test_schemathesis_finds_nothing_with_every_check(api: ApiServer) -> None:
+    examples = "100" if os.environ.get("QVQ_SLOW") == "1" else "8"
+    result = subprocess.run(
+        [sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "run", api.url + "/openapi.json",
+         "--checks", "all", "--max-examples", examples, "--seed", "20261202", "--workers", "1",
+         "--header", f"Authorization: Bearer {KEY}", "--no-color"],
+        capture_output=True, text=True, timeout=540)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
