@@ -52,6 +52,7 @@ from contracts.settings import Settings, get_settings
 from contracts.store import Store
 from producer.aio import AsyncClient
 from producer.client import Client, EnqueueError
+from producer.ops import install as install_ops
 
 log = get_logger(__name__)
 
@@ -115,6 +116,7 @@ def create_app(settings: Settings | None = None, *, keepalive_s: float = KEEPALI
     _install_error_handlers(app)
     _redact_access_log()
     app.include_router(_v1_router(settings), prefix="/v1")
+    install_ops(app, settings)  # /livez, /readyz, /metrics (producer/ops.py)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
