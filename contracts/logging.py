@@ -46,7 +46,8 @@ def configure(log_format: str = "console", level: str = "INFO") -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, access_fields, celery_task_fields],
+        foreign_pre_chain=[*shared, access_fields, celery_task_fields, drop_positional_args],
+        pass_foreign_args=True,  # the processors below read a foreign record's arguments
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, drop_private,
                     structlog.processors.format_exc_info, renderer],
     ))
@@ -73,7 +74,7 @@ def access_fields(_logger: Any, _method: str, event_dict: EventDict) -> EventDic
     record = event_dict.get("_record")
     if record is None or record.name != "uvicorn.access":
         return event_dict
-    args = record.args
+    args = event_dict.get("positional_args")
     if isinstance(args, tuple) and len(args) == 5:
         client, method, path, http_version, status = args
         event_dict.update(event="http.access", client=client, method=method, path=redact(str(path)),
@@ -88,7 +89,7 @@ def celery_task_fields(_logger: Any, _method: str, event_dict: EventDict) -> Eve
     if "task_id" in event_dict:
         return event_dict
     record = event_dict.get("_record")
-    args = getattr(record, "args", None)
+    args = event_dict.get("positional_args")
     if isinstance(args, dict) and isinstance(args.get("id"), str) and getattr(record, "name", "").startswith("celery"):
         event_dict["task_id"] = args["id"]
         if isinstance(args.get("name"), str):
@@ -98,6 +99,11 @@ def celery_task_fields(_logger: Any, _method: str, event_dict: EventDict) -> Eve
     if task is not None:
         event_dict["task_id"] = task.request.id
         event_dict["task_name"] = task.name
+    return event_dict
+
+
+def drop_positional_args(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    event_dict.pop("positional_args", None)
     return event_dict
 
 
