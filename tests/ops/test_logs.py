@@ -66,11 +66,15 @@ def json_logs() -> Any:
     root = logging.getLogger()
     saved, saved_structlog = (root.handlers[:], root.level), structlog.get_config()
     configure("json", "INFO")
+    access = logging.getLogger("uvicorn.access")  # as `qvq api` leaves it (another server in this process
+    saved_access = access.propagate, access.level   # may have configured uvicorn's loggers its way)
+    access.propagate, access.level = True, logging.NOTSET
     out = io.StringIO()
     root.handlers[0].setStream(out)  # type: ignore[attr-defined]
     yield lambda: [json.loads(line) for line in out.getvalue().splitlines()]
     root.handlers[:], level = saved
     root.setLevel(level)
+    access.propagate, access.level = saved_access
     logging.captureWarnings(False)
     structlog.configure(**saved_structlog)
 
