@@ -201,10 +201,10 @@ def _start_health(**_: Any) -> None:
     from worker.health import Heartbeat, serve_metrics
 
     settings = get_settings()
-    if "metrics" not in _health:
-        _health["metrics"] = serve_metrics(settings.metrics_port)
     if settings.heartbeat_file and "heartbeat" not in _health:
         _health["heartbeat"] = Heartbeat(settings.heartbeat_file).start()
+    if "metrics" not in _health:
+        _health["metrics"] = serve_metrics(settings.metrics_port)
 
 
 @signals.worker_shutting_down.connect
