@@ -90,3 +90,16 @@ def test_the_health_script_follows_the_endpoint() -> None:
     closed = subprocess.run([*script, f"http://127.0.0.1:{free_port()}/metrics"], capture_output=True, text=True,
                             timeout=10)
     assert closed.returncode == 1 and closed.stderr.startswith("unhealthy:")
+
+
+def test_the_build_context_sends_what_the_dockerfile_copies_and_not_the_venv() -> None:
+    rules = [line for line in (REPO / "infra" / "Dockerfile.dockerignore").read_text().splitlines()
+             if line and not line.startswith("#")]
+    assert rules[0] == "*"
+    allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
+    copied = set()
+    for kind, line in _instructions():
+        if kind == "COPY" and "--from=" not in line:
+            copied |= {source.rstrip("/") for source in line.split()[1:-1]}
+    assert copied == allowed
+    assert not any(name in allowed for name in (".venv", ".git", "tests"))
