@@ -132,5 +132,5 @@ def test_the_worker_grace_period_covers_the_task_limit_and_the_image_is_versione
     kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
     tags = {image["name"]: image["newTag"] for image in kustomization["images"]}
     assert tags["qvq-queue"] not in {"", "latest"}
-    for name in ("qvq-api", "qvq-worker"):
-        assert _container(objects[("Deployment", name)])["image"] == "qvq-queue"  # tagged by the kustomization
+    for name in ("qvq-api", "qvq-worker"):  # the same tag without kustomize
+        assert _container(objects[("Deployment", name)])["image"] == f"qvq-queue:{tags['qvq-queue']}"
