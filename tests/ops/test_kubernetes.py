@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -132,5 +133,8 @@ def test_the_worker_grace_period_covers_the_task_limit_and_the_image_is_versione
     kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
     tags = {image["name"]: image["newTag"] for image in kustomization["images"]}
     assert tags["qvq-queue"] not in {"", "latest"}
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert tags["qvq-queue"] == version  # the release the image was built from (compose: QVQ_IMAGE_TAG)
+    assert f"QVQ_IMAGE_TAG={version}" in (REPO / ".env.example").read_text()
     for name in ("qvq-api", "qvq-worker"):  # the same tag without kustomize
         assert _container(objects[("Deployment", name)])["image"] == f"qvq-queue:{tags['qvq-queue']}"
