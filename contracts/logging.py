@@ -1,11 +1,29 @@
-"""Logging, configured in one place: structlog, JSON in production or console for people."""
+"""Logging, configured in one place: structlog, JSON in production or console for people.
+
+Logs are data: with LOG_FORMAT=json every line is one JSON object, whoever wrote it.
+- Our own lines carry their fields (task_id and model are bound per task by the worker).
+- Celery's lines get `task_id` and `task_name` as fields: from the record's arguments ("Task %(name)s[%(id)s]
+  received/succeeded") or, inside a task, from Celery's current task.
+- uvicorn's access lines become `http.access` with method, path (`api_key=` redacted), status, client,
+  http_version, and duration_s when the API's timing middleware bound it (producer/ops.py).
+- Python warnings go through logging too (`py.warnings`).
+- Private request content (prompt, metadata, messages) is dropped from any line above DEBUG.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
+
+#: Fields that may hold what a user sent us; never logged above DEBUG.
+PRIVATE_FIELDS = ("prompt", "metadata", "messages")
+EventDict = MutableMapping[str, Any]
+_API_KEY = re.compile(r"(api_key=)[^&\s]+")
 
 
 def configure(log_format: str = "console", level: str = "INFO") -> None:
@@ -28,16 +46,79 @@ def configure(log_format: str = "console", level: str = "INFO") -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+        foreign_pre_chain=[*shared, access_fields, celery_task_fields, drop_positional_args],
+        pass_foreign_args=True,  # the processors below read a foreign record's arguments
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, drop_private,
                     structlog.processors.format_exc_info, renderer],
     ))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)
     for noisy in ("httpx", "httpcore", "botocore", "boto3", "urllib3", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return structlog.stdlib.get_logger(name)
+
+
+def redact(text: str) -> str:
+    """A URL or request line with its `api_key=` query value masked."""
+    return _API_KEY.sub(r"\1***", text)
+
+
+# -- processors (plain functions: logger, method name, event dict) ------------------------------------
+def access_fields(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    """uvicorn's access line ('%s - "%s %s HTTP/%s" %d') as fields."""
+    record = event_dict.get("_record")
+    if record is None or record.name != "uvicorn.access":
+        return event_dict
+    args = event_dict.get("positional_args")
+    if isinstance(args, tuple) and len(args) == 5:
+        client, method, path, http_version, status = args
+        event_dict.update(event="http.access", client=client, method=method, path=redact(str(path)),
+                          http_version=http_version, status=status)
+    else:
+        event_dict["event"] = redact(str(event_dict.get("event", "")))
+    return event_dict
+
+
+def celery_task_fields(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    """task_id and task_name on Celery's own lines (and any foreign line written inside a task)."""
+    if "task_id" in event_dict:
+        return event_dict
+    record = event_dict.get("_record")
+    args = event_dict.get("positional_args")
+    if isinstance(args, dict) and isinstance(args.get("id"), str) and getattr(record, "name", "").startswith("celery"):
+        event_dict["task_id"] = args["id"]
+        if isinstance(args.get("name"), str):
+            event_dict["task_name"] = args["name"]
+        return event_dict
+    task = _current_celery_task()
+    if task is not None:
+        event_dict["task_id"] = task.request.id
+        event_dict["task_name"] = task.name
+    return event_dict
+
+
+def drop_positional_args(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    event_dict.pop("positional_args", None)
+    return event_dict
+
+
+def drop_private(_logger: Any, method: str, event_dict: EventDict) -> EventDict:
+    if method != "debug" and event_dict.get("level") != "debug":
+        for name in PRIVATE_FIELDS:
+            event_dict.pop(name, None)
+    return event_dict
+
+
+def _current_celery_task() -> Any:
+    state = sys.modules.get("celery._state")  # never import Celery for this: the API may not use it
+    if state is None:
+        return None
+    task = state.get_current_task()
+    if task is None or getattr(task.request, "id", None) is None:
+        return None
+    return task

@@ -53,6 +53,8 @@ class Settings:
     lease_ttl_s: float = 30.0
     fetch_timeout_s: float = 20.0
     max_image_bytes: int = 10 * 1024 * 1024
+    metrics_port: int = 9808  # a worker's Prometheus endpoint; 0 turns it off
+    heartbeat_file: str = ""  # touched every few seconds by a consuming worker (exec liveness probes)
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -113,6 +115,13 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("expected a port number (0 turns it off)")
+    return value
+
+
 def _positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
@@ -157,6 +166,8 @@ _ENV: dict[str, tuple[str, Any]] = {
     "visibility_timeout_s": ("QVQ_VISIBILITY_TIMEOUT_S", _positive_int),
     "lease_ttl_s": ("QVQ_LEASE_TTL_S", _positive_float),
     "fetch_timeout_s": ("QVQ_FETCH_TIMEOUT_S", _positive_float),
+    "metrics_port": ("QVQ_METRICS_PORT", _port),
+    "heartbeat_file": ("QVQ_HEARTBEAT_FILE", str),
 }
 
 

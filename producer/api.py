@@ -67,6 +67,7 @@ from producer import schemas
 from producer.aio import AsyncClient
 from producer.client import Client, EnqueueError
 from producer.http import ApiError, error_response, read_json, read_multipart
+from producer.ops import install as install_ops
 from producer.security import (
     Authenticator,
     LoopbackOnly,
@@ -130,6 +131,7 @@ def create_app(settings: Settings | None = None, *, keepalive_s: float = KEEPALI
     _install_error_handlers(app)
     _redact_access_log()
     app.include_router(_v1_router(), prefix="/v1")
+    install_ops(app, settings)
     _install_middleware(app, settings)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 

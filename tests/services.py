@@ -72,7 +72,8 @@ class WorkerProcess:
     """`celery worker` for the project's app in a child process, its log kept in a file."""
 
     def __init__(self, env: dict[str, str], *, concurrency: int = 20, name: str = "w1") -> None:
-        self.env = {**os.environ, **env, "LOG_FORMAT": "json", "LOG_LEVEL": env.get("LOG_LEVEL", "INFO"),
+        self.env = {**os.environ, "QVQ_METRICS_PORT": "0", **env, "LOG_FORMAT": "json",
+                    "LOG_LEVEL": env.get("LOG_LEVEL", "INFO"),
                     "PYTHONPATH": str(REPO)}
         self.concurrency = concurrency
         self.name = name

@@ -14,6 +14,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -157,6 +160,58 @@ def _announce(**_: Any) -> None:
     get_context()  # connect to Redis, the store and the model endpoint now, not on the first task
     log.info("worker.ready", visibility_timeout_s=settings.visibility_timeout_s, task_timeout_s=settings.task_timeout_s,
              model_endpoint=settings.base_url, real_service=settings.uses_real_service)
+
+
+@signals.celeryd_init.connect
+def _log_early(**_: Any) -> None:
+    """Configure logging before Celery writes its first line (the privileges warning, the banner)."""
+    settings = get_settings()
+    configure(settings.log_format, settings.log_level)
+    if settings.log_format == "json":
+        import celery.apps.worker
+
+        celery.apps.worker.safe_say = _say_json  # type: ignore[assignment]
+
+
+def _say_json(msg: str, f: Any = sys.__stderr__) -> None:
+    """Celery's shutdown notices ("worker: Warm shutdown") as JSON lines; written directly, as Celery
+    does, because they are said from a signal handler."""
+    line = {"event": "worker.notice", "message": str(msg), "level": "info", "logger": "celery.apps.worker",
+            "timestamp": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")}
+    print(json.dumps(line), file=f or sys.__stderr__, flush=True)
+
+
+@signals.celeryd_after_setup.connect
+def _quiet_banner(instance: Any = None, **_: Any) -> None:
+    """With LOG_FORMAT=json every line is JSON: Celery's banner (plain text on stdout) becomes a log line."""
+    if instance is None or get_settings().log_format != "json":
+        return
+    instance.quiet = True
+    log.info("worker.starting", hostname=getattr(instance, "hostname", None),
+             concurrency=getattr(instance, "concurrency", None), pool="threads",
+             queues=sorted(instance.app.amqp.queues.keys()) if getattr(instance, "app", None) else None)
+
+
+_health: dict[str, Any] = {}
+
+
+@signals.worker_ready.connect
+def _start_health(**_: Any) -> None:
+    """The metrics endpoint and the heartbeat file (worker/health.py), once the worker consumes."""
+    from worker.health import Heartbeat, serve_metrics
+
+    settings = get_settings()
+    if settings.heartbeat_file and "heartbeat" not in _health:
+        _health["heartbeat"] = Heartbeat(settings.heartbeat_file).start()
+    if "metrics" not in _health:
+        _health["metrics"] = serve_metrics(settings.metrics_port)
+
+
+@signals.worker_shutting_down.connect
+def _stop_health(**_: Any) -> None:
+    heartbeat = _health.pop("heartbeat", None)
+    if heartbeat is not None:
+        heartbeat.stop()  # not ready any more: a warm shutdown is finishing its streams
 
 
 @signals.worker_shutdown.connect

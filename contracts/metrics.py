@@ -1,0 +1,147 @@
+"""Every Prometheus metric the service exports, defined once (design.md, "Listing, usage and metrics").
+
+| metric | type | labels | recorded by |
+|---|---|---|---|
+| qvq_tasks_total | counter | status (completed, failed, cancelled), model | worker, from its terminal events |
+| qvq_task_duration_seconds | histogram | status | worker: task.started to the terminal event of one delivery |
+| qvq_first_token_seconds | histogram | kind (reasoning, answer) | worker: from task.completed's timings |
+| qvq_tokens_total | counter | model, kind (prompt, completion) | worker: task.completed's usage |
+| qvq_cost_cny_total | counter | model | worker: task.completed's cost |
+| qvq_model_attempts_total | counter | code ("ok" or an error code) | worker: task.retrying, task.completed, task.failed (model.* codes) |
+| qvq_active_streams | gauge | - | worker: tasks started and not yet ended in this process |
+| qvq_queue_depth | gauge | queue | API, read from the broker at scrape time (LLEN of the queue and kombu's priority lists) |
+| qvq_flow_wait_seconds | histogram | reason (model_quota, tenant_concurrency, tenant_rate) | flow control (not observed yet: it comes with QVQ_MODEL_LIMITS / QVQ_TENANT_LIMITS) |
+| qvq_events_published_total | counter | type (the event type) | worker: every event its publisher sent to Redis |
+
+Labels are bounded: a model outside the catalogue becomes "other", an unknown error code "internal";
+task ids never appear in a label. Each process exports the default registry: the worker on
+QVQ_METRICS_PORT, the API at GET /metrics.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from contracts.catalog import MODELS
+from contracts.errors import ERROR_CODES
+
+STATUSES = ("completed", "failed", "cancelled")
+TOKEN_KINDS = ("prompt", "completion")
+FIRST_TOKEN_KINDS = ("reasoning", "answer")
+WAIT_REASONS = ("model_quota", "tenant_concurrency", "tenant_rate")
+OK = "ok"
+OTHER_MODEL = "other"
+
+#: Minutes-long reasoning streams under a 1,800 s limit (QVQ_TASK_TIMEOUT_S).
+DURATION_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900, 1200, 1800, 3600)
+FIRST_TOKEN_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120)
+WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+
+TASKS = Counter("qvq_tasks", "Tasks that reached a terminal state, by status and model.", ["status", "model"])
+TASK_DURATION = Histogram("qvq_task_duration_seconds", "From task.started to the terminal event of a delivery.",
+                          ["status"], buckets=DURATION_BUCKETS)
+FIRST_TOKEN = Histogram("qvq_first_token_seconds", "From task.started to the first reasoning or answer text.",
+                        ["kind"], buckets=FIRST_TOKEN_BUCKETS)
+TOKENS = Counter("qvq_tokens", "Tokens billed for completed tasks, by model and kind.", ["model", "kind"])
+COST = Counter("qvq_cost_cny", "Cost of completed tasks in CNY, by model.", ["model"])
+MODEL_ATTEMPTS = Counter("qvq_model_attempts", "Model calls by outcome: ok, or the error code that ended them.",
+                         ["code"])
+ACTIVE_STREAMS = Gauge("qvq_active_streams", "Tasks this worker process runs now (started, not yet ended).")
+FLOW_WAIT = Histogram("qvq_flow_wait_seconds", "Time a task was held back by flow control, by reason.",
+                      ["reason"], buckets=WAIT_BUCKETS)
+EVENTS_PUBLISHED = Counter("qvq_events_published", "Events written to Redis (pub/sub + replay log), by type.",
+                           ["type"])
+
+QUEUE_DEPTH_NAME = "qvq_queue_depth"
+
+#: The names a dashboard or alert may use (the exported sample names of every metric above).
+METRIC_NAMES = frozenset({
+    "qvq_tasks_total", "qvq_task_duration_seconds", "qvq_first_token_seconds", "qvq_tokens_total",
+    "qvq_cost_cny_total", "qvq_model_attempts_total", "qvq_active_streams", QUEUE_DEPTH_NAME,
+    "qvq_flow_wait_seconds", "qvq_events_published_total",
+})
+
+
+def model_label(name: Any) -> str:
+    return name if isinstance(name, str) and name in MODELS else OTHER_MODEL
+
+
+def code_label(code: Any) -> str:
+    if code == OK:
+        return OK
+    return code if isinstance(code, str) and code in ERROR_CODES else "internal"
+
+
+def status_label(status: str) -> str:
+    return status if status in STATUSES else "failed"
+
+
+# -- queue depth, read from the broker at scrape time ------------------------------------------------
+PRIORITY_SEPARATOR = "\x06\x16"  # kombu's Redis transport: "<queue>\x06\x16<priority>" for priorities 3, 6, 9
+PRIORITY_STEPS = (3, 6, 9)
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists that hold the messages of one Celery queue (kombu's Redis transport)."""
+    return [queue, *(f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS)]
+
+
+class QueueDepthCollector(Collector):
+    """qvq_queue_depth{queue}: messages waiting in the broker, counted (LLEN) when Prometheus scrapes.
+
+    `source` is a callable returning the broker's Redis client (or None when there is none yet); a broker
+    that does not answer yields no sample rather than a wrong one.
+    """
+
+    def __init__(self, queues: Iterable[str]) -> None:
+        self.queues = tuple(queues)
+        self._lock = threading.Lock()
+        self._client: Any = None
+
+    def use(self, client: Any) -> None:
+        with self._lock:
+            self._client = client
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(QUEUE_DEPTH_NAME, "Messages waiting in the broker queue.", labels=["queue"])
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(QUEUE_DEPTH_NAME, "Messages waiting in the broker queue.", labels=["queue"])
+        with self._lock:
+            client = self._client
+        if client is not None:
+            for queue in self.queues:
+                depth = _depth(client, queue)
+                if depth is not None:
+                    family.add_metric([queue], depth)
+        yield family
+
+
+def _depth(client: Any, queue: str) -> int | None:
+    try:
+        pipe = client.pipeline(transaction=False)
+        for name in queue_lists(queue):
+            pipe.llen(name)
+        return sum(int(n) for n in pipe.execute())
+    except Exception:  # a scrape must not fail because the broker is down; the sample is absent
+        return None
+
+
+_queue_depth: QueueDepthCollector | None = None
+_queue_depth_lock = threading.Lock()
+
+
+def queue_depth_collector(queues: Iterable[str]) -> QueueDepthCollector:
+    """The process's one queue-depth collector, registered on the default registry the first time."""
+    global _queue_depth
+    with _queue_depth_lock:
+        if _queue_depth is None:
+            _queue_depth = QueueDepthCollector(queues)
+            REGISTRY.register(_queue_depth)
+        return _queue_depth
