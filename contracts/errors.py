@@ -1,7 +1,7 @@
 """One rooted error tree; every code is a stable string from the design.
 
     QvqError (code, retryable)
-    +-- RequestError      request.invalid, model.unknown      (caught at submit)
+    +-- RequestError      request.invalid, model.unknown, conversation.not_found (caught at submit)
     +-- ImageError        image.*, images.token_budget_exceeded (caught in the worker, before the model)
     +-- ModelError        model.*                             (the QVQ call)
     +-- BudgetError       budget.exceeded
@@ -18,6 +18,7 @@ from typing import Any
 ERROR_CODES: dict[str, bool] = {
     "request.invalid": False,
     "model.unknown": False,
+    "conversation.not_found": False,
     "image.not_found": False,
     "image.access_denied": False,
     "image.fetch_failed": True,
