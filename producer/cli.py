@@ -242,13 +242,14 @@ def _parse_since(since: str | None) -> dt.datetime | None:
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
 def worker(ctx: click.Context) -> None:
-    """Run a worker (threads pool, queue qvq); extra options go to `celery worker`."""
-    from worker.app import app
+    """Run a worker (threads pool, queue QVQ_QUEUE); extra options go to `celery worker`."""
+    from producer.worker_command import celery_worker_args
 
     settings = get_settings()
-    argv = ["worker", "-Q", "qvq", "-P", "threads", "-c", str(settings.worker_concurrency),
-            "--without-gossip", "--without-mingle", *ctx.args]
-    app.worker_main(argv)
+    from worker.app import app
+
+    app.worker_main(celery_worker_args(concurrency=settings.worker_concurrency, queue=settings.queue,
+                                       extra=ctx.args))
 
 
 @main.command()
