@@ -1,4 +1,9 @@
-"""The `qvq` command. Exit codes: 0 done, 1 the task failed, 2 bad usage or input."""
+"""The `qvq` command.
+
+Exit codes: 0 completed, 1 the task failed, 2 bad usage, input or settings (also an unreachable
+Redis or database), 3 the task was cancelled. Errors are one line on stderr; `qvq --debug ...`
+shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import datetime as dt
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import wraps
 from typing import Any
 
@@ -14,11 +19,16 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from contracts.errors import ConfigError, QvqError
+from contracts.errors import ConfigError, ImageError, RequestError
+from contracts.image_formats import MAX_IMAGE_BYTES, SNIFF_BYTES, unsupported_reason
 from contracts.settings import get_settings
+from producer.cli_errors import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_USAGE, explain  # noqa: F401 (commands use EXIT_USAGE)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 console = Console(highlight=False, soft_wrap=True)
+notices = Console(stderr=True, highlight=False, soft_wrap=True)  # hints and waiting lines, never on stdout
+EXIT_BY_STATUS = {"completed": EXIT_OK, "queued": EXIT_OK, "running": EXIT_OK, "cancelled": EXIT_CANCELLED}
+EXIT_BY_EVENT = {"task.completed": EXIT_OK, "task.cancelled": EXIT_CANCELLED}
+WAIT_PROBE_S = 1.5  # without an event for this long, a queued task's viewer says what it waits for
 
 
 def _client() -> Any:
@@ -27,48 +37,64 @@ def _client() -> Any:
     return Client(get_settings())
 
 
+def _debug() -> bool:
+    context = click.get_current_context(silent=True)
+    return bool(context and context.find_root().params.get("debug"))
+
+
+def _fail(exc: Exception) -> None:
+    """One line on stderr and the exit code; the traceback only with --debug."""
+    if _debug():
+        raise exc
+    problem = explain(exc)
+    click.echo(f"error: {problem.line}", err=True)
+    sys.exit(problem.exit_code)
+
+
 def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn our errors into one clear line and the right exit code."""
+    """Turn every error into one clear line and the right exit code (see producer/cli_errors.py)."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (ConfigError, KeyError) as exc:
-            click.echo(f"error: {exc.args[0] if exc.args else exc}", err=True)
-            sys.exit(EXIT_USAGE)
-        except QvqError as exc:
-            click.echo(f"error: {exc.code}: {exc.message}", err=True)
-            sys.exit(EXIT_USAGE if exc.code in {"request.invalid", "model.unknown"} else EXIT_FAILED)
-        except (TimeoutError, RuntimeError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_FAILED)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            _fail(exc)
 
     return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an error instead of one line.")
+@click.version_option(package_name="qvq-queue", prog_name="qvq", message="%(prog)s %(version)s")
+def main(debug: bool) -> None:
     """qvq-queue: visual-reasoning jobs on Alibaba QVQ, streamed live, persisted with their bill."""
 
 
 @main.command()
 @click.argument("images", nargs=-1)
-@click.option("--prompt", help="The question (a sample one is used when omitted).")
+@click.option("--prompt", help="The question (a sample one is used when omitted); `-` reads it from stdin.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, allow_dash=True), help="Read the question from a file.")
 @friendly_errors
-def demo(images: tuple[str, ...], prompt: str | None) -> None:
+def demo(images: tuple[str, ...], prompt: str | None, prompt_file: str | None) -> None:
     """Run the whole pipeline on embedded defaults and stream the thinking and the answer."""
     from producer.demo import run_demo
 
-    _check_local_paths(images)
-    sys.exit(run_demo(images, prompt, console))
+    question = _question(prompt, prompt_file) if prompt or prompt_file else None
+    _check_local_images(images)
+    sys.exit(run_demo(images, question, console))
 
 
 @main.command()
 @click.argument("images", nargs=-1)
-@click.option("--prompt", required=True, help="The question about the images.")
+@click.option("--prompt", help="The question about the images; `-` reads it from stdin.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Read the question from this file (`-`: stdin); for questions too long for a command line.")
 @click.option("--model", help="qvq-max (default from QVQ_MODEL), qvq-plus, or a dated snapshot.")
-@click.option("--conversation", "conversation_id", help="Continue this conversation.")
+@click.option("--conversation", "conversation_id", help="Continue this conversation (refused when unknown).")
+@click.option("--new-conversation", is_flag=True, help="--conversation ID starts a new conversation.")
 @click.option("--high-resolution", is_flag=True, help="Per-image token cap 16384 instead of 1280.")
 @click.option("--tenant", help="Who pays; usage is accounted per tenant.")
 @click.option("--task-id", help="Choose the task id (default: a UUID).")
@@ -76,17 +102,25 @@ def demo(images: tuple[str, ...], prompt: str | None) -> None:
 @click.option("--follow", is_flag=True, help="Stream the task's events until it ends.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @friendly_errors
-def submit(images: tuple[str, ...], prompt: str, model: str | None, conversation_id: str | None,
-           high_resolution: bool, tenant: str | None, task_id: str | None, idempotency_key: str | None,
-           follow: bool, as_json: bool) -> None:
+def submit(images: tuple[str, ...], prompt: str | None, prompt_file: str | None, model: str | None,
+           conversation_id: str | None, new_conversation: bool, high_resolution: bool, tenant: str | None,
+           task_id: str | None, idempotency_key: str | None, follow: bool, as_json: bool) -> None:
     """Enqueue a job; prints the task id (or follows it live with --follow)."""
-    _check_local_paths(images)
+    question = _question(prompt, prompt_file)
+    if _check_local_images(images):
+        notices.print("note: local files are read by the worker from this machine's disk: it needs "
+                      "QVQ_ALLOW_LOCAL_FILES=1 and must run on this host", markup=False)
     fields: dict[str, Any] = {k: v for k, v in {"conversation_id": conversation_id, "tenant": tenant, "task_id": task_id,
                                 "idempotency_key": idempotency_key}.items() if v}
     if high_resolution:
         fields["high_resolution"] = True
     with _client() as client:
-        handle = client.submit(images=list(images), prompt=prompt, model=model, **fields)
+        _check_conversation(client, conversation_id, new=new_conversation, with_images=bool(images))
+        if task_id and not idempotency_key and client.store.get(task_id) is not None:
+            raise RequestError(f"{task_id!r} is already taken: choose another --task-id or leave it out",
+                               field="task_id")
+        client.redis.ping()  # an unreachable Redis is reported before anything is recorded
+        handle = client.submit(images=list(images), prompt=question, model=model, **fields)
         if not follow:
             click.echo(json.dumps({"task_id": handle.task_id, "created": handle.created}) if as_json
                        else handle.task_id)
@@ -94,19 +128,112 @@ def submit(images: tuple[str, ...], prompt: str, model: str | None, conversation
         sys.exit(_follow(client, handle.task_id, 0, as_json))
 
 
-def _check_local_paths(images: tuple[str, ...]) -> None:
-    """A plain path names a file on this machine: refuse a missing one here, before anything is queued."""
+def _question(prompt: str | None, prompt_file: str | None) -> str:
+    """The question from --prompt, --prompt - (stdin) or --prompt-file PATH (exactly one of them)."""
+    if prompt is not None and prompt_file is not None:
+        raise RequestError("give the question once: --prompt or --prompt-file, not both", field="prompt")
+    source = prompt_file if prompt_file is not None else ("-" if prompt == "-" else None)
+    if source is None:
+        if prompt is None:
+            raise RequestError("a question is required: --prompt TEXT, --prompt - (stdin) or --prompt-file PATH",
+                               field="prompt")
+        return prompt
+    try:
+        if source == "-":
+            return sys.stdin.read()
+        with open(os.path.expanduser(source), encoding="utf-8") as handle:
+            return handle.read()
+    except UnicodeDecodeError:
+        raise RequestError(f"{source!r} is not UTF-8 text", field="prompt") from None
+    except OSError as exc:
+        raise RequestError(f"cannot read {source!r}: {exc.strerror or exc}", field="prompt") from None
+
+
+def _check_local_images(images: tuple[str, ...]) -> bool:
+    """Refuse a local file that is missing, too large or not an image before anything is queued;
+    True when some image is a local file."""
+    local = False
     for index, ref in enumerate(images):
-        if "://" not in ref and not os.path.isfile(os.path.expanduser(ref)):
-            raise click.UsageError(f"images[{index}]: no such file {ref!r}")
+        if "://" in ref and not ref.startswith("file://"):
+            continue
+        local = True
+        path = os.path.expanduser(ref.removeprefix("file://"))
+        name = f"images[{index}]"
+        if not os.path.isfile(path):
+            raise RequestError(f"no such file {ref!r}", field=name)
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as handle:
+                head = handle.read(SNIFF_BYTES)
+        except OSError as exc:
+            raise RequestError(f"cannot read {ref!r}: {exc.strerror or exc}", field=name) from None
+        if size > MAX_IMAGE_BYTES:
+            raise ImageError(f"{size:,} bytes, over the limit of {MAX_IMAGE_BYTES:,}", code="image.too_large",
+                             ref=ref)
+        reason = unsupported_reason(head)
+        if reason:
+            raise ImageError(reason, code="image.unsupported_format", ref=ref)
+    return local
+
+
+def _check_conversation(client: Any, conversation_id: str | None, *, new: bool, with_images: bool) -> None:
+    """An unknown conversation id is refused unless the turn starts it: --new-conversation, or images."""
+    if conversation_id is None:
+        if new:
+            raise RequestError("--new-conversation needs --conversation ID", field="conversation_id")
+        return
+    exists = _conversation_exists(client.store, conversation_id)
+    if exists and new:
+        raise RequestError(f"conversation {conversation_id!r} already exists: leave out --new-conversation "
+                           "to continue it", field="conversation_id")
+    if exists:
+        return
+    if not with_images:
+        raise RequestError(f"no conversation {conversation_id!r}: check the id, or start it with images "
+                           "(and --new-conversation)", field="conversation_id", code="conversation.not_found")
+    if not new:
+        notices.print(f"note: conversation {conversation_id} is new: this turn starts it", markup=False)
+
+
+def _conversation_exists(store: Any, conversation_id: str) -> bool:
+    import sqlalchemy as sa
+
+    from contracts.store import tasks
+
+    query = sa.select(tasks.c.id).where(tasks.c.conversation_id == conversation_id).limit(1)
+    with store.engine.connect() as conn:
+        return conn.execute(query).first() is not None
 
 
 def _follow(client: Any, task_id: str, from_seq: int, as_json: bool) -> int:
     from producer.render import EventRenderer, print_json_events
 
-    events = client.events(task_id, from_seq=from_seq)
+    events = _events_saying_what_they_wait_for(client, task_id, from_seq)
     terminal = print_json_events(events, sys.stdout) if as_json else EventRenderer(console).render_all(events)
-    return EXIT_OK if terminal and terminal["type"] == "task.completed" else EXIT_FAILED
+    return EXIT_BY_EVENT.get(terminal["type"], EXIT_FAILED) if terminal else EXIT_FAILED
+
+
+def _events_saying_what_they_wait_for(client: Any, task_id: str, from_seq: int) -> Iterator[dict[str, Any]]:
+    """The task's events; while it sits queued with nothing happening, what it waits for goes to stderr
+    (queue depth, workers consuming the queue, or that none is)."""
+    from producer.waiting import QueueProbe, WaitingView
+
+    probe = QueueProbe(client.celery, client.settings.celery_broker_url, client.settings.queue)
+    view = WaitingView(notices)
+    last_seq, queued = from_seq, True
+    try:
+        while True:
+            try:
+                for event in client.events(task_id, from_seq=last_seq, idle_timeout=WAIT_PROBE_S):
+                    view.stop()
+                    last_seq, queued = event["seq"], event["type"] == "task.queued"
+                    yield event
+                return
+            except TimeoutError:
+                if queued and client.get(task_id).status == "queued":
+                    view.show(probe.state())
+    finally:
+        view.stop()
 
 
 @main.command()
@@ -118,6 +245,7 @@ def follow(task_id: str, from_seq: int, as_json: bool) -> None:
     """Replay and then follow a task's events live."""
     with _client() as client:
         client.get(task_id)
+        client.redis.ping()
         sys.exit(_follow(client, task_id, from_seq, as_json))
 
 
@@ -133,25 +261,42 @@ def result(task_id: str, as_json: bool) -> None:
         click.echo(json.dumps(record.to_dict(), ensure_ascii=False, indent=2, default=str))
     else:
         _print_record(record)
-    sys.exit(EXIT_OK if record.status in {"completed", "queued", "running"} else EXIT_FAILED)
+    sys.exit(EXIT_BY_STATUS.get(record.status, EXIT_FAILED))
 
 
 def _print_record(record: Any) -> None:
-    console.print(f"[bold]{record.id}[/]  {record.status}  model={record.model}  attempts={record.attempts}")
-    if record.reasoning:
-        console.rule("Thinking", style="dim", align="left")
-        console.print(record.reasoning, style="dim", markup=False)
-    if record.answer:
-        console.rule("Answer", style="bold green", align="left")
-        console.print(record.answer, markup=False)
+    from rich.text import Text
+
+    from producer.render import clean, print_images, print_usage
+
+    head = Text(clean(record.id), style="bold")
+    head.append(f"  {record.status}", style="green" if record.status == "completed" else "yellow")
+    head.append(f"  model {clean(record.model)}  attempts {record.attempts}"
+                + (f"  tenant {clean(record.tenant)}" if record.tenant else "")
+                + (f"  conversation {clean(record.conversation_id)}" if record.conversation_id else ""))
+    console.print(head)
+    times = [f"{label} {moment.isoformat(sep=' ', timespec='seconds')}" for label, moment in
+             (("created", record.created_at), ("started", record.started_at), ("finished", record.finished_at))
+             if moment]
+    console.print(Text("  ".join(times), style="dim"))
+    question = (record.request or {}).get("prompt")
+    if question:
+        console.rule("Question", style="dim", align="left")
+        console.print(Text(clean(question)))
+    if record.images:
+        console.print()
+        print_images(console, record.images)
+    for title, text, style in (("Thinking", record.reasoning, "dim"), ("Answer", record.answer, "")):
+        if text:
+            console.print()
+            console.rule(title, style=style or "bold green", align="left")
+            console.print(Text(clean(text), style=style))
     if record.error_code:
-        console.print(f"[red]{record.error_code}[/]: {record.error_message}")
-    if record.usage:
-        console.print(f"usage: {json.dumps(record.usage)}")
-    if record.cost:
-        console.print(f"cost: {record.cost['total']} {record.cost['currency']}")
-    if record.timings:
-        console.print(f"timings: {json.dumps(record.timings)}")
+        line = Text(f"\n{clean(record.error_code)}", style="bold red")
+        line.append(f": {clean(record.error_message)}", style="")
+        console.print(line)
+    console.print()
+    print_usage(console, record.usage, record.cost, record.timings)
 
 
 @main.command()
@@ -175,9 +320,11 @@ def usage(by: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, default=str, indent=2))
         return
+    from producer.render import money
+
     _print_rows((by, "calls", "prompt tokens", "completion tokens", "cost (CNY)"),
                 [(str(row[by]), str(row["calls"]), str(row["prompt_tokens"]), str(row["completion_tokens"]),
-                  str(row["cost_cny"])) for row in rows])
+                  money(row["cost_cny"], "")) for row in rows])
 
 
 @main.command()
@@ -241,6 +388,7 @@ def _parse_since(since: str | None) -> dt.datetime | None:
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
+@friendly_errors
 def worker(ctx: click.Context) -> None:
     """Run a worker (threads pool, queue QVQ_QUEUE); extra options go to `celery worker`."""
     from producer.worker_command import celery_worker_args
@@ -277,6 +425,7 @@ def api(host: str, port: int) -> None:
 @click.option("--first-token-s", default=0.0, show_default=True, help="Delay before the first token.")
 @click.option("--reasoning-tokens", default=40, show_default=True)
 @click.option("--answer-tokens", default=20, show_default=True)
+@friendly_errors
 def emulator(host: str, port: int, tps: float, first_token_s: float, reasoning_tokens: int,
              answer_tokens: int) -> None:
     """Run the QVQ-compatible emulator (OpenAI-style streaming HTTP)."""
