@@ -421,18 +421,20 @@ def api(host: str, port: int) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8001, show_default=True)
-@click.option("--tps", default=0.0, show_default=True, help="Tokens per second (0: as fast as possible).")
-@click.option("--first-token-s", default=0.0, show_default=True, help="Delay before the first token.")
-@click.option("--reasoning-tokens", default=40, show_default=True)
-@click.option("--answer-tokens", default=20, show_default=True)
+@click.option("--tps", type=float, help="Tokens per second (default 0: as fast as possible).")
+@click.option("--first-token-s", type=float, help="Delay before the first token (default 0).")
+@click.option("--reasoning-tokens", type=int, help="Chunks of thinking, at least (default 40).")
+@click.option("--answer-tokens", type=int, help="Chunks of answer, at least (default 20).")
 @friendly_errors
-def emulator(host: str, port: int, tps: float, first_token_s: float, reasoning_tokens: int,
-             answer_tokens: int) -> None:
-    """Run the QVQ-compatible emulator (OpenAI-style streaming HTTP)."""
+def emulator(host: str, port: int, tps: float | None, first_token_s: float | None, reasoning_tokens: int | None,
+             answer_tokens: int | None) -> None:
+    """Run the QVQ-compatible emulator (OpenAI-style streaming HTTP); see docs/emulator.md.
+
+    Flags win over QVQ_EMULATOR_* variables; a prompt's `[[emulator: ...]]` directive wins over both."""
     from emulator.server import EmulatorConfig, serve
 
-    config = EmulatorConfig(tps=tps, first_token_s=first_token_s, reasoning_tokens=reasoning_tokens,
-                            answer_tokens=answer_tokens)
+    config = EmulatorConfig.from_env(tps=tps, first_token_s=first_token_s, reasoning_tokens=reasoning_tokens,
+                                     answer_tokens=answer_tokens)
     click.echo(f"QVQ emulator on http://{host}:{port}/v1  (QVQ_BASE_URL=http://{host}:{port}/v1)", err=True)
     serve(host, port, config)
 

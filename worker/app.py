@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -148,7 +149,8 @@ def _check_delivery(sender: Any = None, **_: Any) -> None:
     problems = delivery_problems(conf, settings) + [problem for problem in [missing_key(settings)] if problem]
     if problems:
         log.error("worker.refused", problems=problems)
-        raise SystemExit("qvq worker refused to start: " + "; ".join(problems))
+        print("qvq worker refused to start: " + "; ".join(problems), file=sys.stderr)
+        raise SystemExit(2)  # bad settings, as the qvq command's exit codes say
 
 
 @signals.worker_ready.connect
