@@ -140,6 +140,8 @@ def _question(prompt: str | None, prompt_file: str | None) -> str:
         return prompt
     try:
         if source == "-":
+            if sys.stdin.isatty():
+                notices.print("reading the question from stdin: end it with Ctrl-D", markup=False)
             return sys.stdin.read()
         with open(os.path.expanduser(source), encoding="utf-8") as handle:
             return handle.read()
