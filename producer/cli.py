@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
@@ -19,16 +18,15 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from contracts.errors import ConfigError, ImageError, RequestError
-from contracts.image_formats import MAX_IMAGE_BYTES, SNIFF_BYTES, unsupported_reason
+from contracts.errors import ConfigError, RequestError
 from contracts.settings import get_settings
 from producer.cli_errors import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_USAGE, explain  # noqa: F401 (commands use EXIT_USAGE)
+from producer.intake import check_conversation, check_local_images, is_local, read_question
 
 console = Console(highlight=False, soft_wrap=True)
 notices = Console(stderr=True, highlight=False, soft_wrap=True)  # hints and waiting lines, never on stdout
 EXIT_BY_STATUS = {"completed": EXIT_OK, "queued": EXIT_OK, "running": EXIT_OK, "cancelled": EXIT_CANCELLED}
 EXIT_BY_EVENT = {"task.completed": EXIT_OK, "task.cancelled": EXIT_CANCELLED}
-WAIT_PROBE_S = 1.5  # without an event for this long, a queued task's viewer says what it waits for
 
 
 def _client() -> Any:
@@ -83,7 +81,7 @@ def demo(images: tuple[str, ...], prompt: str | None, prompt_file: str | None) -
     from producer.demo import run_demo
 
     question = _question(prompt, prompt_file) if prompt or prompt_file else None
-    _check_local_images(images)
+    check_local_images(images)
     sys.exit(run_demo(images, question, console))
 
 
@@ -107,7 +105,8 @@ def submit(images: tuple[str, ...], prompt: str | None, prompt_file: str | None,
            task_id: str | None, idempotency_key: str | None, follow: bool, as_json: bool) -> None:
     """Enqueue a job; prints the task id (or follows it live with --follow)."""
     question = _question(prompt, prompt_file)
-    if _check_local_images(images):
+    check_local_images(images)
+    if any(is_local(ref) for ref in images):
         notices.print("note: local files are read by the worker from this machine's disk: it needs "
                       "QVQ_ALLOW_LOCAL_FILES=1 and must run on this host", markup=False)
     fields: dict[str, Any] = {k: v for k, v in {"conversation_id": conversation_id, "tenant": tenant, "task_id": task_id,
@@ -115,7 +114,9 @@ def submit(images: tuple[str, ...], prompt: str | None, prompt_file: str | None,
     if high_resolution:
         fields["high_resolution"] = True
     with _client() as client:
-        _check_conversation(client, conversation_id, new=new_conversation, with_images=bool(images))
+        if check_conversation(client.store, conversation_id, new=new_conversation, with_images=bool(images)) \
+                and not new_conversation:
+            notices.print(f"note: conversation {conversation_id} is new: this turn starts it", markup=False)
         if task_id and not idempotency_key and client.store.get(task_id) is not None:
             raise RequestError(f"{task_id!r} is already taken: choose another --task-id or leave it out",
                                field="task_id")
@@ -129,113 +130,19 @@ def submit(images: tuple[str, ...], prompt: str | None, prompt_file: str | None,
 
 
 def _question(prompt: str | None, prompt_file: str | None) -> str:
-    """The question from --prompt, --prompt - (stdin) or --prompt-file PATH (exactly one of them)."""
-    if prompt is not None and prompt_file is not None:
-        raise RequestError("give the question once: --prompt or --prompt-file, not both", field="prompt")
-    source = prompt_file if prompt_file is not None else ("-" if prompt == "-" else None)
-    if source is None:
-        if prompt is None:
-            raise RequestError("a question is required: --prompt TEXT, --prompt - (stdin) or --prompt-file PATH",
-                               field="prompt")
-        return prompt
-    try:
-        if source == "-":
-            if sys.stdin.isatty():
-                notices.print("reading the question from stdin: end it with Ctrl-D", markup=False)
-            return sys.stdin.read()
-        with open(os.path.expanduser(source), encoding="utf-8") as handle:
-            return handle.read()
-    except UnicodeDecodeError:
-        raise RequestError(f"{source!r} is not UTF-8 text", field="prompt") from None
-    except OSError as exc:
-        raise RequestError(f"cannot read {source!r}: {exc.strerror or exc}", field="prompt") from None
-
-
-def _check_local_images(images: tuple[str, ...]) -> bool:
-    """Refuse a local file that is missing, too large or not an image before anything is queued;
-    True when some image is a local file."""
-    local = False
-    for index, ref in enumerate(images):
-        if "://" in ref and not ref.startswith("file://"):
-            continue
-        local = True
-        path = os.path.expanduser(ref.removeprefix("file://"))
-        name = f"images[{index}]"
-        if not os.path.isfile(path):
-            raise RequestError(f"no such file {ref!r}", field=name)
-        try:
-            size = os.path.getsize(path)
-            with open(path, "rb") as handle:
-                head = handle.read(SNIFF_BYTES)
-        except OSError as exc:
-            raise RequestError(f"cannot read {ref!r}: {exc.strerror or exc}", field=name) from None
-        if size > MAX_IMAGE_BYTES:
-            raise ImageError(f"{size:,} bytes, over the limit of {MAX_IMAGE_BYTES:,}", code="image.too_large",
-                             ref=ref)
-        reason = unsupported_reason(head)
-        if reason:
-            raise ImageError(reason, code="image.unsupported_format", ref=ref)
-    return local
-
-
-def _check_conversation(client: Any, conversation_id: str | None, *, new: bool, with_images: bool) -> None:
-    """An unknown conversation id is refused unless the turn starts it: --new-conversation, or images."""
-    if conversation_id is None:
-        if new:
-            raise RequestError("--new-conversation needs --conversation ID", field="conversation_id")
-        return
-    exists = _conversation_exists(client.store, conversation_id)
-    if exists and new:
-        raise RequestError(f"conversation {conversation_id!r} already exists: leave out --new-conversation "
-                           "to continue it", field="conversation_id")
-    if exists:
-        return
-    if not with_images:
-        raise RequestError(f"no conversation {conversation_id!r}: check the id, or start it with images "
-                           "(and --new-conversation)", field="conversation_id", code="conversation.not_found")
-    if not new:
-        notices.print(f"note: conversation {conversation_id} is new: this turn starts it", markup=False)
-
-
-def _conversation_exists(store: Any, conversation_id: str) -> bool:
-    import sqlalchemy as sa
-
-    from contracts.store import tasks
-
-    query = sa.select(tasks.c.id).where(tasks.c.conversation_id == conversation_id).limit(1)
-    with store.engine.connect() as conn:
-        return conn.execute(query).first() is not None
+    if "-" in (prompt, prompt_file) and sys.stdin.isatty():
+        notices.print("reading the question from stdin: end it with Ctrl-D", markup=False)
+    return read_question(prompt, prompt_file)
 
 
 def _follow(client: Any, task_id: str, from_seq: int, as_json: bool) -> int:
+    """Render the task's events; while it is queued, say on stderr what it waits for."""
     from producer.render import EventRenderer, print_json_events
+    from producer.waiting import WaitingView, events_with_waiting
 
-    events = _events_saying_what_they_wait_for(client, task_id, from_seq)
+    events = events_with_waiting(client, task_id, from_seq, WaitingView(notices))
     terminal = print_json_events(events, sys.stdout) if as_json else EventRenderer(console).render_all(events)
     return EXIT_BY_EVENT.get(terminal["type"], EXIT_FAILED) if terminal else EXIT_FAILED
-
-
-def _events_saying_what_they_wait_for(client: Any, task_id: str, from_seq: int) -> Iterator[dict[str, Any]]:
-    """The task's events; while it sits queued with nothing happening, what it waits for goes to stderr
-    (queue depth, workers consuming the queue, or that none is)."""
-    from producer.waiting import QueueProbe, WaitingView
-
-    probe = QueueProbe(client.celery, client.settings.celery_broker_url, client.settings.queue)
-    view = WaitingView(notices)
-    last_seq, queued = from_seq, True
-    try:
-        while True:
-            try:
-                for event in client.events(task_id, from_seq=last_seq, idle_timeout=WAIT_PROBE_S):
-                    view.stop()
-                    last_seq, queued = event["seq"], event["type"] == "task.queued"
-                    yield event
-                return
-            except TimeoutError:
-                if queued and client.get(task_id).status == "queued":
-                    view.show(probe.state())
-    finally:
-        view.stop()
 
 
 @main.command()
@@ -365,6 +272,7 @@ def _print_rows(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 def retry(task_id: str, follow: bool, as_json: bool) -> None:
     """Queue a failed or cancelled task again (same task id, a new attempt)."""
     with _client() as client:
+        client.redis.ping()  # an unreachable Redis is reported before the task is touched
         from_seq = client.retry(task_id)
         if follow:  # the log still holds the earlier attempts' events: start after them
             sys.exit(_follow(client, task_id, from_seq, as_json))

@@ -76,7 +76,8 @@ def _events_while_alive(handle: Any, worker: subprocess.Popen[bytes], log_path: 
         except TimeoutError:
             if worker.poll() is not None:
                 log = Path(log_path).read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"the demo worker exited with code {worker.returncode}:\n{log}") from None
+                Console(stderr=True, highlight=False).print(log, markup=False, style="dim")
+                raise RuntimeError(f"the demo worker exited with code {worker.returncode} (its log is above)") from None
 
 
 def run_demo(images: Sequence[str], prompt: str | None, console: Console | None = None) -> int:

@@ -7,6 +7,7 @@ within a short timeout (Celery's remote control; it needs no heartbeats, gossip 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from rich.console import Console
 from rich.status import Status
 
 PROBE_TIMEOUT_S = 1.0
+IDLE_S = 1.5  # without an event for this long, a queued task's viewer says what it waits for
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -89,3 +91,24 @@ class WaitingView:
         status, self._status = self._status, None
         if status is not None:
             status.stop()
+
+
+def events_with_waiting(client: Any, task_id: str, from_seq: int, view: WaitingView,
+                        idle_s: float = IDLE_S) -> Iterator[dict[str, Any]]:
+    """The task's events; while it sits queued with nothing happening for idle_s, the view says what
+    it waits for. The events missed while probing are replayed from the task's log, none lost."""
+    probe = QueueProbe(client.celery, client.settings.celery_broker_url, client.settings.queue)
+    last_seq, queued = from_seq, True
+    try:
+        while True:
+            try:
+                for event in client.events(task_id, from_seq=last_seq, idle_timeout=idle_s):
+                    view.stop()
+                    last_seq, queued = event["seq"], event["type"] == "task.queued"
+                    yield event
+                return
+            except TimeoutError:
+                if queued and client.get(task_id).status == "queued":
+                    view.show(probe.state())
+    finally:
+        view.stop()
