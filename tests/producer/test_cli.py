@@ -247,3 +247,43 @@ def test_a_worker_warns_when_its_model_endpoint_does_not_answer(start_worker: An
     while "worker.model_endpoint_unusable" not in worker.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "worker.model_endpoint_unusable" in worker.log()
+
+
+def test_an_unreachable_broker_says_which_setting_and_how_to_requeue(qvq: Any, image: str) -> None:
+    broker = {"CELERY_BROKER_URL": f"redis://:hunter2@127.0.0.1:{free_port()}/0"}
+    done = qvq("submit", image, "--prompt", "hi", env=broker, check_code=2)
+    line = one_line_error(done)
+    assert "cannot reach the Celery broker" in line and "CELERY_BROKER_URL" in line and "qvq retry" in line
+    assert "hunter2" not in done.stderr
+
+
+# -- the translation of third-party errors, one case each ------------------------------------------
+def _raised(make: Any) -> BaseException:
+    try:
+        make()
+    except BaseException as exc:  # what the library raises is the point
+        return exc
+    raise AssertionError("nothing was raised")
+
+
+def test_driver_errors_become_one_line_without_the_address() -> None:
+    import redis
+    import sqlalchemy as sa
+
+    from producer.cli_errors import EXIT_FAILED, EXIT_USAGE, explain
+
+    refused = _raised(lambda: redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1).ping())
+    problem = explain(refused)
+    assert problem.exit_code == EXIT_USAGE and problem.line.startswith("cannot reach Redis: Connection refused")
+    assert "127.0.0.1" not in problem.line
+
+    psycopg_text = ('connection failed: connection to server at "10.1.2.3", port 5432 failed: '
+                    'Connection refused\n\tIs the server running on that host?')
+    problem = explain(sa.exc.OperationalError("SELECT 1", {}, Exception(psycopg_text)))
+    assert problem.line.startswith("cannot use the database: Connection refused") and "10.1.2.3" not in problem.line
+
+    problem = explain(sa.exc.IntegrityError("INSERT", {}, Exception("UNIQUE constraint failed: qvq_tasks.id")))
+    assert problem.exit_code == EXIT_USAGE and "duplicate" in problem.line
+
+    problem = explain(ZeroDivisionError("division by zero"))
+    assert problem.exit_code == EXIT_FAILED and "--debug" in problem.line
