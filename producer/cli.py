@@ -173,6 +173,10 @@ def result(task_id: str, as_json: bool) -> None:
     sys.exit(EXIT_BY_STATUS.get(record.status, EXIT_FAILED))
 
 
+def _utc(moment: dt.datetime) -> dt.datetime:
+    return moment.astimezone(dt.UTC) if moment.tzinfo else moment  # SQLite gives naive UTC times
+
+
 def _print_record(record: Any) -> None:
     from rich.text import Text
 
@@ -184,7 +188,7 @@ def _print_record(record: Any) -> None:
                 + (f"  tenant {clean(record.tenant)}" if record.tenant else "")
                 + (f"  conversation {clean(record.conversation_id)}" if record.conversation_id else ""))
     console.print(head)
-    times = [f"{label} {moment.isoformat(sep=' ', timespec='seconds')}" for label, moment in
+    times = [f"{label} {_utc(moment):%Y-%m-%d %H:%M:%S} UTC" for label, moment in
              (("created", record.created_at), ("started", record.started_at), ("finished", record.finished_at))
              if moment]
     console.print(Text("  ".join(times), style="dim"))
