@@ -18,7 +18,6 @@ from typing import Any
 ERROR_CODES: dict[str, bool] = {
     "request.invalid": False,
     "model.unknown": False,
-    "conversation.not_found": False,
     "image.not_found": False,
     "image.access_denied": False,
     "image.fetch_failed": True,
@@ -35,6 +34,7 @@ ERROR_CODES: dict[str, bool] = {
     "model.rejected": False,
     "model.stream_broken": True,
     "budget.exceeded": False,
+    "conversation.not_found": False,
     "internal": False,
 }
 
