@@ -45,7 +45,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contracts import events as ev
-from contracts import image_formats
 from contracts.errors import RequestError
 from contracts.job import MAX_IMAGES
 from contracts.logging import get_logger
@@ -59,7 +58,7 @@ log = get_logger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 KEEPALIVE_S = 15.0
 SSE_RETRY_MS = 3000  # how long a browser waits before reconnecting a dropped stream
-MAX_UPLOAD_BYTES = image_formats.MAX_IMAGE_BYTES  # per image, as the model service allows
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # per image, as the model service allows
 _SAFE_SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,5}$")
 
 
