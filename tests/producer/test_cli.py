@@ -287,3 +287,11 @@ def test_driver_errors_become_one_line_without_the_address() -> None:
 
     problem = explain(ZeroDivisionError("division by zero"))
     assert problem.exit_code == EXIT_FAILED and "--debug" in problem.line
+
+
+def test_the_demo_keeps_its_job_from_other_workers_on_the_same_redis(qvq: Any, start_worker: Any) -> None:
+    other = start_worker(name="prod")  # a worker already on this Redis, consuming queue "qvq"
+    done = qvq("demo", "--prompt", "What shape is this?", env={"DASHSCOPE_API_KEY": None})
+    assert "Answer" in done.stdout and "completed" in done.stdout
+    assert "queue: qvq-demo-" in done.stdout
+    assert "qvq.reason" not in other.log()  # the job went to the demo's own worker, never to this one
