@@ -68,7 +68,10 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--debug", is_flag=True, help="Show the traceback of an error instead of one line.")
 @click.version_option(package_name="qvq-queue", prog_name="qvq", message="%(prog)s %(version)s")
 def main(debug: bool) -> None:
-    """qvq-queue: visual-reasoning jobs on Alibaba QVQ, streamed live, persisted with their bill."""
+    """qvq-queue: visual-reasoning jobs on Alibaba QVQ, streamed live, persisted with their bill.
+
+    Exit codes: 0 completed, 1 the task failed, 2 bad usage, input or settings (an unreachable Redis
+    or database included), 3 the task was cancelled."""
 
 
 @main.command()

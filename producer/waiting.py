@@ -102,7 +102,7 @@ def events_with_waiting(client: Any, task_id: str, from_seq: int, view: WaitingV
     try:
         while True:
             try:
-                for event in client.events(task_id, from_seq=last_seq, idle_timeout=idle_s):
+                for event in client.events(task_id, from_seq=last_seq, idle_timeout=idle_s if queued else None):
                     view.stop()
                     last_seq, queued = event["seq"], event["type"] == "task.queued"
                     yield event
