@@ -17,7 +17,9 @@ from typing import Any
 
 import psutil
 
+from contracts.job import QUEUE
 from producer.embedded import free_port, stop_process_group
+from producer.worker_command import worker_command
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -88,9 +90,8 @@ class Worker:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> Worker:
-        args = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "qvq", "-P", self.pool,
-                "-c", str(self.concurrency), "-n", f"{self.name}-{time.monotonic_ns()}@%h", "-l", "INFO",
-                "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        args = worker_command(concurrency=self.concurrency, queue=self.env.get("QVQ_QUEUE") or QUEUE, pool=self.pool,
+                              name=f"{self.name}-{time.monotonic_ns()}@%h", heartbeat=False, loglevel="INFO")
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                                             start_new_session=True)

@@ -1,7 +1,7 @@
 """One rooted error tree; every code is a stable string from the design.
 
     QvqError (code, retryable)
-    +-- RequestError      request.invalid, model.unknown      (caught at submit)
+    +-- RequestError      request.invalid, model.unknown, conversation.not_found (caught at submit)
     +-- ImageError        image.*, images.token_budget_exceeded (caught in the worker, before the model)
     +-- ModelError        model.*                             (the QVQ call)
     +-- BudgetError       budget.exceeded

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Any
 
 from contracts.errors import ConfigError
+from contracts.image_formats import MAX_IMAGE_BYTES
+from contracts.job import QUEUE
 
 DASHSCOPE_BASE_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
 SECRET_FIELDS = {"dashscope_api_key", "oss_access_key_secret", "webhook_secret", "api_keys"}
@@ -52,7 +55,8 @@ class Settings:
     visibility_timeout_s: int = 7200
     lease_ttl_s: float = 30.0
     fetch_timeout_s: float = 20.0
-    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    queue: str = QUEUE  # the Celery queue producers send to and workers consume
     metrics_port: int = 9808  # a worker's Prometheus endpoint; 0 turns it off
     heartbeat_file: str = ""  # touched every few seconds by a consuming worker (exec liveness probes)
     extra: dict[str, str] = field(default_factory=dict, compare=False)
@@ -89,10 +93,18 @@ class Settings:
             try:
                 values[name] = parse(raw)
             except ValueError as exc:
-                raise ConfigError(f"{var}={raw!r}: {exc}") from exc
+                raise ConfigError(f"{var}={_masked(raw)!r}: {exc}") from exc
         settings = cls(**values)
         _check(settings)
         return settings
+
+
+def _masked(raw: str) -> str:
+    """A value as an error message may show it: the password of a URL replaced by ***."""
+    return _URL_PASSWORD.sub(":***@", raw)
+
+
+_URL_PASSWORD = re.compile(r":[^:@\s/]*@")
 
 
 def _bool(raw: str) -> bool:
@@ -129,10 +141,30 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+#: PostgreSQL URLs as other tools write them, mapped to the driver this project installs (psycopg 3).
+_POSTGRES_SCHEMES = ("postgres://", "postgresql://")
+
+
+def _database_url(raw: str) -> str:
+    for scheme in _POSTGRES_SCHEMES:
+        if raw.startswith(scheme):
+            return "postgresql+psycopg://" + raw[len(scheme):]
+    if "://" not in raw:
+        raise ValueError("expected an SQLAlchemy URL such as sqlite:///qvq.db or postgresql://user@host/db")
+    return raw
+
+
+def _queue_name(raw: str) -> str:
+    name = raw.strip()
+    if not name or any(ch.isspace() for ch in name):
+        raise ValueError("expected a queue name without spaces")
+    return name
+
+
 _ENV: dict[str, tuple[str, Any]] = {
     "redis_url": ("REDIS_URL", str),
     "broker_url": ("CELERY_BROKER_URL", str),
-    "database_url": ("DATABASE_URL", str),
+    "database_url": ("DATABASE_URL", _database_url),
     "dashscope_api_key": ("DASHSCOPE_API_KEY", str),
     "base_url": ("QVQ_BASE_URL", str),
     "model": ("QVQ_MODEL", str),
@@ -168,6 +200,7 @@ _ENV: dict[str, tuple[str, Any]] = {
     "fetch_timeout_s": ("QVQ_FETCH_TIMEOUT_S", _positive_float),
     "metrics_port": ("QVQ_METRICS_PORT", _port),
     "heartbeat_file": ("QVQ_HEARTBEAT_FILE", str),
+    "queue": ("QVQ_QUEUE", _queue_name),
 }
 
 

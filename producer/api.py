@@ -58,6 +58,7 @@ from starlette.routing import Match
 from contracts import events as ev
 from contracts.catalog import MODELS
 from contracts.errors import RequestError
+from contracts.image_formats import sniff_format
 from contracts.logging import get_logger
 from contracts.settings import Settings, get_settings
 from contracts.store import ANY_TENANT, Store, TaskIdTaken, TaskRecord
@@ -222,7 +223,7 @@ def _multipart_body(*, single: bool) -> dict[str, Any]:
     binary = {"type": "string", "format": "binary"}
     properties: dict[str, Any] = {"file": binary} if single else {
         "images": {"type": "array", "items": binary, "minItems": 1, "maxItems": MAX_UPLOAD_FILES},
-        "prompt": {"type": "string", "minLength": 1, "maxLength": 100_000, "pattern": r"\S"},
+        "prompt": {"type": "string", "minLength": 1, "maxLength": 100_000, "pattern": schemas.NOT_BLANK},
         "model": {"type": "string", "enum": list(MODELS)}, "high_resolution": {"type": "boolean"}}
     required = ["file"] if single else ["images", "prompt"]
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -403,8 +404,6 @@ async def _submit(services: Services, principal: Principal, body: dict[str, Any]
 
 
 async def _store_upload(services: Services, principal: Principal, file: UploadFile, field: str) -> Any:
-    from worker.images import sniff_format  # the producer's own copy lands with the CLI's format check
-
     limit = services.settings.max_image_bytes
     data = await file.read(limit + 1)
     name = (file.filename or "upload")[:200]

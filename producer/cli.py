@@ -1,10 +1,14 @@
-"""The `qvq` command. Exit codes: 0 done, 1 the task failed, 2 bad usage or input."""
+"""The `qvq` command.
+
+Exit codes: 0 completed, 1 the task failed, 2 bad usage, input or settings (also an unreachable
+Redis or database), 3 the task was cancelled. Errors are one line on stderr; `qvq --debug ...`
+shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -14,11 +18,15 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from contracts.errors import ConfigError, QvqError
+from contracts.errors import ConfigError, RequestError
 from contracts.settings import get_settings
+from producer.cli_errors import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK, EXIT_USAGE, explain  # noqa: F401 (commands use EXIT_USAGE)
+from producer.intake import check_conversation, check_local_images, is_local, read_question
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 console = Console(highlight=False, soft_wrap=True)
+notices = Console(stderr=True, highlight=False, soft_wrap=True)  # hints and waiting lines, never on stdout
+EXIT_BY_STATUS = {"completed": EXIT_OK, "queued": EXIT_OK, "running": EXIT_OK, "cancelled": EXIT_CANCELLED}
+EXIT_BY_EVENT = {"task.completed": EXIT_OK, "task.cancelled": EXIT_CANCELLED}
 
 
 def _client() -> Any:
@@ -27,48 +35,67 @@ def _client() -> Any:
     return Client(get_settings())
 
 
+def _debug() -> bool:
+    context = click.get_current_context(silent=True)
+    return bool(context and context.find_root().params.get("debug"))
+
+
+def _fail(exc: Exception) -> None:
+    """One line on stderr and the exit code; the traceback only with --debug."""
+    if _debug():
+        raise exc
+    problem = explain(exc)
+    click.echo(f"error: {problem.line}", err=True)
+    sys.exit(problem.exit_code)
+
+
 def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn our errors into one clear line and the right exit code."""
+    """Turn every error into one clear line and the right exit code (see producer/cli_errors.py)."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (ConfigError, KeyError) as exc:
-            click.echo(f"error: {exc.args[0] if exc.args else exc}", err=True)
-            sys.exit(EXIT_USAGE)
-        except QvqError as exc:
-            click.echo(f"error: {exc.code}: {exc.message}", err=True)
-            sys.exit(EXIT_USAGE if exc.code in {"request.invalid", "model.unknown"} else EXIT_FAILED)
-        except (TimeoutError, RuntimeError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_FAILED)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            _fail(exc)
 
     return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """qvq-queue: visual-reasoning jobs on Alibaba QVQ, streamed live, persisted with their bill."""
+@click.option("--debug", is_flag=True, help="Show the traceback of an error instead of one line.")
+@click.version_option(package_name="qvq-queue", prog_name="qvq", message="%(prog)s %(version)s")
+def main(debug: bool) -> None:
+    """qvq-queue: visual-reasoning jobs on Alibaba QVQ, streamed live, persisted with their bill.
+
+    Exit codes: 0 completed, 1 the task failed, 2 bad usage, input or settings (an unreachable Redis
+    or database included), 3 the task was cancelled."""
 
 
 @main.command()
 @click.argument("images", nargs=-1)
-@click.option("--prompt", help="The question (a sample one is used when omitted).")
+@click.option("--prompt", help="The question (a sample one is used when omitted); `-` reads it from stdin.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, allow_dash=True), help="Read the question from a file.")
 @friendly_errors
-def demo(images: tuple[str, ...], prompt: str | None) -> None:
+def demo(images: tuple[str, ...], prompt: str | None, prompt_file: str | None) -> None:
     """Run the whole pipeline on embedded defaults and stream the thinking and the answer."""
     from producer.demo import run_demo
 
-    _check_local_paths(images)
-    sys.exit(run_demo(images, prompt, console))
+    question = _question(prompt, prompt_file) if prompt or prompt_file else None
+    check_local_images(images)
+    sys.exit(run_demo(images, question, console))
 
 
 @main.command()
 @click.argument("images", nargs=-1)
-@click.option("--prompt", required=True, help="The question about the images.")
+@click.option("--prompt", help="The question about the images; `-` reads it from stdin.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Read the question from this file (`-`: stdin); for questions too long for a command line.")
 @click.option("--model", help="qvq-max (default from QVQ_MODEL), qvq-plus, or a dated snapshot.")
-@click.option("--conversation", "conversation_id", help="Continue this conversation.")
+@click.option("--conversation", "conversation_id", help="Continue this conversation (refused when unknown).")
+@click.option("--new-conversation", is_flag=True, help="--conversation ID starts a new conversation.")
 @click.option("--high-resolution", is_flag=True, help="Per-image token cap 16384 instead of 1280.")
 @click.option("--tenant", help="Who pays; usage is accounted per tenant.")
 @click.option("--task-id", help="Choose the task id (default: a UUID).")
@@ -76,17 +103,28 @@ def demo(images: tuple[str, ...], prompt: str | None) -> None:
 @click.option("--follow", is_flag=True, help="Stream the task's events until it ends.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @friendly_errors
-def submit(images: tuple[str, ...], prompt: str, model: str | None, conversation_id: str | None,
-           high_resolution: bool, tenant: str | None, task_id: str | None, idempotency_key: str | None,
-           follow: bool, as_json: bool) -> None:
+def submit(images: tuple[str, ...], prompt: str | None, prompt_file: str | None, model: str | None,
+           conversation_id: str | None, new_conversation: bool, high_resolution: bool, tenant: str | None,
+           task_id: str | None, idempotency_key: str | None, follow: bool, as_json: bool) -> None:
     """Enqueue a job; prints the task id (or follows it live with --follow)."""
-    _check_local_paths(images)
+    question = _question(prompt, prompt_file)
+    check_local_images(images)
+    if any(is_local(ref) for ref in images):
+        notices.print("note: local files are read by the worker from this machine's disk: it needs "
+                      "QVQ_ALLOW_LOCAL_FILES=1 and must run on this host", markup=False)
     fields: dict[str, Any] = {k: v for k, v in {"conversation_id": conversation_id, "tenant": tenant, "task_id": task_id,
                                 "idempotency_key": idempotency_key}.items() if v}
     if high_resolution:
         fields["high_resolution"] = True
     with _client() as client:
-        handle = client.submit(images=list(images), prompt=prompt, model=model, **fields)
+        if check_conversation(client.store, conversation_id, new=new_conversation, with_images=bool(images)) \
+                and not new_conversation:
+            notices.print(f"note: conversation {conversation_id} is new: this turn starts it", markup=False)
+        if task_id and not idempotency_key and client.store.get(task_id) is not None:
+            raise RequestError(f"{task_id!r} is already taken: choose another --task-id or leave it out",
+                               field="task_id")
+        client.redis.ping()  # an unreachable Redis is reported before anything is recorded
+        handle = client.submit(images=list(images), prompt=question, model=model, **fields)
         if not follow:
             click.echo(json.dumps({"task_id": handle.task_id, "created": handle.created}) if as_json
                        else handle.task_id)
@@ -94,19 +132,20 @@ def submit(images: tuple[str, ...], prompt: str, model: str | None, conversation
         sys.exit(_follow(client, handle.task_id, 0, as_json))
 
 
-def _check_local_paths(images: tuple[str, ...]) -> None:
-    """A plain path names a file on this machine: refuse a missing one here, before anything is queued."""
-    for index, ref in enumerate(images):
-        if "://" not in ref and not os.path.isfile(os.path.expanduser(ref)):
-            raise click.UsageError(f"images[{index}]: no such file {ref!r}")
+def _question(prompt: str | None, prompt_file: str | None) -> str:
+    if "-" in (prompt, prompt_file) and sys.stdin.isatty():
+        notices.print("reading the question from stdin: end it with Ctrl-D", markup=False)
+    return read_question(prompt, prompt_file)
 
 
 def _follow(client: Any, task_id: str, from_seq: int, as_json: bool) -> int:
+    """Render the task's events; while it is queued, say on stderr what it waits for."""
     from producer.render import EventRenderer, print_json_events
+    from producer.waiting import WaitingView, events_with_waiting
 
-    events = client.events(task_id, from_seq=from_seq)
+    events = events_with_waiting(client, task_id, from_seq, WaitingView(notices))
     terminal = print_json_events(events, sys.stdout) if as_json else EventRenderer(console).render_all(events)
-    return EXIT_OK if terminal and terminal["type"] == "task.completed" else EXIT_FAILED
+    return EXIT_BY_EVENT.get(terminal["type"], EXIT_FAILED) if terminal else EXIT_FAILED
 
 
 @main.command()
@@ -118,6 +157,7 @@ def follow(task_id: str, from_seq: int, as_json: bool) -> None:
     """Replay and then follow a task's events live."""
     with _client() as client:
         client.get(task_id)
+        client.redis.ping()
         sys.exit(_follow(client, task_id, from_seq, as_json))
 
 
@@ -133,25 +173,46 @@ def result(task_id: str, as_json: bool) -> None:
         click.echo(json.dumps(record.to_dict(), ensure_ascii=False, indent=2, default=str))
     else:
         _print_record(record)
-    sys.exit(EXIT_OK if record.status in {"completed", "queued", "running"} else EXIT_FAILED)
+    sys.exit(EXIT_BY_STATUS.get(record.status, EXIT_FAILED))
+
+
+def _utc(moment: dt.datetime) -> dt.datetime:
+    return moment.astimezone(dt.UTC) if moment.tzinfo else moment  # SQLite gives naive UTC times
 
 
 def _print_record(record: Any) -> None:
-    console.print(f"[bold]{record.id}[/]  {record.status}  model={record.model}  attempts={record.attempts}")
-    if record.reasoning:
-        console.rule("Thinking", style="dim", align="left")
-        console.print(record.reasoning, style="dim", markup=False)
-    if record.answer:
-        console.rule("Answer", style="bold green", align="left")
-        console.print(record.answer, markup=False)
+    from rich.text import Text
+
+    from producer.render import clean, print_images, print_usage
+
+    head = Text(clean(record.id), style="bold")
+    head.append(f"  {record.status}", style="green" if record.status == "completed" else "yellow")
+    head.append(f"  model {clean(record.model)}  attempts {record.attempts}"
+                + (f"  tenant {clean(record.tenant)}" if record.tenant else "")
+                + (f"  conversation {clean(record.conversation_id)}" if record.conversation_id else ""))
+    console.print(head)
+    times = [f"{label} {_utc(moment):%Y-%m-%d %H:%M:%S} UTC" for label, moment in
+             (("created", record.created_at), ("started", record.started_at), ("finished", record.finished_at))
+             if moment]
+    console.print(Text("  ".join(times), style="dim"))
+    question = (record.request or {}).get("prompt")
+    if question:
+        console.rule("Question", style="dim", align="left")
+        console.print(Text(clean(question)))
+    if record.images:
+        console.print()
+        print_images(console, record.images)
+    for title, text, style in (("Thinking", record.reasoning, "dim"), ("Answer", record.answer, "")):
+        if text:
+            console.print()
+            console.rule(title, style=style or "bold green", align="left")
+            console.print(Text(clean(text), style=style))
     if record.error_code:
-        console.print(f"[red]{record.error_code}[/]: {record.error_message}")
-    if record.usage:
-        console.print(f"usage: {json.dumps(record.usage)}")
-    if record.cost:
-        console.print(f"cost: {record.cost['total']} {record.cost['currency']}")
-    if record.timings:
-        console.print(f"timings: {json.dumps(record.timings)}")
+        line = Text(f"\n{clean(record.error_code)}", style="bold red")
+        line.append(f": {clean(record.error_message)}", style="")
+        console.print(line)
+    console.print()
+    print_usage(console, record.usage, record.cost, record.timings)
 
 
 @main.command()
@@ -175,9 +236,11 @@ def usage(by: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(rows, default=str, indent=2))
         return
+    from producer.render import money
+
     _print_rows((by, "calls", "prompt tokens", "completion tokens", "cost (CNY)"),
                 [(str(row[by]), str(row["calls"]), str(row["prompt_tokens"]), str(row["completion_tokens"]),
-                  str(row["cost_cny"])) for row in rows])
+                  money(row["cost_cny"], "")) for row in rows])
 
 
 @main.command()
@@ -216,6 +279,7 @@ def _print_rows(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 def retry(task_id: str, follow: bool, as_json: bool) -> None:
     """Queue a failed or cancelled task again (same task id, a new attempt)."""
     with _client() as client:
+        client.redis.ping()  # an unreachable Redis is reported before the task is touched
         from_seq = client.retry(task_id)
         if follow:  # the log still holds the earlier attempts' events: start after them
             sys.exit(_follow(client, task_id, from_seq, as_json))
@@ -241,14 +305,16 @@ def _parse_since(since: str | None) -> dt.datetime | None:
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
+@friendly_errors
 def worker(ctx: click.Context) -> None:
-    """Run a worker (threads pool, queue qvq); extra options go to `celery worker`."""
-    from worker.app import app
+    """Run a worker (threads pool, queue QVQ_QUEUE); extra options go to `celery worker`."""
+    from producer.worker_command import celery_worker_args
 
     settings = get_settings()
-    argv = ["worker", "-Q", "qvq", "-P", "threads", "-c", str(settings.worker_concurrency),
-            "--without-gossip", "--without-mingle", *ctx.args]
-    app.worker_main(argv)
+    from worker.app import app
+
+    app.worker_main(celery_worker_args(concurrency=settings.worker_concurrency, queue=settings.queue,
+                                       extra=ctx.args))
 
 
 @main.command()
@@ -276,17 +342,20 @@ def api(host: str, port: int) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8001, show_default=True)
-@click.option("--tps", default=0.0, show_default=True, help="Tokens per second (0: as fast as possible).")
-@click.option("--first-token-s", default=0.0, show_default=True, help="Delay before the first token.")
-@click.option("--reasoning-tokens", default=40, show_default=True)
-@click.option("--answer-tokens", default=20, show_default=True)
-def emulator(host: str, port: int, tps: float, first_token_s: float, reasoning_tokens: int,
-             answer_tokens: int) -> None:
-    """Run the QVQ-compatible emulator (OpenAI-style streaming HTTP)."""
+@click.option("--tps", type=float, help="Tokens per second (default 0: as fast as possible).")
+@click.option("--first-token-s", type=float, help="Delay before the first token (default 0).")
+@click.option("--reasoning-tokens", type=int, help="Chunks of thinking, at least (default 40).")
+@click.option("--answer-tokens", type=int, help="Chunks of answer, at least (default 20).")
+@friendly_errors
+def emulator(host: str, port: int, tps: float | None, first_token_s: float | None, reasoning_tokens: int | None,
+             answer_tokens: int | None) -> None:
+    """Run the QVQ-compatible emulator (OpenAI-style streaming HTTP); see docs/emulator.md.
+
+    Flags win over QVQ_EMULATOR_* variables; a prompt's `[[emulator: ...]]` directive wins over both."""
     from emulator.server import EmulatorConfig, serve
 
-    config = EmulatorConfig(tps=tps, first_token_s=first_token_s, reasoning_tokens=reasoning_tokens,
-                            answer_tokens=answer_tokens)
+    config = EmulatorConfig.from_env(tps=tps, first_token_s=first_token_s, reasoning_tokens=reasoning_tokens,
+                                     answer_tokens=answer_tokens)
     click.echo(f"QVQ emulator on http://{host}:{port}/v1  (QVQ_BASE_URL=http://{host}:{port}/v1)", err=True)
     serve(host, port, config)
 

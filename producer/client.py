@@ -26,7 +26,7 @@ from celery import Celery
 from contracts import events as ev
 from contracts.bus import EventBus
 from contracts.errors import QvqError, RequestError
-from contracts.job import QUEUE, TASK_NAME, UPLOAD_REF, JobRequest, parse_job
+from contracts.job import TASK_NAME, UPLOAD_REF, JobRequest, parse_job
 from contracts.settings import Settings, get_settings
 from contracts.store import FAILED, Outcome, Store, TaskRecord
 
@@ -136,7 +136,7 @@ class Client:
                 self.redis.delete(ev.cancel_key(job.task_id))
             seq = self.bus.publish(job.task_id, ev.QUEUED, attempt, model=job.model, image_count=len(job.images))
             self.celery.send_task(
-                TASK_NAME, args=[job.to_payload()], task_id=job.task_id, queue=QUEUE, serializer="json",
+                TASK_NAME, args=[job.to_payload()], task_id=job.task_id, queue=self.settings.queue, serializer="json",
                 retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
                                           "interval_max": 1.0},
             )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -23,6 +22,7 @@ from contracts.settings import Settings
 from producer.client import Client
 from producer.embedded import EmbeddedRedis, redis_reachable, stop_process_group
 from producer.render import EventRenderer
+from producer.worker_command import worker_command
 
 SAMPLE_IMAGE = Path(__file__).parent / "samples" / "triangle.png"
 DEFAULT_PROMPT = "What is the area of the triangle in this picture? Show your reasoning."
@@ -33,6 +33,9 @@ def demo_environment(stack: ExitStack, console: Console) -> dict[str, str]:
     env.setdefault("DATABASE_URL", "sqlite:///" + str(Path("qvq.db").resolve()))
     env["QVQ_ALLOW_LOCAL_FILES"] = "1"
     env.setdefault("LOG_LEVEL", "WARNING")
+    # A queue of the demo's own: a worker already on this Redis (maybe one that bills the real
+    # service) must not take the demo's job, nor the demo's worker someone else's.
+    env["QVQ_QUEUE"] = f"qvq-demo-{os.getpid()}"
     redis_url = env.get("REDIS_URL") or Settings().redis_url
     if redis_reachable(redis_url):
         console.print(f"[dim]redis:[/] {redis_url}")
@@ -50,15 +53,14 @@ def demo_environment(stack: ExitStack, console: Console) -> dict[str, str]:
         emulator = stack.enter_context(EmulatorServer(config))
         env["QVQ_BASE_URL"] = emulator.url
         console.print(f"[dim]model:[/] QVQ emulator at {emulator.url} (set DASHSCOPE_API_KEY for the real one)")
-    console.print(f"[dim]store:[/] {env['DATABASE_URL']}")
+    console.print(f"[dim]store:[/] {env['DATABASE_URL']}  [dim]queue:[/] {env['QVQ_QUEUE']}")
     return env
 
 
 def start_worker(env: dict[str, str], log_file: IO[bytes], concurrency: int = 8) -> subprocess.Popen[bytes]:
     """The real worker as a child process; its own output goes to a log file, not over the demo."""
-    args = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "qvq", "-P", "threads",
-            "-c", str(concurrency), "-n", f"qvq-demo-{os.getpid()}@%h", "--without-gossip",
-            "--without-mingle", "--without-heartbeat", "--loglevel", env.get("LOG_LEVEL", "WARNING")]
+    args = worker_command(concurrency=concurrency, queue=env["QVQ_QUEUE"], name=f"qvq-demo-{os.getpid()}@%h",
+                          heartbeat=False, loglevel=env.get("LOG_LEVEL", "WARNING"))
     return subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -74,7 +76,8 @@ def _events_while_alive(handle: Any, worker: subprocess.Popen[bytes], log_path: 
         except TimeoutError:
             if worker.poll() is not None:
                 log = Path(log_path).read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"the demo worker exited with code {worker.returncode}:\n{log}") from None
+                Console(stderr=True, highlight=False).print(log, markup=False, style="dim")
+                raise RuntimeError(f"the demo worker exited with code {worker.returncode} (its log is above)") from None
 
 
 def run_demo(images: Sequence[str], prompt: str | None, console: Console | None = None) -> int:

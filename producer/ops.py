@@ -62,7 +62,9 @@ def router(probes: _Probes) -> APIRouter:
         return JSONResponse({"status": "ready" if ready else "not_ready", **checks},
                             status_code=200 if ready else 503)
 
-    @routes.get("/metrics")
+    @routes.get("/metrics", response_class=Response, responses={200: {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         body = await run_in_threadpool(generate_latest, REGISTRY)
         return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -12,8 +12,10 @@ a task cannot move the cursor or recolour the viewer's terminal.
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 from collections.abc import Iterable
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any, TextIO
 
 from rich.console import Console
@@ -105,14 +107,7 @@ class EventRenderer:
         self.console.print(line)
 
     def _on_images_ready(self, event: dict[str, Any]) -> None:
-        table = Table(title=None, show_edge=False, pad_edge=False, box=None, header_style="bold")
-        for column in ("image", "format", "size", "sent as", "bytes", "tokens"):
-            table.add_column(column, justify="right" if column in {"bytes", "tokens"} else "left")
-        for image in event.get("images", []):
-            table.add_row(Text(_short(clean(image["ref"]))), clean(image["format"]),
-                          f"{image['width']}x{image['height']}", f"{image['sent_width']}x{image['sent_height']}",
-                          f"{image['bytes']:,}", str(image["tokens"]))
-        self.console.print(table)
+        print_images(self.console, event.get("images") or [])
         line = Text("image tokens: ", style="dim")
         line.append(clean(event.get("image_tokens")), style="")
         self.console.print(line)
@@ -136,17 +131,8 @@ class EventRenderer:
 
     def _on_task_completed(self, event: dict[str, Any]) -> None:
         self._end_section()
-        usage, cost, timings = event.get("usage") or {}, event.get("cost") or {}, event.get("timings") or {}
-        details = usage.get("prompt_tokens_details") or {}
         self.console.print()
-        self.console.rule("Usage", style="cyan", align="left")
-        self.console.print(Text(
-            f"prompt {usage.get('prompt_tokens')} tokens (images {details.get('image_tokens', '?')}), "
-            f"completion {usage.get('completion_tokens')}, total {usage.get('total_tokens')}"))
-        self.console.print(Text(f"cost {cost.get('total')} {clean(cost.get('currency'))} "
-                                f"(input {cost.get('input')} + output {cost.get('output')})"))
-        self.console.print(Text("timings " + ", ".join(f"{clean(k)} {v}" for k, v in timings.items()
-                                                      if v is not None)))
+        print_usage(self.console, event.get("usage"), event.get("cost"), event.get("timings"))
 
     def _on_task_failed(self, event: dict[str, Any]) -> None:
         self._end_section()
@@ -160,6 +146,19 @@ class EventRenderer:
         self.console.print(Text("cancelled", style="yellow"))
 
 
+def print_images(console: Console, images: list[dict[str, Any]]) -> None:
+    """One row per image: its reference (whole, or the tail with the file name), sizes, bytes, tokens."""
+    table = Table(title=None, show_edge=False, pad_edge=False, box=None, header_style="bold")
+    table.add_column("image", overflow="fold")  # folded, never cut: the file name stays whole
+    for column in ("format", "size", "sent as", "bytes", "tokens"):
+        table.add_column(column, justify="right" if column in {"bytes", "tokens"} else "left", no_wrap=True)
+    for image in images:
+        table.add_row(Text(short_ref(clean(image["ref"]))), clean(image["format"]),
+                      f"{image['width']}x{image['height']}", f"{image['sent_width']}x{image['sent_height']}",
+                      f"{image['bytes']:,}", str(image["tokens"]))
+    console.print(table)
+
+
 def print_json_events(events: Iterable[dict[str, Any]], out: TextIO) -> dict[str, Any] | None:
     for event in events:
         out.write(json.dumps(event, ensure_ascii=False) + "\n")
@@ -169,5 +168,82 @@ def print_json_events(events: Iterable[dict[str, Any]], out: TextIO) -> dict[str
     return None
 
 
-def _short(ref: str, limit: int = 48) -> str:
-    return ref if len(ref) <= limit else "…" + ref[-(limit - 1):]
+def short_ref(ref: str, limit: int = 48) -> str:
+    """The reference whole, or its tail from a "/" on: the file name is never cut."""
+    if len(ref) <= limit:
+        return ref
+    name = posixpath.basename(ref.rstrip("/")) or ref
+    tail = ref[-(limit - 1):]
+    cut = tail.find("/")
+    if len(name) + 2 > limit or cut < 0:
+        return "…/" + name
+    return "…" + tail[cut:]
+
+
+# -- usage, cost and timings, as the viewer and `qvq result` show them --------------------------
+_MONEY_STEP = Decimal("0.000001")  # prices are per 1,000 tokens with 3 decimals: 6 places are exact
+TIMINGS = {"queue_s": "queued", "first_reasoning_s": "first thinking", "first_answer_s": "first answer",
+           "total_s": "total"}
+
+
+def money(value: Any, currency: Any = "CNY") -> str:
+    """0.01004 CNY, never 8e-05: a decimal, rounded to a millionth, without trailing zeros."""
+    if value is None:
+        return f"? {clean(currency)}".strip()
+    try:
+        amount = Decimal(str(value)).quantize(_MONEY_STEP, rounding=ROUND_HALF_UP)
+    except (InvalidOperation, ValueError):
+        return f"{clean(value)} {clean(currency)}".strip()
+    text = format(amount.normalize(), "f")
+    return f"{'0' if text in {'-0', ''} else text} {clean(currency)}".strip()
+
+
+def duration(seconds: Any) -> str:
+    try:
+        value = float(seconds)
+    except (TypeError, ValueError):
+        return clean(seconds)
+    if value < 10:
+        return f"{value:.2f} s"
+    if value < 60:
+        return f"{value:.1f} s"
+    minutes, rest = divmod(round(value), 60)
+    return f"{minutes} min {rest} s"
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else clean("?" if value is None else value)
+
+
+def usage_lines(usage: dict[str, Any] | None, cost: dict[str, Any] | None,
+                timings: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """(label, value) pairs: tokens, cost and timings in words a reader takes in at a glance."""
+    usage, cost, timings = usage or {}, cost or {}, timings or {}
+    lines: list[tuple[str, str]] = []
+    if usage:
+        images = (usage.get("prompt_tokens_details") or {}).get("image_tokens")
+        prompt = _count(usage.get("prompt_tokens")) + (f" (images {_count(images)})" if images is not None else "")
+        lines += [("prompt tokens", prompt), ("completion tokens", _count(usage.get("completion_tokens"))),
+                  ("total tokens", _count(usage.get("total_tokens")))]
+    if cost:
+        currency = cost.get("currency") or "CNY"
+        lines.append(("cost", f"{money(cost.get('total'), currency)} (input {money(cost.get('input'), '')} + "
+                              f"output {money(cost.get('output'), '')})"))
+    shown = [f"{TIMINGS.get(key, clean(key))} {duration(value)}" for key, value in timings.items()
+             if value is not None]
+    if shown:
+        lines.append(("timings", ", ".join(shown)))
+    return lines
+
+
+def print_usage(console: Console, usage: dict[str, Any] | None, cost: dict[str, Any] | None,
+                timings: dict[str, Any] | None) -> None:
+    lines = usage_lines(usage, cost, timings)
+    if not lines:
+        return
+    console.rule("Usage", style="cyan", align="left")
+    width = max(len(label) for label, _ in lines)
+    for label, value in lines:
+        line = Text(f"{label:<{width}}  ", style="dim")
+        line.append(value)
+        console.print(line)

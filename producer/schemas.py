@@ -20,6 +20,9 @@ _PATH_CHAR = r"[^\s?#\x00-\x1f\x7f]"
 URL_PATTERN = rf"^https?://{_HOST_PORT}(?:/{_PATH_CHAR}*)?$"
 IMAGE_REF_PATTERN = (rf"^(?:(?:s3|oss)://[a-z0-9][a-z0-9.-]{{1,62}}/{_PATH_CHAR}+|https?://{_HOST_PORT}"
                      rf"(?:/{_PATH_CHAR}*)?|upload://[0-9a-f]{{32}})$")
+#: At least one character that is not whitespace to Python's str.strip() too (which also strips
+#: \x1c-\x1f and \x85, unlike a JSON Schema \S).
+NOT_BLANK = r"[^\s\x1c-\x1f\x85]"
 DATETIME_DESCRIPTION = "ISO 8601 / RFC 3339 date-time, e.g. 2026-12-01T00:00:00Z"
 Status = Literal["queued", "running", "completed", "failed", "cancelled"]
 
@@ -36,7 +39,7 @@ class JobRequestBody(BaseModel):
     model: str | None = Field(None, description="default: QVQ_MODEL", json_schema_extra={"enum": [*MODELS, None]})
     images: list[str] = Field(default_factory=list, max_length=MAX_IMAGES,
                               json_schema_extra={"items": {"type": "string", "pattern": IMAGE_REF_PATTERN}})
-    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S")
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, pattern=NOT_BLANK)
     conversation_id: str | None = Field(None, pattern=SAFE_ID_PATTERN)
     high_resolution: bool = False
     tenant: str | None = Field(None, pattern=SAFE_ID_PATTERN,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -15,7 +14,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from contracts.job import QUEUE
 from producer.embedded import redis_reachable, stop_process_group
+from producer.worker_command import worker_command
 
 REPO = Path(__file__).resolve().parent.parent
 #: The PostgreSQL server the tests create their own database on (QVQ_TEST_POSTGRES_URL overrides).
@@ -81,9 +82,8 @@ class WorkerProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, wait_ready: float = 30.0) -> WorkerProcess:
-        args = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "qvq", "-P", "threads",
-                "-c", str(self.concurrency), "-n", f"{self.name}-{os.getpid()}-{time.monotonic_ns()}@%h",
-                "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        args = worker_command(concurrency=self.concurrency, queue=self.env.get("QVQ_QUEUE") or QUEUE,
+                              name=f"{self.name}-{os.getpid()}-{time.monotonic_ns()}@%h", heartbeat=False)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                         cwd=REPO, start_new_session=True)

@@ -146,10 +146,13 @@ def _check_delivery(sender: Any = None, **_: Any) -> None:
              visibility_timeout_s=options.get("visibility_timeout"), task_timeout_s=settings.task_timeout_s,
              lease_ttl_s=settings.lease_ttl_s, max_attempts=settings.max_attempts,
              stall_timeout_s=settings.stall_timeout_s, restore_interval_s=options.get("unacked_restore_interval"))
-    problems = delivery_problems(conf, settings)
+    from worker.endpoint import missing_key
+
+    problems = delivery_problems(conf, settings) + [problem for problem in [missing_key(settings)] if problem]
     if problems:
         log.error("worker.refused", problems=problems)
-        raise SystemExit("qvq worker refused to start: " + "; ".join(problems))
+        print("qvq worker refused to start: " + "; ".join(problems), file=sys.stderr)
+        raise SystemExit(2)  # bad settings, as the qvq command's exit codes say
 
 
 @signals.worker_ready.connect
@@ -157,9 +160,15 @@ def _announce(**_: Any) -> None:
     from worker.context import get_context
 
     settings = get_settings()
+    from worker.endpoint import probe
+
     get_context()  # connect to Redis, the store and the model endpoint now, not on the first task
     log.info("worker.ready", visibility_timeout_s=settings.visibility_timeout_s, task_timeout_s=settings.task_timeout_s,
-             model_endpoint=settings.base_url, real_service=settings.uses_real_service)
+             model_endpoint=settings.base_url, real_service=settings.uses_real_service, queue=settings.queue)
+    problem = probe(settings)
+    if problem:
+        log.warning("worker.model_endpoint_unusable", model_endpoint=settings.base_url, problem=problem,
+                    hint="tasks fail or retry until the endpoint answers GET /models")
 
 
 @signals.celeryd_init.connect

@@ -32,6 +32,7 @@ import pillow_heif
 from PIL import Image, ImageFile, ImageOps
 
 from contracts.errors import ImageError
+from contracts.image_formats import MAX_IMAGE_BYTES, sniff_format, unsupported_reason
 from contracts.tokens import HIGH_RES_TOKEN_CAP, PATCH, RECOMMENDED_MAX_PIXELS, image_tokens
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 pillow_heif.register_heif_opener()
 
-MAX_IMAGE_BYTES = 10 * 1024 * 1024  # one object, as stored
 MAX_BASE64_BYTES = 10 * 1024 * 1024  # the data URL payload the service receives
 MIN_SIDE = 11  # width and height must be greater than 10 px
 MAX_ASPECT_RATIO = 200
@@ -74,11 +74,9 @@ _SAFE_MODES = {
     "TIFF": {"1", "L", "LA", "P", "RGB", "RGBA"},
     "HEIC": {"L", "RGB", "RGBA"},
 }
-_BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}  # the DIB header versions (so "BMW..." is text, not BMP)
 _SWAPS_SIDES = (5, 6, 7, 8)
 #: Their Pillow plugins already report the upright size and rotate while loading.
 _ROTATES_ITSELF = {"TIFF", "HEIC"}
-_HEIC_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs"}
 
 
 @dataclass(frozen=True)
@@ -113,57 +111,6 @@ class PreparedImage:
 
 def base64_size(n: int) -> int:
     return 4 * math.ceil(n / 3)
-
-
-# -- format sniffing ---------------------------------------------------------------------------
-def sniff_format(raw: bytes) -> str | None:
-    """The accepted format these bytes are, by their magic numbers; None when none of them."""
-    if raw.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if raw.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if raw.startswith(b"BM") and len(raw) >= 26 and int.from_bytes(raw[14:18], "little") in _BMP_HEADER_SIZES:
-        return "BMP"
-    if raw[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "TIFF"
-    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
-        return "WEBP"
-    if raw[4:8] == b"ftyp" and _isobmff_brand(raw) == "HEIC":
-        return "HEIC"
-    return None
-
-
-def _isobmff_brand(raw: bytes) -> str | None:
-    box_size = int.from_bytes(raw[:4], "big")
-    major = raw[8:12]
-    compatible = [raw[i:i + 4] for i in range(16, min(box_size, len(raw), 64), 4)]
-    if major in (b"avif", b"avis") or b"avif" in compatible:
-        return "AVIF"
-    if major in _HEIC_BRANDS or _HEIC_BRANDS.intersection(compatible):
-        return "HEIC"
-    return None
-
-
-def describe_unsupported(raw: bytes) -> str:
-    """What the bytes look like, for the error message."""
-    head = raw[:512].lstrip()
-    if not raw:
-        return "the file is empty"
-    guesses = [
-        (raw.startswith((b"GIF87a", b"GIF89a")), "GIF"),
-        (raw.startswith(b"%PDF"), "PDF"),
-        (raw.startswith(b"\x00\x00\x01\x00"), "ICO"),
-        (raw[4:8] == b"ftyp" and _isobmff_brand(raw) == "AVIF", "AVIF"),
-        (b"<svg" in head.lower() or (head.startswith(b"<?xml") and b"svg" in head.lower()), "SVG"),
-    ]
-    for matched, name in guesses:
-        if matched:
-            return f"{name} is not an accepted format"
-    try:
-        raw[:512].decode("utf-8")
-        return "the content is text, not an image"
-    except UnicodeDecodeError:
-        return "the content is not a recognised image"
 
 
 # -- the checks --------------------------------------------------------------------------------
@@ -348,8 +295,7 @@ def _read_header(ref: str, raw: bytes) -> _Header:
                          ref=ref)
     fmt = sniff_format(raw)
     if fmt is None:
-        raise ImageError(f"{describe_unsupported(raw)}; accepted: BMP, JPEG, PNG, TIFF, WEBP, HEIC",
-                         code="image.unsupported_format", ref=ref)
+        raise ImageError(unsupported_reason(raw) or "", code="image.unsupported_format", ref=ref)
     with _open(raw, fmt, ref) as im:
         width, height = im.size
         if width * height > MAX_PIXELS:  # before anything else reads pixels

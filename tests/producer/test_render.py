@@ -17,7 +17,7 @@ from contracts import events as ev
 from contracts.bus import EventBus
 from contracts.job import parse_job
 from contracts.store import Store
-from producer.render import EventRenderer, clean
+from producer.render import EventRenderer, clean, duration, money, short_ref, usage_lines
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,7 +56,7 @@ def test_a_retry_voids_the_partial_text_and_starts_fresh_sections() -> None:
     fresh_thinking = text.index("Thinking (attempt 2)")
     fresh_answer = text.index("Answer (attempt 2)")
     assert void < fresh_thinking < text.index("SECOND-THOUGHT") < fresh_answer < text.index("SECOND-ANSWER")
-    assert text.count("FIRST-PARTIAL") == 1 and "cost 0.3 CNY" in text
+    assert text.count("FIRST-PARTIAL") == 1 and "0.3 CNY (input 0.1 + output 0.2)" in text
 
 
 def test_a_redelivery_after_a_lost_worker_also_voids_the_text() -> None:
@@ -116,3 +116,42 @@ def test_qvq_follow_piped_to_a_file_has_no_control_codes(
     assert "\x1b" not in text
     assert "FIRST-PARTIAL" in text and "the text above is void" in text and "SECOND-ANSWER" in text
     assert text.index("Answer (attempt 2)") < text.index("SECOND-ANSWER")
+
+
+def test_money_is_a_plain_decimal_with_its_currency() -> None:
+    assert money(8e-05) == "0.00008 CNY"
+    assert money(0.010040000000000001) == "0.01004 CNY"  # float noise rounded to the millionth
+    assert money(12) == "12 CNY" and money(0.0) == "0 CNY" and money("0.0020", "USD") == "0.002 USD"
+    assert money(None) == "? CNY" and money(0.5, "") == "0.5"
+
+
+def test_the_bill_reads_as_words_and_decimals() -> None:
+    lines = dict(usage_lines({"prompt_tokens": 1544, "completion_tokens": 590, "total_tokens": 2134,
+                              "prompt_tokens_details": {"image_tokens": 1520}},
+                             {"input": 0.012352, "output": 0.01888, "total": 0.031232, "currency": "CNY"},
+                             {"queue_s": 0.0123, "first_reasoning_s": 1.5, "first_answer_s": None, "total_s": 75.2}))
+    assert lines["prompt tokens"] == "1,544 (images 1,520)" and lines["total tokens"] == "2,134"
+    assert lines["cost"] == "0.031232 CNY (input 0.012352 + output 0.01888)"
+    assert lines["timings"] == "queued 0.01 s, first thinking 1.50 s, total 1 min 15 s"
+    assert duration(12.34) == "12.3 s"
+
+
+def test_a_long_image_reference_keeps_its_file_name() -> None:
+    ref = "/home/someone/projects/receipts/2025/march/scans/high-resolution/receipt-0042.png"
+    short = short_ref(ref)
+    assert short.endswith("/receipt-0042.png") and short.startswith("…/") and len(short) <= 48
+    assert short_ref("s3://b/k.png") == "s3://b/k.png"
+    named = "s3://bucket/" + "x" * 70 + ".png"
+    assert short_ref(named) == "…/" + "x" * 70 + ".png"  # a name longer than the limit is kept whole
+
+
+def test_the_image_table_never_cuts_the_file_name_on_a_narrow_terminal() -> None:
+    ref = "file:///home/someone/projects/receipts/2025/march/receipt-with-a-long-name-0042.png"
+    image = {"ref": ref, "format": "PNG", "width": 640, "height": 420, "sent_width": 640, "sent_height": 420,
+             "bytes": 8609, "tokens": 347}
+    out = io.StringIO()
+    console = Console(file=out, width=60, highlight=False, soft_wrap=True)
+    EventRenderer(console).render(_event(ev.IMAGES_READY, 1, images=[image], image_tokens=347))
+    rows = out.getvalue().splitlines()[1:-1]  # between the header and the "image tokens" line
+    first_column = "".join(row.split()[0] for row in rows)  # the column folds a long reference over lines
+    assert first_column == short_ref(ref) and first_column.endswith("/receipt-with-a-long-name-0042.png")
