@@ -181,7 +181,7 @@ class TaskRun:
         if not self.job.conversation_id:
             return []
         before = dt.datetime.fromtimestamp(self.job.enqueued_at, dt.UTC)
-        return self._store_call(self.ctx.store.history, self.job.conversation_id, before)
+        return self._store_call(self.ctx.store.history, self.job.conversation_id, before, self.job.tenant)
 
     def _stream_with_retries(self, messages: list[dict[str, Any]], watch: Any) -> StreamResult:
         settings = self.ctx.settings
