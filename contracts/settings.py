@@ -48,6 +48,11 @@ class Settings:
     lease_ttl_s: float = 30.0
     fetch_timeout_s: float = 20.0
     max_image_bytes: int = 10 * 1024 * 1024
+    sweep_interval_s: float = 10.0  # how often one worker looks for orphaned tasks (worker/sweep.py)
+    requeue_grace_s: float = 60.0  # a queued task is looked for in the broker only after this long
+    shutdown_grace_s: float = 25.0  # on SIGTERM, running streams get this long before they are handed back
+    db_timeout_s: float = 15.0  # every database statement (server-side), and the client's own guard
+    decode_memory_mb: int = 1024  # decoded pixels held at once by one worker process
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -147,6 +152,11 @@ _ENV: dict[str, tuple[str, Any]] = {
     "visibility_timeout_s": ("QVQ_VISIBILITY_TIMEOUT_S", _positive_int),
     "lease_ttl_s": ("QVQ_LEASE_TTL_S", _positive_float),
     "fetch_timeout_s": ("QVQ_FETCH_TIMEOUT_S", _positive_float),
+    "sweep_interval_s": ("QVQ_SWEEP_INTERVAL_S", _positive_float),
+    "requeue_grace_s": ("QVQ_REQUEUE_GRACE_S", _positive_float),
+    "shutdown_grace_s": ("QVQ_SHUTDOWN_GRACE_S", float),
+    "db_timeout_s": ("QVQ_DB_TIMEOUT_S", _positive_float),
+    "decode_memory_mb": ("QVQ_DECODE_MEMORY_MB", _positive_int),
 }
 
 
