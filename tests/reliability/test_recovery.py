@@ -46,12 +46,13 @@ def _lease_gone(stack: Stack, task_id: str) -> bool:
 
 
 def _sigkill_mid_stream_then_resume(stack: Stack, deadline_s: float) -> float:
-    first = stack.start_worker(concurrency=4, name="doomed")
-    task_id = stack.submit("Think it over, slowly.", tps=40, reasoning_tokens=100)
+    workers = [stack.start_worker(concurrency=4, name=name) for name in ("a", "b")]
+    task_id = stack.submit("Think it over, slowly.", tps=40, reasoning_tokens=200)
     _wait(lambda: _streaming(stack, task_id), 20, "the task streams", stack)
-    stack.start_worker(concurrency=4, name="survivor")
     started_before = stack.stats()["streams_started"]
-    first.kill()
+    (started,) = [e for e in stack.events(task_id) if e["type"] == ev.STARTED]
+    (running,) = [w for w in workers if w.process and started["worker"].endswith(f":{w.process.pid}")]
+    running.kill()
     killed_at = time.monotonic()
 
     record = stack.wait_terminal([task_id], timeout=deadline_s)[task_id]
