@@ -93,6 +93,7 @@ class TaskRun:
         self.last_seq = 0  # the highest seq this run published
         self._events_down_until = 0.0
         self._waited_since: float | None = None  # when this delivery began waiting for another's lease
+        self._bus_takes_floor = _accepts(ctx.bus.publish, "seq_floor")
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> str | None:
@@ -375,7 +376,7 @@ class TaskRun:
 
     def _publish_event(self, type_: str, **fields: Any) -> int:
         """The one place this run publishes an event."""
-        if _accepts(self.ctx.bus.publish, "seq_floor"):
+        if self._bus_takes_floor:
             fields["seq_floor"] = self.seq_floor
         seq = self.ctx.bus.publish(self.task_id, type_, self.attempt, **fields)
         self.last_seq = max(self.last_seq, seq)
