@@ -223,6 +223,7 @@ class Client:
         if record.status == RUNNING and self._orphaned(task_id) and self.store.finish(
                 task_id, Outcome(status=CANCELLED, attempt=record.attempts)):
             self.bus.publish(task_id, ev.CANCELLED, record.attempts)  # no live worker would
+            self.redis.publish(ev.CANCEL_CHANNEL, task_id)  # unless Redis lost a live one's lease
             return True
         self.redis.publish(ev.CANCEL_CHANNEL, task_id)
         return True

@@ -99,7 +99,7 @@ class TaskRun:
     def run(self) -> str | None:
         lease = self._take_lease()
         if lease is None:
-            return None
+            return SUPERSEDED if self.ctx.leases.handing_back else None
         try:
             return self._run_leased(lease)
         finally:
@@ -158,6 +158,8 @@ class TaskRun:
             record = _store_call(self.ctx.store.get, self.task_id)
             if record is None or record.is_terminal:
                 log.info("task.duplicate_delivery_dropped", status=record.status if record else None)
+                return None
+            if self.ctx.leases.handing_back:  # shutting down: this copy goes back to the queue
                 return None
             if self._waited_since is None:
                 self._waited_since = time.monotonic()

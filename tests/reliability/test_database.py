@@ -75,11 +75,21 @@ class FreezableProxy:
         finally:
             writer.close()
 
-    def close(self) -> None:
-        self.thaw()
+    async def _shutdown(self) -> None:
+        self._running.set()
         self._server.close()
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def close(self) -> None:
+        """Every connection task ended in the loop's own thread (a task destroyed while pending would
+        print a traceback from another thread at exit)."""
+        self._call(self._shutdown())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+        self.loop.close()
 
 
 @pytest.fixture()
