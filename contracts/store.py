@@ -200,17 +200,22 @@ DEFAULT_TIMEOUT_S = 15.0
 CONNECT_TIMEOUT_S = 5
 
 
-def make_engine(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Engine:
+def make_engine(url: str, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> Engine:
     """An engine whose calls never hang: a connect timeout, a statement timeout, a pool timeout, and,
     for a server that stopped answering (SIGSTOPped, or a frozen network path that still ACKs), a
-    client-side deadline on every checkout (`ConnectionDeadlines`)."""
+    client-side deadline on every checkout (`ConnectionDeadlines`). `timeout_s=None`: only the connect
+    timeout (schema migrations, which may rightly take longer)."""
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
-                                  pool_size=20, max_overflow=200, pool_timeout=timeout_s)
+                                  pool_size=20, max_overflow=200, pool_timeout=timeout_s or 30)
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    postgres = sa.engine.make_url(url).get_backend_name() == "postgresql"
+    if timeout_s is None:
+        return sa.create_engine(url, pool_pre_ping=True,
+                                connect_args={"connect_timeout": CONNECT_TIMEOUT_S} if postgres else {})
     connect_args: dict[str, Any] = {}
-    if sa.engine.make_url(url).get_backend_name() == "postgresql":
+    if postgres:
         connect_args = {
             "connect_timeout": CONNECT_TIMEOUT_S,
             "options": f"-c statement_timeout={int(timeout_s * 1000)} -c lock_timeout={int(timeout_s * 1000)}",
@@ -328,10 +333,21 @@ class Store:
         return store
 
     def create_schema(self) -> None:
-        """Bring the schema to the newest migration (contracts/schema.py)."""
-        from contracts.schema import upgrade
+        """Bring the schema to the newest migration (contracts/schema.py), on an engine without the
+        statement timeout: a migration may rightly take longer, or wait for another process's."""
+        from contracts.schema import current_revision, head_revision, upgrade
 
-        upgrade(self.engine)
+        with self.engine.connect() as conn:
+            if current_revision(conn) == head_revision():
+                return
+        if self.engine.url.get_backend_name() == "sqlite":
+            upgrade(self.engine)
+            return
+        migrator = make_engine(self.engine.url.render_as_string(hide_password=False), timeout_s=None)
+        try:
+            upgrade(migrator)
+        finally:
+            migrator.dispose()
 
     def dispose(self) -> None:
         self.engine.dispose()
