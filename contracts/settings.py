@@ -59,6 +59,11 @@ class Settings:
     queue: str = QUEUE  # the Celery queue producers send to and workers consume
     metrics_port: int = 9808  # a worker's Prometheus endpoint; 0 turns it off
     heartbeat_file: str = ""  # touched every few seconds by a consuming worker (exec liveness probes)
+    sweep_interval_s: float = 10.0  # how often one worker looks for orphaned tasks (worker/sweep.py)
+    requeue_grace_s: float = 60.0  # a queued task is looked for in the broker only after this long
+    shutdown_grace_s: float = 25.0  # on SIGTERM, running streams get this long before they are handed back
+    db_timeout_s: float = 15.0  # every database statement (server-side), and the client's own guard
+    decode_memory_mb: int = 1024  # decoded pixels held at once by one worker process
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -201,6 +206,11 @@ _ENV: dict[str, tuple[str, Any]] = {
     "metrics_port": ("QVQ_METRICS_PORT", _port),
     "heartbeat_file": ("QVQ_HEARTBEAT_FILE", str),
     "queue": ("QVQ_QUEUE", _queue_name),
+    "sweep_interval_s": ("QVQ_SWEEP_INTERVAL_S", _positive_float),
+    "requeue_grace_s": ("QVQ_REQUEUE_GRACE_S", _positive_float),
+    "shutdown_grace_s": ("QVQ_SHUTDOWN_GRACE_S", float),
+    "db_timeout_s": ("QVQ_DB_TIMEOUT_S", _positive_float),
+    "decode_memory_mb": ("QVQ_DECODE_MEMORY_MB", _positive_int),
 }
 
 

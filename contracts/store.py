@@ -9,6 +9,10 @@ remembers where the manual retry started so the attempt cap counts from there.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import socket
+import threading
+import time
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from typing import Any
@@ -116,9 +120,11 @@ def _count_attempt_statement(statuses: tuple[str, ...]) -> sa.Update:
 
 
 #: The terminal claim: SET the columns named by the parameters, only while the task is not terminal.
+_P_LAST_SEQ = sa.bindparam("p_last_seq", type_=tasks.c.last_seq.type)
 _FINISH = (
     tasks.update()
     .where(tasks.c.id == _P_TASK_ID, *(tasks.c.status != status for status in TERMINAL))
+    .values(last_seq=sa.case((tasks.c.last_seq < _P_LAST_SEQ, _P_LAST_SEQ), else_=tasks.c.last_seq))
     .returning(tasks.c.model, tasks.c.tenant)
 )
 _INSERT_TASK = tasks.insert()
@@ -197,6 +203,7 @@ class Outcome:
     usage: dict[str, Any] | None = None
     cost: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None
+    last_seq: int = 0  # the highest seq the run published before its terminal event (never lowers the row's)
 
 
 def now() -> dt.datetime:
@@ -222,13 +229,124 @@ class TaskIdTaken(RequestError):
     """The caller chose a task id that exists already (HTTP 409)."""
 
 
-def make_engine(url: str) -> Engine:
+#: Every statement's limit, enforced by the server (PostgreSQL statement_timeout) and by the client.
+DEFAULT_TIMEOUT_S = 15.0
+CONNECT_TIMEOUT_S = 5
+
+
+def make_engine(url: str, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> Engine:
+    """An engine whose calls never hang: a connect timeout, a statement timeout, a pool timeout, and,
+    for a server that stopped answering (SIGSTOPped, or a frozen network path that still ACKs), a
+    client-side deadline on every checkout (`ConnectionDeadlines`). `timeout_s=None`: only the connect
+    timeout (schema migrations, which may rightly take longer)."""
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
-                                  pool_size=20, max_overflow=200)
+                                  pool_size=20, max_overflow=200, pool_timeout=timeout_s or 30)
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return sa.create_engine(url, pool_size=20, max_overflow=50, pool_pre_ping=True)
+    postgres = sa.engine.make_url(url).get_backend_name() == "postgresql"
+    if timeout_s is None:
+        return sa.create_engine(url, pool_pre_ping=True,
+                                connect_args={"connect_timeout": CONNECT_TIMEOUT_S} if postgres else {})
+    connect_args: dict[str, Any] = {}
+    if postgres:
+        connect_args = {
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "options": f"-c statement_timeout={int(timeout_s * 1000)} -c lock_timeout={int(timeout_s * 1000)}",
+            # a server that vanished (host down, cable cut): the kernel gives up instead of waiting for hours
+            "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3, "keepalives_count": 3,
+            "tcp_user_timeout": int((timeout_s + CONNECT_TIMEOUT_S) * 1000),
+        }
+    engine = sa.create_engine(url, pool_size=20, max_overflow=50, pool_timeout=timeout_s, connect_args=connect_args)
+    _DEADLINES.watch(engine, timeout_s + CONNECT_TIMEOUT_S)
+    return engine
+
+
+class ConnectionDeadlines:
+    """A checked-out connection held past its deadline has its socket shut down, so the call blocked on
+    it fails (OperationalError, connection invalidated) instead of waiting for a server that stopped
+    answering: libpq has no client-side query timeout, and a stopped server's kernel still ACKs.
+
+    Also the pessimistic ping (SQLAlchemy's pool_pre_ping runs before the checkout event, unguarded):
+    the ping runs here, under the deadline; a dead connection is replaced by the pool."""
+
+    def __init__(self) -> None:
+        self._armed: dict[int, tuple[float, int]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def watch(self, engine: Engine, limit_s: float) -> None:
+        def on_checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+            self._on_checkout(dbapi_conn, limit_s)
+
+        sa.event.listen(engine, "checkout", on_checkout)
+        sa.event.listen(engine, "checkin", self._on_checkin)
+        sa.event.listen(engine, "close", self._on_checkin)
+        sa.event.listen(engine, "invalidate", lambda conn, *_: self._on_checkin(conn, None))
+
+    def _on_checkout(self, dbapi_conn: Any, limit_s: float) -> None:
+        self._ensure_thread()
+        try:
+            fd = dbapi_conn.fileno()
+        except Exception as exc:
+            raise sa.exc.DisconnectionError() from exc
+        with self._lock:
+            self._armed[id(dbapi_conn)] = (time.monotonic() + limit_s, fd)
+        try:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("SELECT 1")
+            cursor.close()
+        except Exception as exc:
+            self._on_checkin(dbapi_conn, None)
+            raise sa.exc.DisconnectionError() from exc
+
+    def _on_checkin(self, dbapi_conn: Any, _record: Any) -> None:
+        with self._lock:
+            self._armed.pop(id(dbapi_conn), None)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is not None and self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid():  # one per process, started after a fork
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="qvq-db-deadlines", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.25)
+            now_ = time.monotonic()
+            with self._lock:
+                late = [(key, fd) for key, (deadline, fd) in self._armed.items() if deadline <= now_]
+                for key, _fd in late:
+                    self._armed.pop(key, None)
+            for _key, fd in late:
+                _shut_down(fd)
+
+
+_DEADLINES = ConnectionDeadlines()
+
+
+def _shut_down(fd: int) -> None:
+    """Shut the socket down under whoever is blocked on it (a dup of the descriptor, so closing ours
+    leaves the owner's descriptor alone)."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    """SQLite gives naive datetimes back (stored as UTC)."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -243,16 +361,27 @@ class Store:
         self.engine = engine
 
     @classmethod
-    def from_url(cls, url: str) -> Store:
-        store = cls(make_engine(url))
+    def from_url(cls, url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Store:
+        store = cls(make_engine(url, timeout_s))
         store.create_schema()
         return store
 
     def create_schema(self) -> None:
-        """Bring the schema to the newest migration (contracts/schema.py)."""
-        from contracts.schema import upgrade
+        """Bring the schema to the newest migration (contracts/schema.py), on an engine without the
+        statement timeout: a migration may rightly take longer, or wait for another process's."""
+        from contracts.schema import current_revision, head_revision, upgrade
 
-        upgrade(self.engine)
+        with self.engine.connect() as conn:
+            if current_revision(conn) == head_revision():
+                return
+        if self.engine.url.get_backend_name() == "sqlite":
+            upgrade(self.engine)
+            return
+        migrator = make_engine(self.engine.url.render_as_string(hide_password=False), timeout_s=None)
+        try:
+            upgrade(migrator)
+        finally:
+            migrator.dispose()
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -331,13 +460,14 @@ class Store:
             result = conn.execute(_count_attempt_statement(statuses), {"p_task_id": task_id, "p_now": now()}).first()
         return (int(result[0]), int(result[1] or 0)) if result else None
 
-    def requeue(self, task_id: str) -> TaskRecord | None:
+    def requeue(self, task_id: str, *, statuses: tuple[str, ...] = (FAILED, CANCELLED)) -> TaskRecord | None:
         """Move a failed or cancelled task back to queued for a manual retry, atomically; None when it
-        is not failed or cancelled. Attempts keep counting; the attempt cap counts from here."""
+        is not failed or cancelled. Attempts keep counting; the attempt cap counts from here.
+        `statuses=(RUNNING,)` retries an orphan (its worker died; the caller checked its lease)."""
         with self.engine.begin() as conn:
             moved = conn.execute(
                 tasks.update()
-                .where(tasks.c.id == task_id, tasks.c.status.in_((FAILED, CANCELLED)))
+                .where(tasks.c.id == task_id, tasks.c.status.in_(statuses))
                 .values(status=QUEUED, retry_base=tasks.c.attempts, run=tasks.c.run + 1, reasoning=None, answer=None,
                         error_code=None, error_message=None, usage=None, cost=None, timings=None,
                         finished_at=None)
@@ -347,7 +477,7 @@ class Store:
     def finish(self, task_id: str, outcome: Outcome) -> bool:
         """Write the terminal state and the bill in one transaction; False when already terminal."""
         values: dict[str, Any] = {
-            "p_task_id": task_id,
+            "p_task_id": task_id, "p_last_seq": outcome.last_seq,
             "status": outcome.status, "reasoning": outcome.reasoning, "answer": outcome.answer,
             "error_code": outcome.error_code, "error_message": outcome.error_message,
             "usage": outcome.usage, "cost": outcome.cost, "timings": outcome.timings, "finished_at": now(),
@@ -387,6 +517,31 @@ class Store:
                 tasks.update().where(tasks.c.id == task_id, tasks.c.status == QUEUED)
                 .values(status=CANCELLED, finished_at=now())
             ).rowcount)
+
+    # -- the sweep (worker/sweep.py) -----------------------------------------------------------
+    def running(self, limit: int = 10_000) -> list[tuple[str, int]]:
+        """(id, run) of the tasks marked running."""
+        query = sa.select(tasks.c.id, tasks.c.run).where(tasks.c.status == RUNNING).limit(limit)
+        with self.engine.connect() as conn:
+            return [(row.id, row.run) for row in conn.execute(query)]
+
+    def queued_before(self, created_before: dt.datetime, *, after_id: str = "", limit: int = 500,
+                      ) -> list[tuple[str, int]]:
+        """(id, run) of queued tasks created before `created_before`, by id after `after_id` (a batch)."""
+        query = (sa.select(tasks.c.id, tasks.c.run)
+                 .where(tasks.c.status == QUEUED, tasks.c.created_at < created_before, tasks.c.id > after_id)
+                 .order_by(tasks.c.id).limit(limit))
+        with self.engine.connect() as conn:
+            return [(row.id, row.run) for row in conn.execute(query)]
+
+    def finished_between(self, since: dt.datetime, until: dt.datetime, *, limit: int = 500,
+                         ) -> list[tuple[str, dt.datetime]]:
+        """(id, finished_at) of terminal tasks that ended in [since, until), oldest first (a batch)."""
+        query = (sa.select(tasks.c.id, tasks.c.finished_at)
+                 .where(_status_is_one_of(TERMINAL), tasks.c.finished_at >= since, tasks.c.finished_at < until)
+                 .order_by(tasks.c.finished_at).limit(limit))
+        with self.engine.connect() as conn:
+            return [(row.id, _aware(row.finished_at)) for row in conn.execute(query)]
 
     def history(self, conversation_id: str, before: dt.datetime, tenant: str | None = None) -> list[tuple[str, str]]:
         """(prompt, answer) of the conversation's completed turns of this tenant, oldest first."""

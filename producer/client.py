@@ -28,7 +28,7 @@ from contracts.bus import EventBus
 from contracts.errors import QvqError, RequestError
 from contracts.job import TASK_NAME, UPLOAD_REF, JobRequest, parse_job
 from contracts.settings import Settings, get_settings
-from contracts.store import FAILED, Outcome, Store, TaskRecord
+from contracts.store import CANCELLED, FAILED, RUNNING, Outcome, Store, TaskRecord
 
 CANCEL_TTL_S = 86_400
 RESULT_RECHECK_S = 5.0  # result() re-reads the row this often while it waits for the terminal event
@@ -125,7 +125,7 @@ class Client:
                 raise RequestError("no such upload (or it expired); upload the image again",
                                    field=f"images[{index}]", code="image.not_found")
 
-    def _enqueue(self, job: JobRequest, attempt: int = 0, *, clear_cancel: bool = False) -> int:
+    def _enqueue(self, job: JobRequest, attempt: int = 0, *, clear_cancel: bool = False, run: int = 0) -> int:
         """Publish task.queued and send the Celery task; returns the seq of task.queued.
 
         Fails within seconds when Redis or the broker is down (no waiting for it to come back): the
@@ -136,7 +136,9 @@ class Client:
                 self.redis.delete(ev.cancel_key(job.task_id))
             seq = self.bus.publish(job.task_id, ev.QUEUED, attempt, model=job.model, image_count=len(job.images))
             self.celery.send_task(
-                TASK_NAME, args=[job.to_payload()], task_id=job.task_id, queue=self.settings.queue, serializer="json",
+                # Only which task and run: the worker reads the request from the task row.
+                TASK_NAME, args=[{"version": 2, "task_id": job.task_id, "run": run}], task_id=job.task_id,
+                queue=self.settings.queue, serializer="json",
                 retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
                                           "interval_max": 1.0},
             )
@@ -158,14 +160,16 @@ class Client:
         holds the earlier attempts' events, their terminal one included. The attempt cap
         (QVQ_MAX_ATTEMPTS) counts from this retry. RequestError when the task is not failed or cancelled.
         """
-        self.get(task_id)
+        record = self.get(task_id)
         requeued = self.store.requeue(task_id)
+        if requeued is None and record.status == RUNNING and self._orphaned(task_id):
+            requeued = self.store.requeue(task_id, statuses=(RUNNING,))  # its worker died: no lease
         if requeued is None:
             status = self.get(task_id).status
             raise RequestError(f"task {task_id} is {status}: only failed or cancelled tasks can be retried",
                                field="task_id")
         job = JobRequest.from_payload(requeued.request)
-        return self._enqueue(job, attempt=requeued.attempts, clear_cancel=True) - 1
+        return self._enqueue(job, attempt=requeued.attempts, clear_cancel=True, run=requeued.run) - 1
 
     @property
     def celery(self) -> Celery:
@@ -246,8 +250,17 @@ class Client:
         if self.store.cancel_if_queued(task_id):
             self.bus.publish(task_id, ev.CANCELLED, record.attempts)
             return True
+        if record.status == RUNNING and self._orphaned(task_id) and self.store.finish(
+                task_id, Outcome(status=CANCELLED, attempt=record.attempts)):
+            self.bus.publish(task_id, ev.CANCELLED, record.attempts)  # no live worker would
+            self.redis.publish(ev.CANCEL_CHANNEL, task_id)  # unless Redis lost a live one's lease
+            return True
         self.redis.publish(ev.CANCEL_CHANNEL, task_id)
         return True
+
+    def _orphaned(self, task_id: str) -> bool:
+        """A running task whose worker died: nobody holds its lease."""
+        return not self.redis.exists(ev.lease_key(task_id))
 
     def close(self) -> None:
         self.store.dispose()

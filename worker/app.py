@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,13 +58,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_ignore_result": True,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,  # a task that ended failed (FAILURE) is still acknowledged
         "task_default_queue": QUEUE,
         "task_routes": {TASK_NAME: {"queue": QUEUE}},
         "worker_prefetch_multiplier": 1,
         "worker_pool": "threads",
         "worker_concurrency": settings.worker_concurrency,
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": False,
+        "worker_send_task_events": True,  # Flower and `celery events` see every task and its true state
+        "task_send_sent_event": True,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "enable_utc": True,
     }
@@ -228,3 +231,51 @@ def _close(**_: Any) -> None:
     from worker.context import close_context
 
     close_context()
+
+
+@signals.worker_ready.connect
+def _start_sweep(**_: Any) -> None:
+    """Recovery from leases (worker/sweep.py): one daemon thread per worker process."""
+    from worker import sweep
+    from worker.context import get_context
+    from worker.message import message_for
+
+    def send(task_id: str, run: int) -> None:
+        app.send_task(TASK_NAME, args=[message_for(task_id, run)], task_id=task_id, queue=QUEUE)
+
+    sweep.start(get_context(), send)
+
+
+@signals.worker_shutting_down.connect
+def _hand_back_at_shutdown(sig: str = "", how: str = "", **_: Any) -> None:
+    """A warm shutdown (SIGTERM) lets running streams go on for QVQ_SHUTDOWN_GRACE_S, then stops them
+    (nothing written) and frees their leases; each task's message goes back to the queue, so another
+    worker resumes it at once instead of after the lease TTL or the visibility timeout."""
+    from worker import sweep
+    from worker.context import get_context
+
+    sweep.stop()
+    if how.lower() != "warm":
+        return
+    grace = get_settings().shutdown_grace_s
+    leases = get_context().leases
+    log.info("worker.shutting_down", signal=sig, grace_s=grace, running=leases.held())
+    timer = threading.Timer(max(0.0, grace), leases.hand_back_all)
+    timer.daemon = True
+    timer.start()
+
+
+@signals.task_revoked.connect
+def _on_revoked(request: Any = None, expired: bool = False, **_: Any) -> None:
+    """`celery control revoke TASK_ID`: the task is cancelled, like `qvq cancel`."""
+    task_id = getattr(request, "id", None)
+    if task_id:
+        from worker.context import get_context
+        from worker.tasks import cancel_revoked
+
+        cancel_revoked(get_context(), task_id, expired=expired)
+
+
+@signals.task_failure.connect
+def _on_failure(task_id: str | None = None, exception: BaseException | None = None, **_: Any) -> None:
+    log.info("celery.task_failure", task_id=task_id, error=str(exception), kind=type(exception).__name__)

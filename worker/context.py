@@ -13,6 +13,7 @@ import redis
 from contracts.bus import EventBus
 from contracts.settings import Settings, get_settings
 from contracts.store import Store
+from worker import images
 from worker.cancel import CancelWatcher
 from worker.fetch import ImageFetcher
 from worker.lease import LeaseKeeper
@@ -43,11 +44,12 @@ class WorkerContext:
             socket_connect_timeout=5, socket_timeout=10,  # a vanished Redis must not hang a stream's thread
         )
         name = f"{socket.gethostname()}:{os.getpid()}"
+        images.decode_budget.resize(settings.decode_memory_mb << 20)
         return cls(
             settings=settings,
             redis=client,
             bus=BatchingEventBus(client, ttl_s=settings.event_ttl_s),  # group-committed publishes
-            store=Store.from_url(settings.database_url),
+            store=Store.from_url(settings.database_url, timeout_s=settings.db_timeout_s),
             fetcher=ImageFetcher(settings),
             model=QvqModel(settings),
             image_pool=ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="qvq-images"),

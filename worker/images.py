@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import base64
 import builtins
+import ctypes
 import io
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -160,23 +161,33 @@ def _verify(raw: bytes, fmt: str, ref: str) -> None:
 
 
 class MemoryBudget:
-    """Bounds the pixel memory that concurrent decodes in this process hold at once.
-
-    A thread reserves its estimate before decoding and waits while the budget is spent; an estimate
-    above the whole budget is capped to it, so one huge image still runs, alone.
-    """
+    """Admission by decoded pixels across every task of this process: a decode reserves its estimate
+    first and WAITS while the budget is spent (the job is slower, it does not fail). One image whose
+    estimate alone is over the whole budget is refused (`image.too_many_pixels`): it could never run."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit = limit_bytes
         self.used = 0
+        self.peak = 0  # the most reserved at once (for the tests and the logs)
         self._cond = threading.Condition()
 
-    @contextmanager
-    def reserve(self, n: int) -> Iterator[None]:
-        n = max(0, min(n, self.limit))
+    def resize(self, limit_bytes: int) -> None:
         with self._cond:
+            self.limit = limit_bytes
+            self._cond.notify_all()
+
+    @contextmanager
+    def reserve(self, n: int, ref: str | None = None) -> Iterator[None]:
+        n = max(0, n)
+        with self._cond:
+            if n > self.limit:
+                raise ImageError(
+                    f"decoding it needs about {n >> 20} MB, over this worker's decode budget of "
+                    f"{self.limit >> 20} MB (QVQ_DECODE_MEMORY_MB); send a smaller image",
+                    code="image.too_many_pixels", ref=ref)
             self._cond.wait_for(lambda: self.used + n <= self.limit)
             self.used += n
+            self.peak = max(self.peak, self.used)
         try:
             yield
         finally:
@@ -189,30 +200,65 @@ class MemoryBudget:
 decode_budget = MemoryBudget(DECODE_MEMORY_BUDGET)
 
 
+def _load_libc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+_malloc_trim = _load_libc_trim()
+#: After a decode this large, hand the freed heap back to the OS: glibc keeps freed memory in its
+#: per-thread arenas (gc.collect() frees Python objects, not malloc's pages), so RSS would stay at
+#: the peak of the largest decode for the life of the process.
+TRIM_AFTER_BYTES = 32 << 20
+
+
+def release_memory() -> None:
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
 def _decode_cost(im: Image.Image, fmt: str) -> int:
     """Bytes a decode and re-encode hold: Pillow keeps 4 bytes a pixel for RGB; a copy for conversion or
     resizing; WEBP also holds the decoder's output buffer."""
     return im.width * im.height * 4 * (4 if fmt == "WEBP" else 2)
 
 
-@contextmanager
-def _decoded(raw: bytes, fmt: str, ref: str, draft_size: tuple[int, int] | None) -> Iterator[Image.Image]:
-    """The first frame fully decoded, within the memory budget; a JPEG at the smallest DCT scale that
-    still covers ``draft_size``."""
+def _cost_of_decoding(raw: bytes, fmt: str, ref: str, draft_size: tuple[int, int] | None) -> int:
     with _open(raw, fmt, ref) as im:
         if fmt == "JPEG" and draft_size is not None:
             im.draft(None, draft_size)
-        with decode_budget.reserve(_decode_cost(im, fmt)):
-            try:
-                im.load()
-            except Exception as exc:
-                if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning) or (
-                        "Security limit exceeded" in str(exc)):  # libheif's own size guard
-                    raise ImageError(f"the image is larger than its header said, over {MAX_PIXELS:,} pixels; "
-                                     f"refused ({exc})", code="image.too_many_pixels", ref=ref) from exc
-                raise ImageError(f"{fmt} data is corrupt or truncated ({exc})", code="image.corrupt",
-                                 ref=ref) from exc
-            yield im
+        return _decode_cost(im, fmt)
+
+
+@contextmanager
+def _decoded(raw: bytes, fmt: str, ref: str, draft_size: tuple[int, int] | None) -> Iterator[Image.Image]:
+    """The first frame fully decoded, within the memory budget (reserved before the pixels exist,
+    released after they are freed); a JPEG at the smallest DCT scale that still covers ``draft_size``."""
+    cost = _cost_of_decoding(raw, fmt, ref, draft_size)
+    with decode_budget.reserve(cost, ref):
+        try:
+            with _open(raw, fmt, ref) as im:
+                if fmt == "JPEG" and draft_size is not None:
+                    im.draft(None, draft_size)
+                _load(im, fmt, ref)
+                yield im
+        finally:
+            if cost >= TRIM_AFTER_BYTES:
+                release_memory()
+
+
+def _load(im: Image.Image, fmt: str, ref: str) -> None:
+    try:
+        im.load()
+    except Exception as exc:
+        if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning) or (
+                "Security limit exceeded" in str(exc)):  # libheif's own size guard
+            raise ImageError(f"the image is larger than its header said, over {MAX_PIXELS:,} pixels; "
+                             f"refused ({exc})", code="image.too_many_pixels", ref=ref) from exc
+        raise ImageError(f"{fmt} data is corrupt or truncated ({exc})", code="image.corrupt",
+                         ref=ref) from exc
 
 
 def _downscaled_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:

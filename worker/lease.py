@@ -83,6 +83,7 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._redis_down = False
+        self.handing_back = False  # the worker is shutting down and gives its tasks back
         self._thread = threading.Thread(target=self._run, name="qvq-lease-keeper", daemon=True)
         self._thread.start()
 
@@ -122,6 +123,26 @@ class LeaseKeeper:
 
     def stop(self) -> None:
         self._stopped.set()
+
+    def hand_back_all(self) -> int:
+        """Shutting down: stop every task this process runs (as if its lease was lost: the stream is
+        closed, nothing is written) and free their leases, so another worker resumes them at once."""
+        self.handing_back = True
+        with self._lock:
+            leases = list(self._held.values())
+        for lease in leases:
+            lease.mark_lost()
+            try:
+                self._release(keys=[lease_key(lease.task_id)], args=[lease.token])
+            except redis.RedisError as exc:  # it expires on its own within the TTL
+                log.warning("lease.release_failed", task_id=lease.task_id, error=str(exc))
+        if leases:
+            log.warning("lease.handed_back", leases=len(leases))
+        return len(leases)
+
+    def held(self) -> int:
+        with self._lock:
+            return len(self._held)
 
     def renew_all(self) -> None:
         with self._lock:

@@ -1,8 +1,13 @@
-"""One task, start to finish: fetch and validate the images, stream QVQ with retries, persist, publish.
+"""One task, start to finish, as a list of steps: each step keeps its own retries and bookkeeping.
+
+    message -> row (worker/message.py) -> lease -> count the attempt -> started -> prepare the images
+    -> stream (retrying the model) -> persist (DATABASE policy) -> publish the terminal event
+    (TERMINAL_PUBLISH policy) -> callback
 
 Plain code, testable without a broker; the Celery task only calls `run_task`.
 
 Reliability rules (README, Guarantees):
+- the worker runs the request stored in the task row, never one carried by a queue message;
 - a delivery runs the task only while it holds the task's lease (worker/lease.py); a second delivery
   of a task that a live worker is running waits for it to end and is then dropped;
 - every run is a new attempt (same task id, seq continues); the attempt cap counts from the last
@@ -15,14 +20,13 @@ Reliability rules (README, Guarantees):
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import math
 import random
 import time
 from collections.abc import Callable
 from typing import Any
 
-import redis
-import sqlalchemy as sa
 import structlog
 
 from contracts import events as ev
@@ -31,43 +35,54 @@ from contracts.errors import InternalError, ModelError, QvqError
 from contracts.job import JobRequest
 from contracts.logging import get_logger
 from contracts.store import CANCELLED, COMPLETED, FAILED, Outcome
-from worker import callback
+from worker import callback, retry
 from worker.coalesce import DeltaCoalescer
 from worker.context import WorkerContext
 from worker.images import PreparedImage, prepare_images
 from worker.lease import Lease
+from worker.message import load_record
 from worker.model import StreamResult, StreamStopped
 from worker.prompt import build_messages, check_token_budget
+from worker.retry import TRANSIENT_DB_ERRORS, TRANSIENT_REDIS_ERRORS
 
 log = get_logger(__name__)
 DELTA_EVENT = {"reasoning": ev.REASONING_DELTA, "answer": ev.ANSWER_DELTA}
 PRESIGNED_URL_TTL_S = 3600  # long enough for the service to fetch it, even after retries
-SUPERSEDED = "superseded"  # another delivery took the task over; this run wrote nothing
-
-#: Database errors worth retrying (connection lost, server gone, SQLite busy); others are bugs.
-TRANSIENT_DB_ERRORS = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
-#: Waits between tries of the terminal write (about half a minute in all), then StoreUnavailable.
-PERSIST_RETRY_DELAYS_S: tuple[float, ...] = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
-#: Waits between tries of a terminal publish (the result is already persisted).
-TERMINAL_PUBLISH_DELAYS_S: tuple[float, ...] = (0.1, 0.3, 1.0, 2.0)
+SUPERSEDED = "superseded"  # another delivery took the task over (or the worker handed it back): nothing written
+REJECTED = "rejected"  # the message did not match its task row: acknowledged, never run
 #: After a failed publish, skip non-terminal events this long instead of waiting on Redis each time.
 EVENTS_BACKOFF_S = 2.0
+#: Quick tries of an important non-terminal event (task.retrying voids text on screens).
+IMPORTANT_PUBLISH_WAITS_S = (0.05, 0.2)
 
 
 class StoreUnavailable(Exception):
     """The database could not be reached: nothing terminal was written; run the task again later."""
 
 
-def run_task(payload: dict[str, Any], ctx: WorkerContext) -> str | None:
-    """Run a job to one terminal state; returns that state, or None when it was already terminal."""
-    job = JobRequest.from_payload(payload)
+def run_task(message: dict[str, Any], ctx: WorkerContext, *, delivery_id: str | None = None) -> str | None:
+    """Run the task a queue message names to one terminal state; returns that state, REJECTED for a
+    message that does not match its row, or None when the task was already terminal."""
+    record = _store_call(load_record, message, ctx.store, delivery_id=delivery_id)
+    if record is None:
+        return REJECTED
+    job = JobRequest.from_payload(record.request)
     with structlog.contextvars.bound_contextvars(task_id=job.task_id, model=job.model):
-        return TaskRun(job, ctx).run()
+        return TaskRun(job, ctx, seq_floor=record.last_seq).run()
+
+
+def _store_call(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A store read or attempt count; StoreUnavailable when the database cannot be reached."""
+    try:
+        return call(*args, **kwargs)
+    except TRANSIENT_DB_ERRORS as exc:
+        raise StoreUnavailable(f"the database is unavailable: {type(exc).__name__}: {exc}") from exc
 
 
 class TaskRun:
-    def __init__(self, job: JobRequest, ctx: WorkerContext) -> None:
+    def __init__(self, job: JobRequest, ctx: WorkerContext, *, seq_floor: int = 0) -> None:
         self.job = job
+        self.seq_floor = seq_floor  # the row's last_seq: seq never goes back, even if Redis lost its counter
         self.ctx = ctx
         self.task_id = job.task_id
         self.attempt = 0
@@ -75,64 +90,37 @@ class TaskRun:
         self.started = time.time()
         self.images: list[PreparedImage] = []
         self.partial = StreamResult()
+        self.last_seq = 0  # the highest seq this run published
         self._events_down_until = 0.0
         self._waited_since: float | None = None  # when this delivery began waiting for another's lease
+        self._bus_takes_floor = _accepts(ctx.bus.publish, "seq_floor")
 
+    # -- the run -------------------------------------------------------------------------------
     def run(self) -> str | None:
         lease = self._take_lease()
         if lease is None:
-            return None
+            return SUPERSEDED if self.ctx.leases.handing_back else None
         try:
             return self._run_leased(lease)
         finally:
             self.ctx.leases.release(lease)
 
-    def _take_lease(self) -> Lease | None:
-        """This delivery's right to run the task; None when the task ended while another delivery ran it."""
-        poll_s = min(1.0, max(0.05, self.ctx.settings.lease_ttl_s / 4))
-        while True:
-            lease = self.ctx.leases.try_acquire(self.task_id)
-            if lease is not None:
-                return lease
-            record = self._store_call(self.ctx.store.get, self.task_id)
-            if record is None or record.is_terminal:
-                log.info("task.duplicate_delivery_dropped", status=record.status if record else None)
-                return None
-            if self._waited_since is None:
-                self._waited_since = time.monotonic()
-                log.info("task.duplicate_delivery_waiting", holder=self.ctx.leases.holder(self.task_id))
-            time.sleep(poll_s)
-
     def _run_leased(self, lease: Lease) -> str | None:
-        start = self._store_call(self.ctx.store.begin_attempt, self.task_id)
-        if start is None:
-            if self._waited_since is not None:  # the run it waited for ended and let go of the lease
-                log.info("task.duplicate_delivery_dropped", status="terminal")
-            else:
-                log.info("task.skipped", reason="already terminal")
+        if not self._begin_attempt():
             return None
-        self.attempt, self.retry_base = start.number, start.retry_base
-        if start.resumed:
-            waited = None if self._waited_since is None else round(time.monotonic() - self._waited_since, 3)
-            log.warning("task.resumed", attempt=self.attempt, waited_for_lease_s=waited,
-                        reason="the previous delivery's worker was lost before the task ended")
         watch = self.ctx.cancels.register(self.task_id, self.ctx.settings.task_timeout_s)
         lease.on_lost = watch.supersede
         if lease.lost:
             watch.supersede()
         try:
-            outcome = self._run(watch)
+            outcome = self._steps(watch)
         finally:
             self.ctx.cancels.unregister(self.task_id)
         log.info("task.finished", status=outcome, attempt=self.attempt,
                  duration_s=round(time.time() - self.started, 3))
         return outcome
 
-    @property
-    def attempts_since_retry(self) -> int:
-        return self.attempt - self.retry_base
-
-    def _run(self, watch: Any) -> str:
+    def _steps(self, watch: Any) -> str:
         if self.attempts_since_retry > self.ctx.settings.max_attempts:
             return self._fail(InternalError(
                 f"gave up after {self.attempts_since_retry - 1} attempts: the worker running it was lost "
@@ -141,8 +129,8 @@ class TaskRun:
             return self._stop(watch)
         self._publish(ev.STARTED, worker=self.ctx.name)
         try:
-            messages = self._prepare()
-            result = self._stream_with_retries(messages, watch)
+            messages, estimate = self._prepare()
+            result = self._stream(messages, estimate, watch)
         except StreamStopped as stopped:
             self.partial = stopped.result
             return self._stop(watch)
@@ -155,16 +143,57 @@ class TaskRun:
             return self._fail(InternalError(f"{type(exc).__name__}: {exc}"))
         return self._complete(result)
 
-    # -- steps ---------------------------------------------------------------------------------
-    def _prepare(self) -> list[dict[str, Any]]:
+    @property
+    def attempts_since_retry(self) -> int:
+        return self.attempt - self.retry_base
+
+    # -- step: the lease -----------------------------------------------------------------------
+    def _take_lease(self) -> Lease | None:
+        """This delivery's right to run the task; None when the task ended while another delivery ran it."""
+        poll_s = min(1.0, max(0.05, self.ctx.settings.lease_ttl_s / 4))
+        while True:
+            lease = self.ctx.leases.try_acquire(self.task_id)
+            if lease is not None:
+                return lease
+            record = _store_call(self.ctx.store.get, self.task_id)
+            if record is None or record.is_terminal:
+                log.info("task.duplicate_delivery_dropped", status=record.status if record else None)
+                return None
+            if self.ctx.leases.handing_back:  # shutting down: this copy goes back to the queue
+                return None
+            if self._waited_since is None:
+                self._waited_since = time.monotonic()
+                log.info("task.duplicate_delivery_waiting", holder=self.ctx.leases.holder(self.task_id))
+            time.sleep(poll_s)
+
+    # -- step: count the attempt ---------------------------------------------------------------
+    def _begin_attempt(self) -> bool:
+        """Count this attempt (the task is running); False when it is already terminal."""
+        start = _store_call(self.ctx.store.begin_attempt, self.task_id)
+        if start is None:
+            if self._waited_since is not None:  # the run it waited for ended and let go of the lease
+                log.info("task.duplicate_delivery_dropped", status="terminal")
+            else:
+                log.info("task.skipped", reason="already terminal")
+            return False
+        self.attempt, self.retry_base = start.number, start.retry_base
+        if start.resumed:
+            waited = None if self._waited_since is None else round(time.monotonic() - self._waited_since, 3)
+            log.warning("task.resumed", attempt=self.attempt, waited_for_lease_s=waited,
+                        reason="the previous delivery's worker was lost before the task ended")
+        return True
+
+    # -- step: the images and the messages ------------------------------------------------------
+    def _prepare(self) -> tuple[list[dict[str, Any]], int]:
+        """The chat messages and the estimated input tokens (refused here when over the model's input)."""
         job = self.job
         self.images = prepare_images(job.images, self.ctx.fetcher, high_resolution=job.high_resolution,
                                      executor=self.ctx.image_pool)
         summaries = [image.summary() for image in self.images]
         self._publish(ev.IMAGES_READY, images=summaries, image_tokens=sum(i.tokens for i in self.images))
         history = self._history()
-        check_token_budget(job.model, job.prompt, self.images, history)
-        return build_messages(job.prompt, self.images, history, url_for=self._image_url)
+        estimate = check_token_budget(job.model, job.prompt, self.images, history)
+        return build_messages(job.prompt, self.images, history, url_for=self._image_url), estimate
 
     def _image_url(self, image: PreparedImage) -> str:
         """Inline base64 by default; with QVQ_IMAGE_DELIVERY=presigned, an object we send unchanged
@@ -181,19 +210,19 @@ class TaskRun:
         if not self.job.conversation_id:
             return []
         before = dt.datetime.fromtimestamp(self.job.enqueued_at, dt.UTC)
-        return self._store_call(self.ctx.store.history, self.job.conversation_id, before, self.job.tenant)
+        return _store_call(self.ctx.store.history, self.job.conversation_id, before,  # type: ignore[no-any-return]
+                           self.job.tenant)
 
-    def _stream_with_retries(self, messages: list[dict[str, Any]], watch: Any) -> StreamResult:
+    # -- step: the stream, retried ---------------------------------------------------------------
+    def _stream(self, messages: list[dict[str, Any]], estimate: int, watch: Any) -> StreamResult:
+        """Stream the answer; a retryable model error publishes task.retrying, waits, and tries again
+        (delays from `backoff_s`); the text of a failed attempt is void."""
         settings = self.ctx.settings
         while True:
             coalescer = DeltaCoalescer(self._emit_delta, max_delay_s=settings.coalesce_ms / 1000,
                                        max_chars=settings.coalesce_chars)
             try:
-                result = self.ctx.model.stream(
-                    model=self.job.model, messages=messages, high_resolution=self.job.high_resolution,
-                    attempt=self.attempt, on_text=_delta_sink(coalescer),
-                    should_stop=watch.should_stop, on_open=watch.attach,
-                )
+                result = self._call_model(messages, estimate, coalescer, watch)
                 coalescer.flush()
                 return result
             except StreamStopped:
@@ -202,6 +231,18 @@ class TaskRun:
             except ModelError as error:
                 coalescer.discard()
                 self._before_retry(error, watch)
+
+    def _call_model(self, messages: list[dict[str, Any]], estimate: int, coalescer: DeltaCoalescer,
+                    watch: Any) -> StreamResult:
+        """The one call site of the model."""
+        extra: dict[str, Any] = {}
+        if _accepts(self.ctx.model.stream, "prompt_tokens_estimate"):
+            extra["prompt_tokens_estimate"] = estimate
+        return self.ctx.model.stream(
+            model=self.job.model, messages=messages, high_resolution=self.job.high_resolution,
+            attempt=self.attempt, on_text=_delta_sink(coalescer), should_stop=watch.should_stop,
+            on_open=watch.attach, **extra,
+        )
 
     def _before_retry(self, error: ModelError, watch: Any) -> None:
         """Publish task.retrying and wait, or re-raise when the error is final."""
@@ -213,7 +254,7 @@ class TaskRun:
         if delay >= watch.remaining_s():  # waiting would run past the time limit: fail with this error
             log.warning("model.retry_past_time_limit", code=error.code, delay_s=delay)
             raise error
-        next_attempt = self._store_call(self.ctx.store.start_attempt, self.task_id)
+        next_attempt = _store_call(self.ctx.store.start_attempt, self.task_id)
         if next_attempt is None:  # finished elsewhere meanwhile (cancelled while queued for a retry)
             raise StreamStopped(StreamResult())
         self.attempt = next_attempt
@@ -226,95 +267,76 @@ class TaskRun:
                 raise StreamStopped(StreamResult())
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
-    # -- terminal states -----------------------------------------------------------------------
+    # -- the terminal states: persist, then publish ----------------------------------------------
     def _complete(self, result: StreamResult) -> str:
         usage = result.usage or {}
         bill = cost(self.job.model, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
         timings = self._timings(result)
-        outcome = Outcome(status=COMPLETED, attempt=self.attempt, reasoning=result.reasoning,
-                          answer=result.answer, images=self._summaries(), usage=usage, cost=bill,
-                          timings=timings)
-        if self._finish(outcome):
+        outcome = self._outcome(COMPLETED, reasoning=result.reasoning, answer=result.answer,
+                                images=self._summaries(), usage=usage, cost=bill, timings=timings)
+        if self._persist(outcome):
             self._publish_terminal(ev.COMPLETED, reasoning=result.reasoning, answer=result.answer, usage=usage,
                                    cost=bill, timings=timings, metadata=self.job.metadata)
         return COMPLETED
 
     def _fail(self, error: QvqError) -> str:
         log.warning("task.failed", code=error.code, error=error.message)
-        outcome = Outcome(status=FAILED, attempt=self.attempt, error_code=error.code,
-                          error_message=error.message, images=self._summaries() or None,
-                          timings=self._timings(None))
-        if self._finish(outcome):
+        outcome = self._outcome(FAILED, error_code=error.code, error_message=error.message,
+                                images=self._summaries() or None, timings=self._timings(None))
+        if self._persist(outcome):
             self._publish_terminal(ev.FAILED, error=error.to_dict())
         return FAILED
 
     def _stop(self, watch: Any) -> str:
         if watch.superseded and not watch.cancelled:
             log.warning("task.superseded", attempt=self.attempt,
-                        reason="another delivery took the lease over; this attempt writes nothing")
+                        reason="another delivery took the lease over, or the worker handed the task back; "
+                               "this attempt writes nothing")
             return SUPERSEDED
         if watch.cancelled or not watch.timed_out:
-            outcome = Outcome(status=CANCELLED, attempt=self.attempt, reasoning=self.partial.finish().reasoning,
-                              answer=self.partial.answer, images=self._summaries() or None,
-                              timings=self._timings(self.partial))
-            if self._finish(outcome):
+            outcome = self._outcome(CANCELLED, reasoning=self.partial.finish().reasoning,
+                                    answer=self.partial.answer, images=self._summaries() or None,
+                                    timings=self._timings(self.partial))
+            if self._persist(outcome):
                 self._publish_terminal(ev.CANCELLED)
             return CANCELLED
         limit = self.ctx.settings.task_timeout_s
         return self._fail(ModelError(f"the task ran past its time limit of {limit:g} s (QVQ_TASK_TIMEOUT_S)",
                                      code="model.timeout", retryable=False))
 
-    # -- persistence ---------------------------------------------------------------------------
-    def _store_call(self, call: Callable[..., Any], *args: Any) -> Any:
-        """A store read or attempt count; StoreUnavailable when the database cannot be reached."""
+    def _outcome(self, status: str, **fields: Any) -> Outcome:
+        return Outcome(status=status, attempt=self.attempt, last_seq=self.last_seq, **fields)
+
+    # -- step: persist -------------------------------------------------------------------------
+    def _persist(self, outcome: Outcome) -> bool:
+        """The terminal claim, retried through a short database outage (retry.DATABASE); True when this
+        run made it. StoreUnavailable once the policy gives up."""
+        tries = 0
+
+        def claim() -> bool:
+            nonlocal tries
+            tries += 1
+            return self.ctx.store.finish(self.task_id, outcome)
+
         try:
-            return call(*args)
+            claimed = retry.DATABASE.call(claim)
         except TRANSIENT_DB_ERRORS as exc:
-            raise StoreUnavailable(f"the database is unavailable: {type(exc).__name__}: {exc}") from exc
+            log.error("store.finish_gave_up", error=str(exc), tries=tries)
+            raise StoreUnavailable(f"cannot persist the result: {type(exc).__name__}: {exc}") from exc
+        if not claimed and tries > 1:
+            # A try that raised may have committed before its connection broke: then it is ours.
+            record = _store_call(self.ctx.store.get, self.task_id)
+            claimed = bool(record and record.status == outcome.status and record.attempts == self.attempt)
+        if not claimed:
+            log.info("task.already_terminal", status=outcome.status)
+        return claimed
 
-    def _finish(self, outcome: Outcome) -> bool:
-        """The terminal claim, retried through a short database outage; True when this run made it."""
-        failures = 0
-        for delay in (*PERSIST_RETRY_DELAYS_S, None):
-            try:
-                claimed = self.ctx.store.finish(self.task_id, outcome)
-            except TRANSIENT_DB_ERRORS as exc:
-                failures += 1
-                if delay is None:
-                    log.error("store.finish_gave_up", error=str(exc), tries=failures)
-                    raise StoreUnavailable(f"cannot persist the result: {type(exc).__name__}: {exc}") from exc
-                log.warning("store.finish_failed", error=str(exc), retry_in_s=delay)
-                time.sleep(delay)
-                continue
-            if not claimed and failures:
-                # A try that raised may have committed before its connection broke: then it is ours.
-                record = self.ctx.store.get(self.task_id)
-                claimed = bool(record and record.status == outcome.status and record.attempts == self.attempt)
-            if not claimed:
-                log.info("task.already_terminal", status=outcome.status)
-            return claimed
-        raise AssertionError("unreachable")
-
-    # -- events --------------------------------------------------------------------------------
-    def _publish(self, type_: str, *, important: bool = False, **fields: Any) -> int | None:
-        """Publish a non-terminal event; a failure is logged and the event skipped (important ones:
-        task.retrying, which voids text on screens, get a few quick tries first)."""
-        if not important and time.monotonic() < self._events_down_until:
-            return None
-        for delay in ((0.05, 0.2) if important else ()) + (None,):
-            try:
-                return self.ctx.bus.publish(self.task_id, type_, self.attempt, **fields)
-            except (redis.RedisError, OSError) as exc:
-                if delay is None:
-                    self._events_down_until = time.monotonic() + EVENTS_BACKOFF_S
-                    log.warning("event.publish_skipped", type=type_, error=str(exc))
-                    return None
-                time.sleep(delay)
-        return None
-
+    # -- step: publish the terminal event and call back ----------------------------------------
     def _publish_terminal(self, type_: str, **fields: Any) -> int | None:
-        """Publish the terminal event (already persisted) and POST it to the job's callback_url."""
+        """Publish the terminal event (already persisted), note its seq, and POST it to the callback_url."""
         seq = self._publish_terminal_event(type_, **fields)
+        if seq is not None:
+            self._note_seq(seq)
         if self.job.callback_url:
             event = {"seq": seq, "task_id": self.task_id, "type": type_, "ts": time.time(),
                      "attempt": self.attempt, **fields}
@@ -324,22 +346,49 @@ class TaskRun:
         return seq
 
     def _publish_terminal_event(self, type_: str, **fields: Any) -> int | None:
-        """Publish the terminal event, retrying a few times; never raises."""
-        for delay in (*TERMINAL_PUBLISH_DELAYS_S, None):
+        """The terminal event, retried (retry.TERMINAL_PUBLISH); never raises (the sweep publishes it
+        later from the row when Redis stayed away)."""
+        try:
+            return retry.TERMINAL_PUBLISH.call(self._publish_event, type_, **fields)
+        except TRANSIENT_REDIS_ERRORS as exc:
+            log.error("event.terminal_publish_failed", type=type_, error=str(exc))
+            return None
+
+    def _note_seq(self, seq: int) -> None:
+        try:
+            self.ctx.store.note_seq(self.task_id, seq)
+        except TRANSIENT_DB_ERRORS as exc:  # only a floor for a Redis that lost its counters
+            log.warning("store.note_seq_failed", error=str(exc))
+
+    # -- events --------------------------------------------------------------------------------
+    def _publish(self, type_: str, *, important: bool = False, **fields: Any) -> int | None:
+        """Publish a non-terminal event; a failure is logged and the event skipped (important ones:
+        task.retrying, which voids text on screens, get a few quick tries first)."""
+        if not important and time.monotonic() < self._events_down_until:
+            return None
+        for delay in (IMPORTANT_PUBLISH_WAITS_S if important else ()) + (None,):
             try:
-                return self.ctx.bus.publish(self.task_id, type_, self.attempt, **fields)
-            except (redis.RedisError, OSError) as exc:
+                return self._publish_event(type_, **fields)
+            except TRANSIENT_REDIS_ERRORS as exc:
                 if delay is None:
-                    log.error("event.terminal_publish_failed", type=type_, error=str(exc))
+                    self._events_down_until = time.monotonic() + EVENTS_BACKOFF_S
+                    log.warning("event.publish_skipped", type=type_, error=str(exc))
                     return None
-                log.warning("event.terminal_publish_retry", type=type_, error=str(exc), retry_in_s=delay)
                 time.sleep(delay)
         return None
 
-    # -- helpers -------------------------------------------------------------------------------
+    def _publish_event(self, type_: str, **fields: Any) -> int:
+        """The one place this run publishes an event."""
+        if self._bus_takes_floor:
+            fields["seq_floor"] = self.seq_floor
+        seq = self.ctx.bus.publish(self.task_id, type_, self.attempt, **fields)
+        self.last_seq = max(self.last_seq, seq)
+        return seq
+
     def _emit_delta(self, type_: str, text: str) -> None:
         self._publish(type_, text=text)
 
+    # -- helpers -------------------------------------------------------------------------------
     def _summaries(self) -> list[dict[str, Any]]:
         return [image.summary() for image in self.images]
 
@@ -353,6 +402,13 @@ class TaskRun:
             "first_answer_s": since_start(result.first_answer_at if result else None),
             "total_s": round(time.time() - self.started, 3),
         }
+
+
+def _accepts(fn: Callable[..., Any], keyword: str) -> bool:
+    try:
+        return keyword in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _delta_sink(coalescer: DeltaCoalescer) -> Callable[[str, str], None]:

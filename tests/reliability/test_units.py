@@ -210,3 +210,54 @@ def test_without_redis_a_lease_is_granted_unguarded() -> None:
         assert not lease.lost
     finally:
         keeper.stop()
+
+
+# -- Celery tells the truth ------------------------------------------------------------------------
+def test_celery_sends_task_events_and_acknowledges_a_failure() -> None:
+    conf = celery_config(Settings())
+    assert conf["worker_send_task_events"] and conf["task_send_sent_event"]
+    assert conf["task_acks_on_failure_or_timeout"] is True
+
+
+# -- retry policies --------------------------------------------------------------------------------
+def test_a_policy_retries_its_errors_then_gives_up_with_the_last_one() -> None:
+    import dataclasses
+
+    import sqlalchemy as sa
+
+    from worker import retry
+
+    policy = dataclasses.replace(retry.DATABASE, waits_s=(0.0, 0.0))
+    calls: list[int] = []
+
+    def flaky(fail_times: int) -> str:
+        calls.append(1)
+        if len(calls) <= fail_times:
+            raise sa.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("gone"))
+        return "ok"
+
+    assert policy.call(flaky, 2) == "ok" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(sa.exc.OperationalError):
+        policy.call(flaky, 5)
+    assert len(calls) == 3  # one try, then one per wait
+    with pytest.raises(ValueError):  # not a transient error: no retry
+        policy.call(lambda: (_ for _ in ()).throw(ValueError("a bug")))
+    assert retry.DATABASE.total_wait_s == pytest.approx(30.7)
+    assert retry.TERMINAL_PUBLISH.waits_s == (0.1, 0.3, 1.0, 2.0)
+
+
+# -- messages --------------------------------------------------------------------------------------
+def test_a_message_is_checked_against_its_task_row() -> None:
+    from contracts.job import parse_job
+    from worker.message import load_record, message_for
+
+    job = parse_job({"images": ["s3://b/k.png"], "prompt": "What is it?", "task_id": "t-1"})
+    row = SimpleNamespace(id="t-1", run=1, request=job.to_payload())
+    rows = SimpleNamespace(get=lambda task_id: row if task_id == "t-1" else None)
+    assert load_record(message_for("t-1", 1), rows) is row  # type: ignore[arg-type]
+    assert load_record(job.to_payload(), rows) is row  # type: ignore[arg-type]  # old format, same request
+    for refused in (message_for("t-1", 0), message_for("t-2", 1), job.to_payload() | {"prompt": "Other"},
+                    {"version": 7, "task_id": "t-1"}, ["t-1"]):
+        assert load_record(refused, rows) is None  # type: ignore[arg-type]
+    assert load_record(message_for("t-1", 1), rows, delivery_id="t-9") is None  # type: ignore[arg-type]

@@ -496,23 +496,63 @@ def test_memory_budget_makes_big_decodes_wait_their_turn() -> None:
     def decode(cost: int) -> None:
         nonlocal most
         with budget.reserve(cost):
-            held = min(cost, budget.limit)
             with lock:
-                inside.append(held)
+                inside.append(cost)
                 most = max(most, sum(inside))
             time.sleep(0.05)
             with lock:
-                inside.remove(held)
+                inside.remove(cost)
 
     with ThreadPoolExecutor(6) as pool:
-        list(pool.map(decode, [60, 60, 60, 30, 10, 500]))  # 500 is capped to the whole budget and runs alone
-    assert most <= 100 and budget.used == 0
+        list(pool.map(decode, [60, 60, 60, 30, 10, 100]))  # 100 is the whole budget: it runs alone
+    assert most <= 100 and budget.used == 0 and budget.peak == most
 
 
-def test_images_still_validate_with_a_tiny_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_image_over_the_whole_memory_budget_is_refused() -> None:
+    budget = MemoryBudget(100 << 20)
+    with pytest.raises(ImageError) as refused, budget.reserve(101 << 20, "s3://b/huge.png"):
+        pass
+    assert refused.value.code == "image.too_many_pixels" and "QVQ_DECODE_MEMORY_MB" in refused.value.message
+    assert budget.used == 0
+
+
+def test_images_wait_for_room_in_a_budget_of_one_decode(monkeypatch: pytest.MonkeyPatch) -> None:
     import worker.images as images_module
 
-    monkeypatch.setattr(images_module, "decode_budget", MemoryBudget(1))
+    one_decode = 1200 * 904 * 4 * 2  # the largest of the four
+    monkeypatch.setattr(images_module, "decode_budget", MemoryBudget(one_decode))
     files = {f"{i}.png": gen.make_image("PNG", (1200, 900 + i)) for i in range(4)}
     images = prepare_images(list(files), FakeFetcher(files), high_resolution=False)
     assert len(images) == 4 and images_module.decode_budget.used == 0
+    assert images_module.decode_budget.peak <= one_decode
+
+
+def test_big_decodes_give_their_memory_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc keeps freed pages in its arenas: without malloc_trim, RSS stays at the peak of the decodes."""
+    psutil = pytest.importorskip("psutil")
+    import worker.images as images_module
+
+    if images_module._malloc_trim is None:
+        pytest.skip("not glibc")
+    monkeypatch.setattr(images_module, "decode_budget", MemoryBudget(1 << 30))
+    raw = gen.make_image("PNG", (6000, 6000), color=(10, 200, 30))
+    process = psutil.Process()
+    before = peak = process.memory_info().rss
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            done.wait(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    with ThreadPoolExecutor(4) as pool:
+        ready = list(pool.map(lambda i: prepare_image(f"{i}.png", raw, high_resolution=False), range(8)))
+    done.set()
+    sampler.join()
+    assert all(image.sent_width * image.sent_height <= RECOMMENDED_MAX_PIXELS for image in ready)
+    peak_mb, after_mb = (peak - before) / 2**20, (process.memory_info().rss - before) / 2**20
+    assert peak_mb > 250  # three 36 MP decodes at once (the budget's 1 GiB)
+    assert after_mb < peak_mb / 2, f"RSS still {after_mb:.0f} MB above where it started (peak {peak_mb:.0f} MB)"

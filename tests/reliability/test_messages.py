@@ -1,0 +1,125 @@
+"""The worker runs what the task row says (design.md, Tenants and access): a queue message names a task
+and a run; one that does not match its row is logged loudly, acknowledged and never run. Celery's
+states tell the truth: a failed task is a FAILURE; a revoked one is cancelled."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from contracts import events as ev
+from contracts.job import QUEUE, TASK_NAME, parse_job
+from tests.imagegen import make_image
+from tests.reliability import Stack, terminal_events
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _row_without_message(stack: Stack, images: list[str]) -> str:
+    """A queued task row whose message was never sent (the test sends its own)."""
+    job = parse_job({"images": images, "prompt": "What colour is this?", "task_id": f"t-{uuid.uuid4().hex[:12]}"})
+    stack.client.store.create_task(job)
+    return job.task_id
+
+
+def _send(stack: Stack, task_id: str, body: dict[str, Any]) -> None:
+    stack.client.celery.send_task(TASK_NAME, args=[body], task_id=task_id, queue=QUEUE)
+
+
+def _log_lines(stack: Stack, event: str) -> list[dict[str, Any]]:
+    lines = []
+    for line in stack.worker_logs().splitlines():
+        if event in line and line.startswith("{"):
+            lines.append(json.loads(line))
+    return [entry for entry in lines if entry.get("event") == event]
+
+
+def _drained(stack: Stack) -> bool:
+    return not stack.redis.llen(QUEUE) and not stack.redis.hlen("unacked")
+
+
+def _wait(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_a_message_that_does_not_match_its_row_is_refused_and_acknowledged(make_stack: Any) -> None:
+    stack: Stack = make_stack()
+    stack.start_worker(concurrency=4)
+    other = stack.tmp / "blue.png"
+    other.write_bytes(make_image("PNG", size=(64, 48), color=(20, 20, 220)))
+    wrong_run = _row_without_message(stack, [str(stack.image)])
+    other_images = _row_without_message(stack, [str(stack.image)])
+    no_row = f"t-{uuid.uuid4().hex[:12]}"
+    crafted = stack.record(other_images).request | {"images": [f"file://{other}"]}
+
+    _send(stack, wrong_run, {"version": 2, "task_id": wrong_run, "run": 3})
+    _send(stack, other_images, crafted)
+    _send(stack, no_row, {"version": 2, "task_id": no_row, "run": 0})
+
+    _wait(lambda: len(_log_lines(stack, "task.message_rejected")) == 3, 20, stack.worker_logs()[-3000:])
+    reasons = {entry["task_id"]: entry["reason"] for entry in _log_lines(stack, "task.message_rejected")}
+    assert "run 3" in reasons[wrong_run] and "run 0" in reasons[wrong_run]
+    assert "differs from the task row" in reasons[other_images]
+    assert reasons[no_row] == "no task row"
+    assert all(entry["level"] == "error" for entry in _log_lines(stack, "task.message_rejected"))
+    _wait(lambda: _drained(stack), 10, "the refused messages are acknowledged")
+    for task_id in (wrong_run, other_images):
+        record = stack.record(task_id)
+        assert record.status == "queued" and record.attempts == 0  # never run
+    assert stack.stats()["streams_started"] == 0
+    assert stack.client.store.get(no_row) is None
+
+
+def test_an_old_format_message_that_matches_its_row_runs(make_stack: Any) -> None:
+    """A rolling upgrade: messages queued by the previous producer carry the whole request."""
+    stack: Stack = make_stack()
+    stack.start_worker(concurrency=2)
+    task_id = _row_without_message(stack, [str(stack.image)])
+    _send(stack, task_id, stack.record(task_id).request)
+    assert stack.wait_terminal([task_id], timeout=30)[task_id].status == "completed"
+    assert not _log_lines(stack, "task.message_rejected")
+
+
+def test_the_producer_sends_only_the_task_and_its_run(make_stack: Any) -> None:
+    stack: Stack = make_stack()
+    task_id = stack.submit()
+    (raw,) = stack.redis.lrange(QUEUE, 0, -1)
+    message = json.loads(raw)
+    assert message["headers"]["id"] == task_id
+    body = json.loads(__import__("base64").b64decode(message["body"]))
+    assert body[0] == [{"version": 2, "task_id": task_id, "run": 0}]
+
+
+def test_a_failed_task_is_a_failure_in_celery_and_is_acknowledged(make_stack: Any) -> None:
+    stack: Stack = make_stack()
+    stack.start_worker(concurrency=2)
+    failed = stack.client.submit(images=[str(stack.tmp / "missing.png")], prompt="Where is it?").task_id
+    completed = stack.submit()
+    records = stack.wait_terminal([failed, completed], timeout=30)
+    assert records[failed].status == "failed" and records[completed].status == "completed"
+    _wait(lambda: bool(_log_lines(stack, "celery.task_failure")), 10, "Celery saw the failure")
+    assert [entry["task_id"] for entry in _log_lines(stack, "celery.task_failure")] == [failed]
+    assert "TaskUnsuccessful" in _log_lines(stack, "celery.task_failure")[0]["kind"]
+    assert "raised unexpected" not in stack.worker_logs()  # an expected outcome, not a crash
+    _wait(lambda: _drained(stack), 10, "both messages are acknowledged")
+
+
+def test_a_revoked_task_is_cancelled(make_stack: Any) -> None:
+    stack: Stack = make_stack()
+    stack.start_worker(concurrency=1)
+    busy = stack.submit("Keep the only slot busy.", tps=40, reasoning_tokens=80)
+    stack.wait_events(busy, lambda es: any(e["type"] == ev.REASONING_DELTA for e in es))
+    revoked = stack.submit("Never mind.")
+    stack.client.celery.control.revoke(revoked)  # `celery control revoke TASK_ID`
+    record = stack.wait_terminal([revoked], timeout=30)[revoked]
+    assert record.status == "cancelled" and record.attempts == 0
+    (terminal,) = terminal_events(stack.events(revoked))
+    assert terminal["type"] == ev.CANCELLED
+    assert stack.wait_terminal([busy], timeout=30)[busy].status == "completed"
