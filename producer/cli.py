@@ -22,9 +22,17 @@ console = Console(highlight=False, soft_wrap=True)
 
 
 def _client() -> Any:
+    """The HTTP client when --api or QVQ_API_URL names an API (with QVQ_API_KEY), else the Redis one."""
+    settings = get_settings()
+    context = click.get_current_context(silent=True)
+    api_url = (context.meta.get("qvq.api_url") if context else None) or settings.api_url
+    if api_url:
+        from producer.http_client import HttpClient
+
+        return HttpClient(api_url, settings.api_key)
     from producer.client import Client
 
-    return Client(get_settings())
+    return Client(settings)
 
 
 def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -73,16 +81,17 @@ def demo(images: tuple[str, ...], prompt: str | None) -> None:
 @click.option("--tenant", help="Who pays; usage is accounted per tenant.")
 @click.option("--task-id", help="Choose the task id (default: a UUID).")
 @click.option("--idempotency-key", help="A repeated submit with the same key returns the first task.")
+@click.option("--callback-url", help="POSTed the terminal event, signed (X-Qvq-Signature).")
 @click.option("--follow", is_flag=True, help="Stream the task's events until it ends.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @friendly_errors
 def submit(images: tuple[str, ...], prompt: str, model: str | None, conversation_id: str | None,
            high_resolution: bool, tenant: str | None, task_id: str | None, idempotency_key: str | None,
-           follow: bool, as_json: bool) -> None:
+           callback_url: str | None, follow: bool, as_json: bool) -> None:
     """Enqueue a job; prints the task id (or follows it live with --follow)."""
     _check_local_paths(images)
     fields: dict[str, Any] = {k: v for k, v in {"conversation_id": conversation_id, "tenant": tenant, "task_id": task_id,
-                                "idempotency_key": idempotency_key}.items() if v}
+                                "idempotency_key": idempotency_key, "callback_url": callback_url}.items() if v}
     if high_resolution:
         fields["high_resolution"] = True
     with _client() as client:
@@ -289,6 +298,60 @@ def emulator(host: str, port: int, tps: float, first_token_s: float, reasoning_t
                             answer_tokens=answer_tokens)
     click.echo(f"QVQ emulator on http://{host}:{port}/v1  (QVQ_BASE_URL=http://{host}:{port}/v1)", err=True)
     serve(host, port, config)
+
+
+# -- callbacks and the HTTP API option (webhooks, docs/webhooks.md) ----------------------------------
+def _remember_api(context: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value:
+        context.meta["qvq.api_url"] = value
+
+
+main.params.append(click.Option(
+    ["--api"], metavar="URL", expose_value=False, is_eager=True, callback=_remember_api,
+    help="Talk to this HTTP API (with QVQ_API_KEY) instead of Redis and the database; or set QVQ_API_URL."))
+
+
+@main.group()
+def callbacks() -> None:
+    """A task's callback delivery: show it, send it again."""
+
+
+@callbacks.command("show")
+@click.argument("task_id")
+@friendly_errors
+def callbacks_show(task_id: str) -> None:
+    """The delivery of the task's callback: status, tries, last answer."""
+    with _client() as client:
+        record = client.get(task_id)
+        delivery = getattr(record, "callback", None)
+        if delivery is None and hasattr(client, "redis"):
+            found = client.store.task_callback(task_id)
+            delivery = found.to_dict() if found else None
+    click.echo(json.dumps(delivery, indent=2, default=str) if delivery else f"task {task_id} has no callback")
+
+
+@callbacks.command("redeliver")
+@click.argument("task_id")
+@friendly_errors
+def callbacks_redeliver(task_id: str) -> None:
+    """Send the task's callback again now (a fresh retry window)."""
+    with _client() as client:
+        if hasattr(client, "redeliver_callback"):
+            delivery = client.redeliver_callback(task_id)
+        else:
+            delivery = _redeliver_direct(client, task_id)
+    click.echo(f"callback {delivery['event_id']} queued for delivery to {delivery['url']}")
+
+
+def _redeliver_direct(client: Any, task_id: str) -> dict[str, Any]:
+    from contracts import callbacks as cb
+
+    client.get(task_id)
+    record = client.store.redeliver_callback(task_id)
+    if record is None:
+        raise KeyError(f"task {task_id} has no callback to deliver")
+    client.celery.send_task(cb.TASK_NAME, args=[record.event_id], queue=cb.QUEUE, serializer="json")
+    return dict(record.to_dict())
 
 
 if __name__ == "__main__":
