@@ -77,7 +77,7 @@ def _unwrap(body: Any) -> Any:
     """Peel SNS and MNS envelopes, and base64 (OSS through MNS may send its JSON base64-encoded)."""
     for _ in range(3):
         if isinstance(body, dict) and isinstance(body.get("Message"), str) and not (
-                "Records" in body or "events" in body):
+                "Records" in body or "events" in body or body.get("Type") == "SubscriptionConfirmation"):
             body = _decode(body["Message"])
         elif isinstance(body, str):
             body = _decode(body)

@@ -101,7 +101,11 @@ async def object_webhook(request: Request, principal: Annotated[Principal, Depen
     """Object-created notifications (S3, MinIO, OSS via MNS or EventBridge) -> one task per new object."""
     services = _services(request)
     try:
-        notification = parse_notification(_decode_body(await _read(request, services.settings.max_request_bytes)))
+        body = _decode_body(await _read(request, services.settings.max_request_bytes))
+        if isinstance(body, dict) and body.get("Type") == "SubscriptionConfirmation":  # never fetched by us
+            log.warning("webhook.sns_confirmation", topic=str(body.get("TopicArn"))[:300],
+                        subscribe_url=str(body.get("SubscribeURL"))[:1000])
+        notification = parse_notification(body)
     except NotificationError as exc:
         raise ApiError(400, "request.invalid", str(exc)) from None
     rules = services.settings.trigger_rules

@@ -243,6 +243,31 @@ def test_oss_notifications_through_mns_and_eventbridge_become_oss_tasks(api: Api
     assert by_id[other["task_id"]].tenant == "acme"
 
 
+def test_s3_events_through_sns_are_unwrapped_and_the_subscription_confirmation_is_acknowledged(
+        api: ApiServer, settings: Settings) -> None:
+    records = {"Records": [{
+        "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1", "eventTime": "2026-12-02T05:00:00.000Z",
+        "eventName": "ObjectCreated:Put", "userIdentity": {"principalId": "EXAMPLE"},
+        "requestParameters": {"sourceIPAddress": "127.0.0.1"},
+        "responseElements": {"x-amz-request-id": "EXAMPLE123456789", "x-amz-id-2": "EXAMPLE123/5678abcdefgh"},
+        "s3": {"s3SchemaVersion": "1.0", "configurationId": "testConfigRule",
+               "bucket": {"name": "photos", "ownerIdentity": {"principalId": "EXAMPLE"}, "arn": "arn:aws:s3:::photos"},
+               "object": {"key": "in/Happy+Face.png", "size": 1024, "eTag": "0123456789abcdef0123456789abcdef",
+                          "sequencer": "0A1B2C3D4E5F678901"}}}]}
+    envelope = {"Type": "Notification", "MessageId": "7a598f1d-8eed-509f-803d-dcb1fc08f290",
+                "TopicArn": "arn:aws:sns:us-east-1:123456789012:qvq", "Subject": "Amazon S3 Notification",
+                "Message": json.dumps(records), "Timestamp": "2026-12-02T05:00:00.705Z", "SignatureVersion": "1"}
+    created = httpx.post(f"{api.url}/v1/webhooks/objects?api_key={ADMIN}", content=json.dumps(envelope),
+                         headers={"Content-Type": "text/plain; charset=UTF-8"})  # what SNS sends
+    assert created.status_code == 202, created.text
+    assert [t["ref"] for t in created.json()["tasks"]] == ["s3://photos/in/Happy Face.png"]
+    confirmation = {"Type": "SubscriptionConfirmation", "MessageId": "165545c9", "Token": "2336412f37",
+                    "TopicArn": "arn:aws:sns:us-east-1:123456789012:qvq", "Message": "You have chosen to subscribe",
+                    "SubscribeURL": "https://sns.us-east-1.amazonaws.com/?Action=ConfirmSubscription&Token=2336412f37"}
+    assert notify(api, confirmation).json() == {"tasks": [], "ignored": 1}
+    assert len(rows(settings)) == 1
+
+
 def test_test_events_other_events_and_unmatched_objects_are_acknowledged_and_ignored(
         api: ApiServer, settings: Settings, redis_client: redis.Redis) -> None:
     removed = minio_event("photos", "in/a.png", etag="aaaa", name="s3:ObjectRemoved:Delete")

@@ -102,6 +102,36 @@ def test_a_receiver_that_answers_410_stops_the_delivery(
     assert len(receiver.received) == 1 and receiver.statuses == [200]  # never asked again
 
 
+def test_qvq_callbacks_redeliver_sends_it_again(
+        service_env: dict[str, str], start_worker: Any, make_client: Any, receivers: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from contracts.settings import reset_settings
+    from producer import cli
+
+    receiver = receivers([410])
+    start_worker(QVQ_WEBHOOK_SECRET=SECRET, QVQ_CALLBACK_BACKOFF_S="0.2")
+    client = make_client()
+    image = tmp_path / "a.png"
+    image.write_bytes(make_image("PNG"))
+    handle = client.submit(images=[str(image)], prompt="hello",
+                           callback_url=f"http://127.0.0.1:{receiver.server_address[1]}/again")
+    assert final_delivery(client.store, handle.task_id).status == "gone"
+    for name, value in service_env.items():
+        monkeypatch.setenv(name, value)
+    reset_settings()
+    try:
+        outcome = CliRunner().invoke(cli.main, ["callbacks", "redeliver", handle.task_id])
+        missing = CliRunner().invoke(cli.main, ["callbacks", "redeliver", "no-such-task"])
+    finally:
+        reset_settings()
+    assert outcome.exit_code == 0, outcome.output
+    assert missing.exit_code == 2 and missing.output.count("\n") == 1, missing.output
+    delivered = wait_for(lambda: (r := client.store.task_callback(handle.task_id)) and r.status == "delivered" and r)
+    assert delivered.attempts == 2 and len(receiver.received) == 2
+
+
 def record(created_ago_s: float, attempts: int = 0) -> CallbackRecord:
     created = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=created_ago_s)
     return CallbackRecord(event_id="t:0:5", task_id="t", run=0, tenant=None, url="http://x", event={},
