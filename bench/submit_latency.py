@@ -12,6 +12,7 @@ Everything runs on this machine: embedded Redis, SQLite, the S3 test server, the
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
 import tempfile
 import time
@@ -83,7 +84,11 @@ def main() -> None:
                "AWS_DEFAULT_REGION": s3.region, "QVQ_API_KEYS": KEY,
                "QVQ_TRIGGERS": f'[{{"bucket": "{BUCKET}", "prompt": "What is it?"}}]'}
         settings = Settings.from_env(env)
-        with Worker({**env, "LOG_LEVEL": "INFO"}, concurrency=20, name="latency"), ApiServer(settings, keepalive_s=5) as api, \
+        api_server = ApiServer(settings, keepalive_s=5)
+        # As `qvq api` (uvicorn binding its own socket) does: without TCP_NODELAY on the socket handed to
+        # uvicorn, Nagle's algorithm holds each SSE stream's first frame ~40 ms (a delayed ACK).
+        api_server._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with Worker({**env, "LOG_LEVEL": "INFO"}, concurrency=20, name="latency"), api_server as api, \
                 Client(settings) as client, HttpClient(api.url, KEY) as http:
             import httpx
 

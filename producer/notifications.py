@@ -119,10 +119,15 @@ def _cloud_event(event: dict[str, Any]) -> Notification:
     return Notification(objects=[found] if found else [], ignored=0 if found else 1)
 
 
+#: ObjectCreated events that do not mean a whole new object (OSS reports each step of a multipart upload).
+_PARTIAL = frozenset({"InitiateMultipartUpload", "UploadPart", "UploadPartCopy"})
+
+
 def _created(event_name: str) -> bool:
-    """ObjectCreated:* in any vendor's spelling (s3:ObjectCreated:Put, oss:ObjectCreated:PutObject)."""
+    """ObjectCreated:* in any vendor's spelling (s3:ObjectCreated:Put, oss:ObjectCreated:PutObject), not
+    the steps of a multipart upload (only CompleteMultipartUpload makes the object)."""
     parts = event_name.split(":")
-    return "ObjectCreated" in parts[:2]
+    return "ObjectCreated" in parts[:2] and parts[-1] not in _PARTIAL
 
 
 def _object(section: Any, scheme: str, event: str, *, url_encoded: bool) -> StoredObject | None:

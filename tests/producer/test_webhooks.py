@@ -271,10 +271,12 @@ def test_s3_events_through_sns_are_unwrapped_and_the_subscription_confirmation_i
 def test_test_events_other_events_and_unmatched_objects_are_acknowledged_and_ignored(
         api: ApiServer, settings: Settings, redis_client: redis.Redis) -> None:
     removed = minio_event("photos", "in/a.png", etag="aaaa", name="s3:ObjectRemoved:Delete")
+    part = copy.deepcopy(EVENTBRIDGE_OSS)
+    part["type"] = "oss:ObjectCreated:UploadPart"  # a step of a multipart upload: no whole object yet
     unmatched = minio_event("photos", "elsewhere/a.png", etag="aaaa")
     test_event = {"Service": "Amazon S3", "Event": "s3:TestEvent", "Time": "2026-12-02T05:00:00.000Z",
                   "Bucket": "photos", "RequestId": "5582815E1AEA5ADF", "HostId": "8cLeGAmw098X5cv4Zkwcmo8vvZa3eH3e"}
-    for body in (removed, unmatched, test_event):
+    for body in (removed, unmatched, test_event, part):
         response = notify(api, body)
         assert response.status_code == 202, response.text
         assert response.json() == {"tasks": [], "ignored": 1}
