@@ -213,3 +213,26 @@ def test_the_cli_factory_picks_the_http_client_when_an_api_is_named(
         reset_settings()
     assert outcome.exit_code == 1, outcome.output
     assert outcome.output.strip().splitlines() == ["error: unavailable: the API cannot be reached (ConnectError)"]
+
+
+def test_the_commands_talk_http_with_api(served: tuple[ApiServer, CuttingProxy], photo: str) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from producer import cli
+
+    api, _proxy = served
+    runner = CliRunner()
+    submitted = runner.invoke(cli.main, ["--api", api.url, "submit", photo, "--prompt", "Which colour?", "--json",
+                                         "--callback-url", "http://127.0.0.1:9/hook"])
+    assert submitted.exit_code == 0, submitted.output
+    task_id = json.loads(submitted.output)["task_id"]
+    followed = runner.invoke(cli.main, ["--api", api.url, "follow", task_id, "--json"])
+    assert followed.exit_code == 0, followed.output
+    shown = runner.invoke(cli.main, ["--api", api.url, "result", task_id, "--json"])
+    record = json.loads(shown.output)
+    assert record["status"] == "completed" and record["request"]["callback_url"] == "http://127.0.0.1:9/hook"
+    assert "callback" in record
+    usage = runner.invoke(cli.main, ["--api", api.url, "usage", "--json"])
+    assert usage.exit_code == 0 and json.loads(usage.output)[0]["calls"] >= 1, usage.output

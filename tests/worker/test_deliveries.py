@@ -91,15 +91,19 @@ def test_a_receiver_that_fails_twice_gets_one_accepted_signed_delivery_and_the_t
 def test_a_receiver_that_answers_410_stops_the_delivery(
         start_worker: Any, make_client: Any, receivers: Any, tmp_path: Path) -> None:
     receiver = receivers([410, 200])
-    start_worker(QVQ_WEBHOOK_SECRET=SECRET, QVQ_CALLBACK_BACKOFF_S="0.2")
+    tenant_secret = "acme-hook-secret-0123456789"
+    start_worker(QVQ_WEBHOOK_SECRET=SECRET, QVQ_WEBHOOK_SECRETS=f"acme:{tenant_secret}", QVQ_CALLBACK_BACKOFF_S="0.2")
     client = make_client()
     image = tmp_path / "a.png"
     image.write_bytes(make_image("PNG"))
-    handle = client.submit(images=[str(image)], prompt="hello",
+    handle = client.submit(images=[str(image)], prompt="hello", tenant="acme",
                            callback_url=f"http://127.0.0.1:{receiver.server_address[1]}/gone")
     delivery = final_delivery(client.store, handle.task_id)
     assert delivery.status == "gone" and delivery.attempts == 1 and delivery.next_attempt_at is None
     assert len(receiver.received) == 1 and receiver.statuses == [200]  # never asked again
+    headers, body = receiver.received[0]
+    assert verify(body, headers[SIGNATURE_HEADER], tenant_secret)  # the tenant's own secret signs its callbacks
+    assert not verify(body, headers[SIGNATURE_HEADER], SECRET)
 
 
 def test_qvq_callbacks_redeliver_sends_it_again(
