@@ -174,3 +174,21 @@ def test_the_scheduler_sends_each_due_delivery_once_and_recovers_rows_redis_lost
         assert store.claim_callback("a:0:9", 60) is not None and store.claim_callback("a:0:9", 60) is None
     finally:
         store.dispose()
+
+
+def test_a_delivery_survives_its_worker_being_killed_between_tries(
+        start_worker: Any, make_client: Any, receivers: Any, tmp_path: Path) -> None:
+    receiver = receivers([500] * 1000)
+    first = start_worker(name="doomed", QVQ_WEBHOOK_SECRET=SECRET, QVQ_CALLBACK_BACKOFF_S="1")
+    client = make_client()
+    image = tmp_path / "a.png"
+    image.write_bytes(make_image("PNG"))
+    handle = client.submit(images=[str(image)], prompt="hello",
+                           callback_url=f"http://127.0.0.1:{receiver.server_address[1]}/later")
+    wait_for(lambda: (r := client.store.task_callback(handle.task_id)) and r.attempts >= 1)
+    first.kill()  # SIGKILL: nothing in its memory survives
+    receiver.statuses.clear()  # the receiver is back
+    start_worker(name="heir", QVQ_WEBHOOK_SECRET=SECRET, QVQ_CALLBACK_BACKOFF_S="1")
+    delivery = final_delivery(client.store, handle.task_id)
+    assert delivery.status == "delivered" and delivery.attempt_log[-1]["status_code"] == 200
+    assert len({headers["X-Qvq-Event-Id"] for headers, _ in receiver.received}) == 1
