@@ -6,6 +6,10 @@
     +-- ModelError        model.*                             (the QVQ call)
     +-- BudgetError       budget.exceeded
     +-- InternalError     internal
+    +-- ApiCallError      an HTTP API's answer (producer/http_client.py), by status:
+        +-- AuthError         auth.required, auth.invalid, auth.forbidden (401, 403)
+        +-- NotFoundError     task.not_found (404); also a KeyError, as Client.get raises
+        +-- UnavailableError  unavailable (503, or the API cannot be reached): retryable
 
 Third-party exceptions are translated to these at the one adapter that calls them.
 """
@@ -36,6 +40,15 @@ ERROR_CODES: dict[str, bool] = {
     "budget.exceeded": False,
     "conversation.not_found": False,
     "internal": False,
+    # HTTP only (design.md): what the API answers, mapped back by the HTTP client
+    "auth.required": False,
+    "auth.invalid": False,
+    "auth.forbidden": False,
+    "task.not_found": False,
+    "events.expired": False,
+    "request.too_large": False,
+    "request.unsupported_media_type": False,
+    "unavailable": True,
 }
 
 
@@ -98,6 +111,33 @@ class BudgetError(QvqError):
 
 class InternalError(QvqError):
     default_code = "internal"
+
+
+class ApiCallError(QvqError):
+    """An error the HTTP API answered (or the API could not be reached); `status` is the HTTP status."""
+
+    default_code = "internal"
+
+    def __init__(self, message: str, *, code: str | None = None, status: int = 0,
+                 field: str | None = None) -> None:
+        self.status = status
+        self.field = field
+        super().__init__(message, code=code if code in ERROR_CODES else None)
+
+
+class AuthError(ApiCallError):
+    default_code = "auth.invalid"
+
+
+class NotFoundError(ApiCallError, KeyError):
+    default_code = "task.not_found"
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.message
+
+
+class UnavailableError(ApiCallError):
+    default_code = "unavailable"
 
 
 class ConfigError(ValueError):

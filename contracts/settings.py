@@ -12,9 +12,11 @@ from typing import Any
 from contracts.errors import ConfigError
 from contracts.image_formats import MAX_IMAGE_BYTES
 from contracts.job import QUEUE
+from contracts.triggers import TriggerRule, parse_triggers
 
 DASHSCOPE_BASE_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
-SECRET_FIELDS = {"dashscope_api_key", "oss_access_key_secret", "webhook_secret", "api_keys"}
+SECRET_FIELDS = {"dashscope_api_key", "oss_access_key_secret", "webhook_secret", "api_keys", "webhook_secrets",
+                 "api_key"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,13 @@ class Settings:
     shutdown_grace_s: float = 25.0  # on SIGTERM, running streams get this long before they are handed back
     db_timeout_s: float = 15.0  # every database statement (server-side), and the client's own guard
     decode_memory_mb: int = 1024  # decoded pixels held at once by one worker process
+    triggers: str = ""  # QVQ_TRIGGERS: inline JSON or @/path/to/file.json (contracts/triggers.py)
+    webhook_secrets: tuple[str, ...] = ()  # QVQ_WEBHOOK_SECRETS: tenant:secret entries
+    callback_max_age_s: float = 86_400.0  # a callback is retried for this long, then marked failed
+    callback_backoff_s: float = 5.0  # the first wait between callback tries; doubles each try
+    callback_backoff_max_s: float = 3_600.0
+    api_url: str = ""  # QVQ_API_URL: clients talk HTTP to this API instead of Redis and the database
+    api_key: str = ""
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -73,6 +82,15 @@ class Settings:
     @property
     def uses_real_service(self) -> bool:
         return bool(self.dashscope_api_key)
+
+    @property
+    def trigger_rules(self) -> tuple[TriggerRule, ...]:
+        return parse_triggers(self.triggers)
+
+    @property
+    def tenant_webhook_secrets(self) -> dict[str, str]:
+        """QVQ_WEBHOOK_SECRETS as {tenant: secret}; QVQ_WEBHOOK_SECRET stays the admin-level one."""
+        return dict(entry.split(":", 1) for entry in self.webhook_secrets)  # type: ignore[misc]
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -211,6 +229,13 @@ _ENV: dict[str, tuple[str, Any]] = {
     "shutdown_grace_s": ("QVQ_SHUTDOWN_GRACE_S", float),
     "db_timeout_s": ("QVQ_DB_TIMEOUT_S", _positive_float),
     "decode_memory_mb": ("QVQ_DECODE_MEMORY_MB", _positive_int),
+    "triggers": ("QVQ_TRIGGERS", str),
+    "webhook_secrets": ("QVQ_WEBHOOK_SECRETS", _list),
+    "callback_max_age_s": ("QVQ_CALLBACK_MAX_AGE_S", _positive_float),
+    "callback_backoff_s": ("QVQ_CALLBACK_BACKOFF_S", _positive_float),
+    "callback_backoff_max_s": ("QVQ_CALLBACK_BACKOFF_MAX_S", _positive_float),
+    "api_url": ("QVQ_API_URL", str),
+    "api_key": ("QVQ_API_KEY", str),
 }
 
 
@@ -230,11 +255,31 @@ def _check(settings: Settings) -> None:
     KeyRing.parse(settings.api_keys)  # a malformed entry fails at start, without showing the key
     if settings.upload_url.startswith(("oss://", "http://", "https://", "file://")):
         raise ConfigError(f"QVQ_UPLOAD_URL={settings.upload_url!r}: expected s3://bucket/prefix or a directory")
+    parse_triggers(settings.triggers)  # a malformed rule fails at start, naming the rule and field
+    _check_webhook_secrets(settings.webhook_secrets)
+    if settings.api_url and not settings.api_url.startswith(("http://", "https://")):
+        raise ConfigError(f"QVQ_API_URL={settings.api_url!r}: expected http(s)://host[:port]")
     if settings.visibility_timeout_s <= settings.task_timeout_s:
         raise ConfigError(
             f"QVQ_VISIBILITY_TIMEOUT_S ({settings.visibility_timeout_s}) must exceed QVQ_TASK_TIMEOUT_S "
             f"({settings.task_timeout_s:g}), or a running task is delivered a second time"
         )
+
+
+def _check_webhook_secrets(entries: tuple[str, ...]) -> None:
+    from contracts.tenants import SAFE_ID_RULE, is_safe_id
+
+    seen: set[str] = set()
+    for index, entry in enumerate(entries, start=1):
+        tenant, sep, secret = entry.partition(":")
+        where = f"QVQ_WEBHOOK_SECRETS entry {index}"
+        if not sep or not is_safe_id(tenant):
+            raise ConfigError(f"{where}: expected tenant:secret, the tenant being {SAFE_ID_RULE}")
+        if len(secret) < 16:
+            raise ConfigError(f"{where}: the secret must be at least 16 characters")
+        if tenant in seen:
+            raise ConfigError(f"{where}: tenant {tenant!r} is listed twice")
+        seen.add(tenant)
 
 
 @lru_cache(maxsize=1)

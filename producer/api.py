@@ -133,6 +133,9 @@ def create_app(settings: Settings | None = None, *, keepalive_s: float = KEEPALI
     _redact_access_log()
     app.include_router(_v1_router(), prefix="/v1")
     install_ops(app, settings)
+    from producer.webhooks import router as webhooks_router  # it builds on this module's routes
+
+    app.include_router(webhooks_router(), prefix="/v1")
     _install_middleware(app, settings)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
@@ -303,8 +306,11 @@ async def list_tasks(
 
 
 async def get_task(task_id: str, request: Request, principal: Caller) -> dict[str, Any]:
-    """The task's record."""
-    return (await _record(_services(request), principal, task_id)).to_dict()
+    """The task's record, with its callback delivery (`callback`, null without one)."""
+    services = _services(request)
+    record = await _record(services, principal, task_id)
+    delivery = await run_in_threadpool(services.client.store.task_callback, task_id)
+    return {**record.to_dict(), "callback": delivery.to_dict() if delivery else None}
 
 
 async def cancel_task(task_id: str, request: Request, principal: Caller) -> JSONResponse:

@@ -30,9 +30,17 @@ EXIT_BY_EVENT = {"task.completed": EXIT_OK, "task.cancelled": EXIT_CANCELLED}
 
 
 def _client() -> Any:
+    """The HTTP client when --api or QVQ_API_URL names an API (with QVQ_API_KEY), else the Redis one."""
+    settings = get_settings()
+    context = click.get_current_context(silent=True)
+    api_url = (context.meta.get("qvq.api_url") if context else None) or settings.api_url
+    if api_url:
+        from producer.http_client import HttpClient
+
+        return HttpClient(api_url, settings.api_key)
     from producer.client import Client
 
-    return Client(get_settings())
+    return Client(settings)
 
 
 def _debug() -> bool:
@@ -100,12 +108,14 @@ def demo(images: tuple[str, ...], prompt: str | None, prompt_file: str | None) -
 @click.option("--tenant", help="Who pays; usage is accounted per tenant.")
 @click.option("--task-id", help="Choose the task id (default: a UUID).")
 @click.option("--idempotency-key", help="A repeated submit with the same key returns the first task.")
+@click.option("--callback-url", help="POSTed the terminal event, signed (X-Qvq-Signature).")
 @click.option("--follow", is_flag=True, help="Stream the task's events until it ends.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @friendly_errors
 def submit(images: tuple[str, ...], prompt: str | None, prompt_file: str | None, model: str | None,
            conversation_id: str | None, new_conversation: bool, high_resolution: bool, tenant: str | None,
-           task_id: str | None, idempotency_key: str | None, follow: bool, as_json: bool) -> None:
+           task_id: str | None, idempotency_key: str | None, callback_url: str | None, follow: bool,
+           as_json: bool) -> None:
     """Enqueue a job; prints the task id (or follows it live with --follow)."""
     question = _question(prompt, prompt_file)
     check_local_images(images)
@@ -113,17 +123,12 @@ def submit(images: tuple[str, ...], prompt: str | None, prompt_file: str | None,
         notices.print("note: local files are read by the worker from this machine's disk: it needs "
                       "QVQ_ALLOW_LOCAL_FILES=1 and must run on this host", markup=False)
     fields: dict[str, Any] = {k: v for k, v in {"conversation_id": conversation_id, "tenant": tenant, "task_id": task_id,
-                                "idempotency_key": idempotency_key}.items() if v}
+                                "idempotency_key": idempotency_key, "callback_url": callback_url}.items() if v}
     if high_resolution:
         fields["high_resolution"] = True
     with _client() as client:
-        if check_conversation(client.store, conversation_id, new=new_conversation, with_images=bool(images)) \
-                and not new_conversation:
-            notices.print(f"note: conversation {conversation_id} is new: this turn starts it", markup=False)
-        if task_id and not idempotency_key and client.store.get(task_id) is not None:
-            raise RequestError(f"{task_id!r} is already taken: choose another --task-id or leave it out",
-                               field="task_id")
-        client.redis.ping()  # an unreachable Redis is reported before anything is recorded
+        if hasattr(client, "redis"):  # over HTTP the API makes these checks itself
+            _check_before_submit(client, conversation_id, new_conversation, bool(images), task_id, idempotency_key)
         handle = client.submit(images=list(images), prompt=question, model=model, **fields)
         if not follow:
             click.echo(json.dumps({"task_id": handle.task_id, "created": handle.created}) if as_json
@@ -132,10 +137,27 @@ def submit(images: tuple[str, ...], prompt: str | None, prompt_file: str | None,
         sys.exit(_follow(client, handle.task_id, 0, as_json))
 
 
+def _check_before_submit(client: Any, conversation_id: str | None, new_conversation: bool, with_images: bool,
+                         task_id: str | None, idempotency_key: str | None) -> None:
+    if check_conversation(client.store, conversation_id, new=new_conversation, with_images=with_images) \
+            and not new_conversation:
+        notices.print(f"note: conversation {conversation_id} is new: this turn starts it", markup=False)
+    if task_id and not idempotency_key and client.store.get(task_id) is not None:
+        raise RequestError(f"{task_id!r} is already taken: choose another --task-id or leave it out",
+                           field="task_id")
+    client.redis.ping()  # an unreachable Redis is reported before anything is recorded
+
+
 def _question(prompt: str | None, prompt_file: str | None) -> str:
     if "-" in (prompt, prompt_file) and sys.stdin.isatty():
         notices.print("reading the question from stdin: end it with Ctrl-D", markup=False)
     return read_question(prompt, prompt_file)
+
+
+def _ping(client: Any) -> None:
+    """Report an unreachable Redis before anything is touched (a client over HTTP has none)."""
+    if hasattr(client, "redis"):
+        client.redis.ping()
 
 
 def _follow(client: Any, task_id: str, from_seq: int, as_json: bool) -> int:
@@ -143,7 +165,10 @@ def _follow(client: Any, task_id: str, from_seq: int, as_json: bool) -> int:
     from producer.render import EventRenderer, print_json_events
     from producer.waiting import WaitingView, events_with_waiting
 
-    events = events_with_waiting(client, task_id, from_seq, WaitingView(notices))
+    if hasattr(client, "redis"):
+        events = events_with_waiting(client, task_id, from_seq, WaitingView(notices))
+    else:  # over HTTP: the API's own events (the queue is not ours to look at)
+        events = client.events(task_id, from_seq=from_seq)
     terminal = print_json_events(events, sys.stdout) if as_json else EventRenderer(console).render_all(events)
     return EXIT_BY_EVENT.get(terminal["type"], EXIT_FAILED) if terminal else EXIT_FAILED
 
@@ -157,7 +182,7 @@ def follow(task_id: str, from_seq: int, as_json: bool) -> None:
     """Replay and then follow a task's events live."""
     with _client() as client:
         client.get(task_id)
-        client.redis.ping()
+        _ping(client)
         sys.exit(_follow(client, task_id, from_seq, as_json))
 
 
@@ -279,7 +304,7 @@ def _print_rows(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 def retry(task_id: str, follow: bool, as_json: bool) -> None:
     """Queue a failed or cancelled task again (same task id, a new attempt)."""
     with _client() as client:
-        client.redis.ping()  # an unreachable Redis is reported before the task is touched
+        _ping(client)  # an unreachable Redis is reported before the task is touched
         from_seq = client.retry(task_id)
         if follow:  # the log still holds the earlier attempts' events: start after them
             sys.exit(_follow(client, task_id, from_seq, as_json))
@@ -358,6 +383,60 @@ def emulator(host: str, port: int, tps: float | None, first_token_s: float | Non
                                      answer_tokens=answer_tokens)
     click.echo(f"QVQ emulator on http://{host}:{port}/v1  (QVQ_BASE_URL=http://{host}:{port}/v1)", err=True)
     serve(host, port, config)
+
+
+# -- callbacks and the HTTP API option (webhooks, docs/webhooks.md) ----------------------------------
+def _remember_api(context: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value:
+        context.meta["qvq.api_url"] = value
+
+
+main.params.append(click.Option(
+    ["--api"], metavar="URL", expose_value=False, is_eager=True, callback=_remember_api,
+    help="Talk to this HTTP API (with QVQ_API_KEY) instead of Redis and the database; or set QVQ_API_URL."))
+
+
+@main.group()
+def callbacks() -> None:
+    """A task's callback delivery: show it, send it again."""
+
+
+@callbacks.command("show")
+@click.argument("task_id")
+@friendly_errors
+def callbacks_show(task_id: str) -> None:
+    """The delivery of the task's callback: status, tries, last answer."""
+    with _client() as client:
+        record = client.get(task_id)
+        delivery = getattr(record, "callback", None)
+        if delivery is None and hasattr(client, "redis"):
+            found = client.store.task_callback(task_id)
+            delivery = found.to_dict() if found else None
+    click.echo(json.dumps(delivery, indent=2, default=str) if delivery else f"task {task_id} has no callback")
+
+
+@callbacks.command("redeliver")
+@click.argument("task_id")
+@friendly_errors
+def callbacks_redeliver(task_id: str) -> None:
+    """Send the task's callback again now (a fresh retry window)."""
+    with _client() as client:
+        if hasattr(client, "redeliver_callback"):
+            delivery = client.redeliver_callback(task_id)
+        else:
+            delivery = _redeliver_direct(client, task_id)
+    click.echo(f"callback {delivery['event_id']} queued for delivery to {delivery['url']}")
+
+
+def _redeliver_direct(client: Any, task_id: str) -> dict[str, Any]:
+    from contracts import callbacks as cb
+
+    client.get(task_id)
+    record = client.store.redeliver_callback(task_id)
+    if record is None:
+        raise KeyError(f"task {task_id} has no callback to deliver")
+    client.celery.send_task(cb.TASK_NAME, args=[record.event_id], queue=cb.QUEUE, serializer="json")
+    return dict(record.to_dict())
 
 
 if __name__ == "__main__":

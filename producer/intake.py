@@ -85,10 +85,6 @@ def check_conversation(store: Any, conversation_id: str | None, *, new: bool, wi
 
 def conversation_exists(store: Any, conversation_id: str) -> bool:
     """A conversation exists once a task names it (whatever that task's status)."""
-    import sqlalchemy as sa
+    exists, _tenant = store.conversation_tenant(conversation_id)
+    return bool(exists)
 
-    from contracts.store import tasks
-
-    query = sa.select(tasks.c.id).where(tasks.c.conversation_id == conversation_id).limit(1)
-    with store.engine.connect() as conn:
-        return conn.execute(query).first() is not None

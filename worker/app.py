@@ -60,7 +60,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,  # a task that ended failed (FAILURE) is still acknowledged
         "task_default_queue": QUEUE,
-        "task_routes": {TASK_NAME: {"queue": QUEUE}},
+        "task_routes": {TASK_NAME: {"queue": QUEUE}, "qvq.callback": {"queue": "qvq-callbacks"}},
         "worker_prefetch_multiplier": 1,
         "worker_pool": "threads",
         "worker_concurrency": settings.worker_concurrency,
@@ -101,7 +101,7 @@ def guard_kombu_closed_transport() -> None:
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     guard_kombu_closed_transport()
-    app = Celery("qvq", include=["worker.tasks"])
+    app = Celery("qvq", include=["worker.tasks", "worker.deliveries"])
     app.conf.update(celery_config(settings))
     return app
 

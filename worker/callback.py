@@ -11,6 +11,7 @@ task) calls `post_once` with `make_guard(...)` and `make_client()`.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
@@ -52,6 +53,14 @@ def deliver(url: str, event: dict[str, Any], *, secret: str, allow_private: bool
     return outcome is Outcome.DELIVERED
 
 
+def schedule(ctx: Any, url: str, event: dict[str, Any]) -> None:
+    """Hand the terminal event to a durable delivery (worker/deliveries.py: its own task, tries and
+    record) instead of posting it here; never raises."""
+    from worker.deliveries import schedule as schedule_delivery  # it imports this module
+
+    schedule_delivery(ctx, url, event)
+
+
 def make_guard(allow_private: bool) -> UrlGuard:
     """The guard for callback URLs: plain http is allowed (the body is signed), private addresses are not."""
     return UrlGuard(allow_private=allow_private, https_only=False)
@@ -61,15 +70,29 @@ def make_client() -> httpx.Client:
     return guarded_client(timeout=TIMEOUT)
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """One try: what to do next, the receiver's status (None when nothing was answered), why it failed."""
+
+    outcome: Outcome
+    status_code: int | None = None
+    error: str | None = None
+
+
 def post_once(url: str, event: dict[str, Any], *, secret: str, guard: UrlGuard, client: httpx.Client) -> Outcome:
     """One signed POST of the event, to the address the guard checked; never raises httpx errors."""
+    return attempt(url, event, secret=secret, guard=guard, client=client).outcome
+
+
+def attempt(url: str, event: dict[str, Any], *, secret: str, guard: UrlGuard, client: httpx.Client) -> Attempt:
+    """As post_once, telling also the status code and the error (for a delivery's record)."""
     try:
         pinned = guard.pin(url, credentials=False)
     except UnsafeURL as exc:
         retry = exc.reason in ("unresolved", "not_found")  # DNS may answer later; a bad address will not
         log.warning("callback.failed" if retry else "callback.refused", url=_shown(url), reason=exc.reason,
                     error=exc.message)
-        return Outcome.RETRY if retry else Outcome.REFUSED
+        return Attempt(Outcome.RETRY if retry else Outcome.REFUSED, error=exc.message)
     body = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
     try:
         with client.stream("POST", pinned.url, content=body, headers={**_headers(event, body, secret),
@@ -77,8 +100,10 @@ def post_once(url: str, event: dict[str, Any], *, secret: str, guard: UrlGuard, 
             _drain(response)
     except httpx.HTTPError as exc:
         log.warning("callback.failed", url=_shown(url), error=f"{type(exc).__name__}: {exc}")
-        return Outcome.RETRY
-    return _outcome(url, response.status_code)
+        return Attempt(Outcome.RETRY, error=type(exc).__name__)
+    outcome = _outcome(url, response.status_code)
+    error = None if outcome is Outcome.DELIVERED else f"HTTP {response.status_code}"
+    return Attempt(outcome, response.status_code, error)
 
 
 def _headers(event: dict[str, Any], body: bytes, secret: str) -> dict[str, Any]:
@@ -88,6 +113,8 @@ def _headers(event: dict[str, Any], body: bytes, secret: str) -> dict[str, Any]:
         "X-Qvq-Event": str(event.get("type", "")).encode(),
         "X-Qvq-Task-Id": str(event.get("task_id", "")).encode(),
     }
+    if event.get("event_id"):  # receivers dedupe by it (worker/deliveries.py)
+        headers["X-Qvq-Event-Id"] = str(event["event_id"]).encode()
     if secret:
         headers[SIGNATURE_HEADER] = sign(body, secret)  # signed at each try: a fresh timestamp
     return headers

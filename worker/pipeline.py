@@ -340,9 +340,7 @@ class TaskRun:
         if self.job.callback_url:
             event = {"seq": seq, "task_id": self.task_id, "type": type_, "ts": time.time(),
                      "attempt": self.attempt, **fields}
-            settings = self.ctx.settings
-            callback.deliver(self.job.callback_url, event, secret=settings.webhook_secret,
-                             allow_private=settings.allow_private_urls)
+            callback.schedule(self.ctx, self.job.callback_url, event)
         return seq
 
     def _publish_terminal_event(self, type_: str, **fields: Any) -> int | None:
