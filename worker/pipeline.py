@@ -202,6 +202,8 @@ class TaskRun:
             except ModelError as error:
                 coalescer.discard()
                 self._before_retry(error, watch)
+            finally:
+                coalescer.close()  # nothing of this attempt may follow a terminal event (any exit)
 
     def _before_retry(self, error: ModelError, watch: Any) -> None:
         """Publish task.retrying and wait, or re-raise when the error is final."""
