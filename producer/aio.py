@@ -133,9 +133,10 @@ class AsyncClient:
         (default: this client's store, in a thread).
         """
         return self.bus.subscribe(task_id, from_seq=from_seq, timeout=timeout, idle_timeout=idle_timeout,
-                                  row=row or self._row, live=live)
+                                  row=row or self.row, live=live)
 
-    async def _row(self, task_id: str) -> TaskRecord | None:
+    async def row(self, task_id: str) -> TaskRecord | None:
+        """The task's row, or None (read in a worker thread)."""
         return await asyncio.to_thread(self.store.get, task_id)
 
     async def result(self, task_id: str, timeout: float | None = None) -> TaskRecord:

@@ -52,6 +52,7 @@ from contracts.settings import Settings, get_settings
 from contracts.store import Store
 from producer.aio import AsyncClient
 from producer.client import Client, EnqueueError
+from producer.fanout import FanoutHub
 
 log = get_logger(__name__)
 
@@ -103,9 +104,11 @@ def create_app(settings: Settings | None = None, *, keepalive_s: float = KEEPALI
         services = Services(settings, Client(settings, store=store), AsyncClient(settings, store=store),
                             directory.resolve(), keepalive_s)
         app.state.services = services
+        app.state.fanout = FanoutHub(settings.redis_url)  # one pub/sub connection for every SSE viewer
         try:
             yield
         finally:
+            await app.state.fanout.aclose()
             await services.aclient.aclose()
             await run_in_threadpool(services.client.close)
             if own_dir:
@@ -218,7 +221,8 @@ async def task_events(
     if last is not None and ev.is_terminal(last) and start >= last["seq"]:
         return Response(status_code=204)  # nothing more will come; tells EventSource to stop
     return StreamingResponse(
-        sse_stream(services.aclient, task_id, start, services.keepalive_s), media_type="text/event-stream",
+        sse_stream(services.aclient, task_id, start, services.keepalive_s, hub=request.app.state.fanout),
+        media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"},
     )
 
@@ -252,11 +256,18 @@ async def _submit(services: Services, body: dict[str, Any]) -> JSONResponse:
 
 
 async def sse_stream(aclient: AsyncClient, task_id: str, from_seq: int,
-                     keepalive_s: float = KEEPALIVE_S) -> AsyncIterator[str]:
+                     keepalive_s: float = KEEPALIVE_S, *, hub: FanoutHub | None = None) -> AsyncIterator[str]:
     """The task's events as SSE frames (`id: seq`, `event: type`, `data: json`), a keep-alive
-    comment after each `keepalive_s` without an event, ending after the terminal event."""
+    comment after each `keepalive_s` without an event, ending after the terminal event of the
+    task's latest run (made from the row when it never reached Redis; the row is read while quiet).
+
+    With `hub` (producer/fanout.py), live messages come from the process's one pub/sub connection
+    and the viewers of a task share their row reads; without it, the stream has a connection of its own."""
     yield f"retry: {SSE_RETRY_MS}\n\n"
-    events = aclient.events(task_id, from_seq=from_seq)
+    if hub is None:
+        events = aclient.events(task_id, from_seq=from_seq)
+    else:
+        events = hub.subscribe(task_id, from_seq=from_seq, row=hub.row_reader(aclient.row))
     pending: asyncio.Future[dict[str, Any]] | None = None
     try:
         while True:
