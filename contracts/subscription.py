@@ -183,12 +183,13 @@ class SubscriptionState:
         if message is None:  # a quiet channel may hide a missed message: the log is the source of truth
             self._catching_up = True
         elif message.get("type") == "message":
-            self.take_live(message["data"])
+            self.take_live(message.get("event") or message["data"])
 
-    def take_live(self, data: bytes | str) -> None:
+    def take_live(self, data: bytes | str | dict[str, Any]) -> None:
+        """One live message's data (or its event, already decoded by a fan-out: never modified)."""
         if self.done:
             return
-        event = json.loads(data)
+        event = data if isinstance(data, dict) else json.loads(data)
         if event["seq"] <= self.last_seq:
             return
         if event["seq"] != self.last_seq + 1:

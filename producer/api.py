@@ -213,7 +213,8 @@ async def task_events(
     services = _services(request)
     record = await _record(services, task_id)
     start = max(from_seq, _parse_last_event_id(last_event_id))
-    last = await services.aclient.bus.last_event(task_id)
+    hub: FanoutHub = request.app.state.fanout
+    last = await hub.bus.last_event(task_id)  # on the hub's bounded pool: viewers come by the thousand
     if last is None and record.is_terminal:
         raise ApiError(410, "events.expired",
                        f"the events of task {task_id} have expired (QVQ_EVENT_TTL_S); "
@@ -221,7 +222,7 @@ async def task_events(
     if last is not None and ev.is_terminal(last) and start >= last["seq"]:
         return Response(status_code=204)  # nothing more will come; tells EventSource to stop
     return StreamingResponse(
-        sse_stream(services.aclient, task_id, start, services.keepalive_s, hub=request.app.state.fanout),
+        sse_stream(services.aclient, task_id, start, services.keepalive_s, hub=hub),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"},
     )
@@ -282,7 +283,7 @@ async def sse_stream(aclient: AsyncClient, task_id: str, from_seq: int,
                 event = finished.result()
             except StopAsyncIteration:
                 return
-            yield format_sse(event)
+            yield format_sse(event) if hub is None else hub.frame(event, format_sse)
             if ev.is_terminal(event):
                 return
     except Exception:

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
@@ -44,6 +46,7 @@ POOL_SIZE = 64  # Redis connections for the viewers' log reads (they wait for a 
 POOL_TIMEOUT_S = 30.0
 ROW_SHARE_S = 1.0
 READ_WAIT_S = 1.0
+FRAME_CACHE = 4096  # encoded events kept for the viewers that come next
 
 _LOST = object()  # queued to every viewer when the hub's connection is lost
 _GAP = object()  # queued to a channel's viewers when messages may have been dropped
@@ -70,6 +73,7 @@ class FanoutHub:
         self._connect_lock = asyncio.Lock()
         self._rows: dict[str, tuple[float, asyncio.Future[Any]]] = {}
         self.bus = AsyncEventBus(self.redis)
+        self._frames: OrderedDict[tuple[Any, Any, Any], str] = OrderedDict()
         self.resubscriptions = 0  # connections lost (and viewers sent back to the log)
 
     # -- viewers -------------------------------------------------------------------------------
@@ -167,6 +171,10 @@ class FanoutHub:
                 self._broadcast(channel, _GAP)
             channel.confirmed.set()
         elif kind == "message":
+            try:  # decoded once for every viewer (they only read it)
+                message["event"] = json.loads(message["data"])
+            except ValueError:
+                return
             self._broadcast(channel, message)
 
     def _broadcast(self, channel: _Channel, item: Any) -> None:
@@ -187,6 +195,16 @@ class FanoutHub:
             channel.confirmed.set()  # wakes viewers still waiting for a confirmation (they see `lost`)
         task = asyncio.ensure_future(_close_quietly(pubsub))
         task.add_done_callback(_ignore_result)
+
+    def frame(self, event: dict[str, Any], encode: Callable[[dict[str, Any]], str]) -> str:
+        """`encode(event)`, once per event for all the viewers of its task (a small LRU by task and seq)."""
+        key = (event.get("task_id"), event.get("seq"), event.get("type"))
+        frame = self._frames.get(key)
+        if frame is None:
+            frame = self._frames[key] = encode(event)
+            if len(self._frames) > FRAME_CACHE:
+                self._frames.popitem(last=False)
+        return frame
 
     # -- rows ----------------------------------------------------------------------------------
     def row_reader(self, read: Callable[[str], Awaitable[Any]]) -> Callable[[str], Awaitable[Any]]:
