@@ -283,9 +283,9 @@ async def sse_stream(aclient: AsyncClient, task_id: str, from_seq: int,
                 event = finished.result()
             except StopAsyncIteration:
                 return
+            # No return at a terminal event: an earlier run's is followed by the next run; the
+            # subscription ends after the latest run's.
             yield format_sse(event) if hub is None else hub.frame(event, format_sse)
-            if ev.is_terminal(event):
-                return
     except Exception:
         log.exception("sse.failed", task_id=task_id)  # the client reconnects with Last-Event-ID
     finally:
