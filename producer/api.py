@@ -45,6 +45,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contracts import events as ev
+from contracts.bus import RECONNECTABLE
 from contracts.errors import RequestError
 from contracts.job import MAX_IMAGES
 from contracts.logging import get_logger
@@ -214,8 +215,11 @@ async def task_events(
     record = await _record(services, task_id)
     start = max(from_seq, _parse_last_event_id(last_event_id))
     hub: FanoutHub = request.app.state.fanout
-    last = await hub.bus.last_event(task_id)  # on the hub's bounded pool: viewers come by the thousand
-    if last is None and record.is_terminal:
+    try:  # on the hub's bounded pool: viewers come by the thousand
+        last, known = await hub.bus.last_event(task_id), True
+    except RECONNECTABLE:  # Redis is away: the stream waits for it, or ends with the row's outcome
+        last, known = None, False
+    if known and last is None and record.is_terminal:
         raise ApiError(410, "events.expired",
                        f"the events of task {task_id} have expired (QVQ_EVENT_TTL_S); "
                        f"GET /v1/tasks/{task_id} has its result")

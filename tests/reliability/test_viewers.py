@@ -74,6 +74,14 @@ class Followers:
             assert response.status_code == 200, response.read()
             return [frame["data"] for frame in sse_events(response)]
 
+    def wait_subscribed(self, timeout: float = 20) -> None:
+        """Until every follower is subscribed to the task's channel (the API's hub counts as one)."""
+        channel = ev.channel(self.task_id)
+        deadline = time.monotonic() + timeout
+        while dict(self.stack.redis.pubsub_numsub(channel))[channel.encode()] < 5:
+            assert time.monotonic() < deadline, "the followers did not all subscribe"
+            time.sleep(0.02)
+
     def join(self, timeout: float = 120) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         for thread in self.threads:
@@ -112,6 +120,7 @@ def test_redis_down_for_10_s_across_the_end_every_follower_ends_from_the_row(
     task_id = stack.submit("Finish while Redis is away.", tps=25, reasoning_tokens=50, answer_tokens=10)
     followers = Followers(stack, api, task_id).start()
     stack.wait_events(task_id, lambda es: any(e["type"] == ev.REASONING_DELTA for e in es))
+    followers.wait_subscribed()
     stack.redis_server.stop()
     down_at = time.monotonic()
     record = stack.wait_terminal([task_id], timeout=30)[task_id]
@@ -140,6 +149,7 @@ def test_redis_restarted_without_persistence_mid_task_every_follower_ends(
     task_id = stack.submit("Go on through a Redis restart.", tps=25, reasoning_tokens=80, answer_tokens=10)
     followers = Followers(stack, api, task_id).start()
     stack.wait_events(task_id, lambda es: sum(e["type"] == ev.REASONING_DELTA for e in es) >= 3)
+    followers.wait_subscribed()
     stack.redis_server.stop()
     time.sleep(0.5)  # an outage, not a synchronisation: Redis stays away this long
     stack.redis_server.start()  # empty: the log and the seq counter are gone
