@@ -24,6 +24,7 @@ from contracts import events as ev
 from contracts.bus import CONFIRM_S, PUBLISH_LUA, RECONNECTABLE, publish_args
 from contracts.subscription import (
     END,
+    HEARTBEAT,
     READ_BATCH,
     READ_ROW,
     SUBSCRIBE,
@@ -119,11 +120,20 @@ class AsyncEventBus:
         cancelling the task).
         """
         state = SubscriptionState(task_id, from_seq, timeout, idle_timeout, checks_row=row is not None)
+        return _drive(self.redis, state, row, live or PubSubLive(self.redis))  # type: ignore[return-value]
+
+    def heartbeats(
+        self, task_id: str, from_seq: int = 0, *, heartbeat_s: float, row: AsyncRowReader | None = None,
+        live: LiveSource | None = None,
+    ) -> AsyncGenerator[dict[str, Any] | None, None]:
+        """As `subscribe`, and None after each `heartbeat_s` without an event (for keep-alives:
+        cheaper than a timed wait per event around `subscribe`)."""
+        state = SubscriptionState(task_id, from_seq, checks_row=row is not None, heartbeat_s=heartbeat_s)
         return _drive(self.redis, state, row, live or PubSubLive(self.redis))
 
 
 async def _drive(client: aioredis.Redis, state: SubscriptionState, row: AsyncRowReader | None,
-                 live: LiveSource) -> AsyncGenerator[dict[str, Any], None]:
+                 live: LiveSource) -> AsyncGenerator[dict[str, Any] | None, None]:
     """Perform the state's actions with redis.asyncio; the only code here is I/O."""
     try:
         while True:
@@ -131,6 +141,8 @@ async def _drive(client: aioredis.Redis, state: SubscriptionState, row: AsyncRow
             if isinstance(action, Deliver):
                 yield action.event
                 state.delivered()
+            elif action is HEARTBEAT:
+                yield None
             elif action is END:
                 return
             elif isinstance(action, Sleep):

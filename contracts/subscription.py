@@ -12,6 +12,7 @@ the same way:
     ReadRow        read the task's row (database)                  -> take_row(record or None)
     Sleep(s)       back off after a lost connection
     Deliver(event) hand the event to the consumer                  -> delivered()
+    HEARTBEAT      (only with heartbeat_s) heartbeat_s passed without an event: tell the consumer
     END            the subscription is over
     any Redis I/O that fails with a connection error               -> connection_lost(error)
 
@@ -61,6 +62,7 @@ class _Named:
 
 
 SUBSCRIBE = _Named("Subscribe")
+HEARTBEAT = _Named("Heartbeat")
 READ_ROW = _Named("ReadRow")
 END = _Named("End")
 
@@ -123,7 +125,7 @@ class SubscriptionState:
 
     def __init__(self, task_id: str, from_seq: int = 0, timeout: float | None = None,
                  idle_timeout: float | None = None, *, checks_row: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 heartbeat_s: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.task_id = task_id
         self.last_seq = from_seq  # the highest seq taken for delivery
         self.log_cursor: str | None = None  # id of the last log entry settled
@@ -143,6 +145,8 @@ class SubscriptionState:
         self._resume_at = 0.0
         self._row_at = now + ROW_CHECK_S
         self._row_terminal_seen = False
+        self.heartbeat_s = heartbeat_s
+        self._beat_at = now + heartbeat_s if heartbeat_s else None
 
     # -- the protocol --------------------------------------------------------------------------
     def next(self) -> Action:
@@ -153,6 +157,9 @@ class SubscriptionState:
             return END
         self.check_timeouts()
         now = self._clock()
+        if self._beat_at is not None and now >= self._beat_at:
+            self._beat_at = now + (self.heartbeat_s or 0)
+            return HEARTBEAT
         if self.checks_row and now >= self._row_at:
             return READ_ROW
         if now < self._resume_at:
@@ -219,6 +226,8 @@ class SubscriptionState:
     def delivered(self) -> None:
         """The consumer took an event: the idle clock starts again."""
         self.idle_since = now = self._clock()
+        if self._beat_at is not None:
+            self._beat_at = now + (self.heartbeat_s or 0)
         if not self._row_terminal_seen:
             self._row_at = max(self._row_at, now + ROW_CHECK_S)
 
@@ -247,6 +256,8 @@ class SubscriptionState:
             waits.append(self.idle_since + self.idle_timeout - now)
         if self.checks_row:
             waits.append(self._row_at - now)
+        if self._beat_at is not None:
+            waits.append(self._beat_at - now)
         return max(0.0, min(waits))
 
     def check_timeouts(self) -> None:

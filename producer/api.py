@@ -22,7 +22,6 @@ Redis pub/sub connection, never a thread.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -31,7 +30,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Annotated, Any
@@ -269,37 +268,26 @@ async def sse_stream(aclient: AsyncClient, task_id: str, from_seq: int,
     With `hub` (producer/fanout.py), live messages come from the process's one pub/sub connection
     and the viewers of a task share their row reads; without it, the stream has a connection of its own."""
     yield f"retry: {SSE_RETRY_MS}\n\n"
+    # The subscription itself says when keepalive_s passed without an event (None): no timed wait
+    # around each event, which thousands of viewers would pay for on every event.
     if hub is None:
-        events = aclient.events(task_id, from_seq=from_seq)
+        events = aclient.bus.heartbeats(task_id, from_seq, heartbeat_s=keepalive_s, row=aclient.row)
     else:
-        events = hub.subscribe(task_id, from_seq=from_seq, row=hub.row_reader(aclient.row))
-    pending: asyncio.Future[dict[str, Any]] | None = None
+        events = hub.heartbeats(task_id, from_seq, heartbeat_s=keepalive_s, row=hub.row_reader(aclient.row))
     try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(events))  # type: ignore[arg-type]
-            done, _ = await asyncio.wait({pending}, timeout=keepalive_s)
-            if not done:
+        # No return at a terminal event: an earlier run's is followed by the next run; the
+        # subscription ends after the latest run's.
+        async for event in events:
+            if event is None:
                 yield ": keep-alive\n\n"
-                continue
-            finished, pending = pending, None
-            try:
-                event = finished.result()
-            except StopAsyncIteration:
-                return
-            # No return at a terminal event: an earlier run's is followed by the next run; the
-            # subscription ends after the latest run's.
-            yield format_sse(event) if hub is None else hub.frame(event, format_sse)
+            else:
+                yield format_sse(event) if hub is None else hub.frame(event, format_sse)
     except Exception:
         log.exception("sse.failed", task_id=task_id)  # the client reconnects with Last-Event-ID
     finally:
-        # Runs on a client disconnect too (the request is cancelled): release the pub/sub connection.
+        # Runs on a client disconnect too (the request is cancelled): release the subscription.
         with anyio.move_on_after(5, shield=True):
-            if pending is not None:
-                pending.cancel()
-                with suppress(BaseException):
-                    await pending
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
 
 
 def format_sse(event: dict[str, Any]) -> str:

@@ -82,6 +82,11 @@ class FanoutHub:
         """`AsyncEventBus.subscribe` with its live messages from this hub and its log reads on its pool."""
         return self.bus.subscribe(task_id, from_seq=from_seq, timeout=timeout, row=row, live=self.live())
 
+    def heartbeats(self, task_id: str, from_seq: int = 0, *, heartbeat_s: float,
+                   row: Callable[[str], Awaitable[Any]] | None = None) -> AsyncGenerator[dict[str, Any] | None, None]:
+        """`AsyncEventBus.heartbeats` (None after each quiet `heartbeat_s`) through this hub."""
+        return self.bus.heartbeats(task_id, from_seq, heartbeat_s=heartbeat_s, row=row, live=self.live())
+
     def live(self) -> HubViewer:
         """A LiveSource (contracts.async_bus) for one viewer."""
         return HubViewer(self)
@@ -262,11 +267,14 @@ class HubViewer:
             while not self._queue.empty():
                 self._queue.get_nowait()
             return None
-        try:
-            async with asyncio.timeout(timeout):
-                item = await self._queue.get()
-        except TimeoutError:
-            return None
+        if not self._queue.empty():  # the common case under load: no timer to arm
+            item = self._queue.get_nowait()
+        else:
+            try:
+                async with asyncio.timeout(timeout):
+                    item = await self._queue.get()
+            except TimeoutError:
+                return None
         if item is _LOST:
             raise redis.ConnectionError("the fan-out connection to Redis was lost")
         if item is _GAP:
