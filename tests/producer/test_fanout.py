@@ -212,3 +212,49 @@ def test_a_channel_is_subscribed_once_and_released_with_its_last_viewer(
 
 def test_hub_threads_do_not_leak() -> None:
     assert not [t for t in threading.enumerate() if t.name.startswith("qvq-api-") and t.is_alive()]
+
+
+def test_the_viewers_of_a_task_share_one_row_read(redis_url: str) -> None:
+    from producer.fanout import FanoutHub
+
+    reads: list[str] = []
+
+    async def read(task_id: str) -> str:
+        reads.append(task_id)
+        await asyncio.sleep(0.05)
+        return f"row of {task_id}"
+
+    async def main() -> list[str]:
+        hub = FanoutHub(redis_url)
+        try:
+            shared = hub.row_reader(read)
+            return list(await asyncio.gather(*(shared("t1") for _ in range(50)), shared("t2")))
+        finally:
+            await hub.aclose()
+
+    rows = asyncio.run(main())
+    assert rows == ["row of t1"] * 50 + ["row of t2"] and sorted(reads) == ["t1", "t2"]
+
+
+def test_a_viewer_too_slow_for_its_queue_is_sent_to_the_log_and_misses_nothing(
+        redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    from producer import fanout
+
+    monkeypatch.setattr(fanout, "QUEUE_SIZE", 4)
+    bus = EventBus(redis_client)
+    bus.publish("slow1", ev.QUEUED, 0)
+
+    async def main() -> list[int]:
+        hub = fanout.FanoutHub(redis_url)
+        try:
+            stream = hub.subscribe("slow1")
+            seqs = [(await anext(stream))["seq"]]
+            for i in range(30):  # published while the viewer does not read: its queue overflows
+                await asyncio.to_thread(bus.publish, "slow1", ev.ANSWER_DELTA, 1, text=str(i))
+            await asyncio.to_thread(bus.publish, "slow1", ev.COMPLETED, 1)
+            seqs += [event["seq"] async for event in stream]
+            return seqs
+        finally:
+            await hub.aclose()
+
+    assert asyncio.run(main()) == list(range(1, 33))
