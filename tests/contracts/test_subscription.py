@@ -220,3 +220,22 @@ def test_a_lost_connection_mid_read_rereads_from_the_settled_cursor() -> None:
         else:
             state._resume_at = 0  # skip the back-off
     assert action.start == "(1-0"  # nothing of the unfinished read was taken
+
+
+def test_heartbeats_come_after_each_quiet_period_and_not_while_events_flow() -> None:
+    from contracts.subscription import HEARTBEAT
+
+    clock = Clock()
+    state = SubscriptionState("t", heartbeat_s=15, clock=clock)
+    subscribed(state, [entry(1, ev.QUEUED)])
+    action = state.next()
+    assert isinstance(action, WaitLive) and action.timeout <= 1.0
+    clock.now += 10
+    state.take_message(live(2, ev.STARTED))
+    assert len(drain(state)) == 1
+    clock.now += 10  # 10 s since the last event: no heartbeat yet
+    assert state.next() is not HEARTBEAT
+    state.take_log([])
+    clock.now += 5
+    assert state.next() is HEARTBEAT
+    assert state.next() is not HEARTBEAT  # the next one is due 15 s later
