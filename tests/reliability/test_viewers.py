@@ -210,3 +210,36 @@ def test_a_server_without_a_usage_chunk_completes_with_estimated_usage(stack: St
     assert record.usage["prompt_tokens"] > 0 and record.cost["total"] > 0
     final = stack.wait_for_terminal_event(task_id)[-1]
     assert final["type"] == ev.COMPLETED and final["usage"]["estimated"] is True
+
+
+def test_the_async_client_submits_cancels_retries_and_waits_like_the_sync_one(make_stack: Callable[..., Stack]) -> None:
+    stack = make_stack()
+
+    async def main() -> tuple[Any, ...]:
+        async with AsyncClient(Settings.from_env(stack.env)) as client:
+            handle = await client.submit(images=[str(stack.image)], prompt="Async, cancelled while queued.",
+                                         task_id="aio-1")
+            again = await client.submit(images=[str(stack.image)], prompt="x", task_id="aio-2",
+                                        idempotency_key="k1")
+            same = await client.submit(images=[str(stack.image)], prompt="x", task_id="aio-3",
+                                       idempotency_key="k1")
+            cancelled = await client.cancel(handle.task_id)  # no worker yet: still queued
+            cancelled_record = await client.result(handle.task_id, timeout=10)
+            from_seq = await client.retry(handle.task_id)
+            await asyncio.to_thread(stack.start_worker, 2)
+            record = await client.result(handle.task_id, timeout=60)
+            events = [e async for e in client.events(handle.task_id, timeout=10)]
+            late_cancel = await client.cancel(handle.task_id)
+            with pytest.raises(Exception, match="only failed or cancelled"):
+                await client.retry(handle.task_id)
+            return (handle, again, same, cancelled, cancelled_record, from_seq, record, events, late_cancel)
+
+    handle, again, same, cancelled, cancelled_record, from_seq, record, events, late_cancel = asyncio.run(main())
+    assert handle.created and again.created and not same.created and same.task_id == "aio-2"
+    assert cancelled and cancelled_record.status == "cancelled"
+    assert record.status == "completed" and record.run == 1 and not late_cancel
+    types = [e["type"] for e in events]
+    assert types[:3] == [ev.QUEUED, ev.CANCELLED, ev.QUEUED] and types[-1] == ev.COMPLETED
+    assert events[2]["seq"] == from_seq + 1 and events[2]["run"] == 1 and events[0]["run"] == 0
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert stack.record(handle.task_id).last_seq >= events[2]["seq"]  # the row remembers the run's start
