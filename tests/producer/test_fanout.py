@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import statistics
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,9 +208,6 @@ def test_a_channel_is_subscribed_once_and_released_with_its_last_viewer(
     during, after = asyncio.run(main())
     assert during == 1 and after == [0, 0]
 
-
-def test_hub_threads_do_not_leak() -> None:
-    assert not [t for t in threading.enumerate() if t.name.startswith("qvq-api-") and t.is_alive()]
 
 
 def test_the_viewers_of_a_task_share_one_row_read(redis_url: str) -> None:
