@@ -101,7 +101,7 @@ async def _chat(state: EmulatorState, body: bytes, attempt_header: str | None) -
     script = write_script(
         last_images, strip_directives(raw_prompt), config.reasoning_tokens, config.answer_tokens
     )
-    usage = _usage(request, infos, script.completion_tokens) if request.include_usage else None
+    usage = _usage(request, infos, script.completion_tokens) if request.include_usage and not config.no_usage else None
     completion = Completion(request.model, script, usage, config, fault)
     return StreamingResponse(
         sse_events(completion, state.stats, state.is_stopping),

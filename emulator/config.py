@@ -18,6 +18,7 @@ class EmulatorConfig:
     answer_tokens: int = 20  # the answer has at least this many chunks
     retry_after_s: float = 1.0  # the Retry-After header of an injected 429
     stamp_chunks: bool = False  # adds a non-standard "x_sent_at" (unix seconds) to every chunk
+    no_usage: bool = False  # never sends the usage chunk, as servers that ignore include_usage do
 
     def __post_init__(self) -> None:
         if self.tps < 0 or self.first_token_s < 0 or self.retry_after_s < 0:
@@ -28,7 +29,7 @@ class EmulatorConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> EmulatorConfig:
         """QVQ_EMULATOR_TPS, _FIRST_TOKEN_S, _REASONING_TOKENS, _ANSWER_TOKENS, _RETRY_AFTER_S,
-        _STAMP_CHUNKS; keyword overrides (e.g. CLI flags; None means unset) win over the environment."""
+        _STAMP_CHUNKS, _NO_USAGE; keyword overrides (e.g. CLI flags; None means unset) win over the environment."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for name in field_names():

@@ -1,7 +1,7 @@
 """Per-request settings written in the prompt: `[[emulator: tps=50 reasoning_tokens=500 fault=429@1]]`.
 
 Keys: the EmulatorConfig fields except stamp_chunks (tps, first_token_s, reasoning_tokens,
-answer_tokens, retry_after_s) and `fault` (a plan, see faults.py). Directives are removed from the
+answer_tokens, retry_after_s, no_usage) and `fault` (a plan, see faults.py). Directives are removed from the
 prompt the emulator echoes; an unknown key or bad value is a 400, so typos do not pass silently.
 """
 
@@ -15,7 +15,7 @@ from emulator.config import EmulatorConfig
 from emulator.faults import Fault, parse_plan
 
 _DIRECTIVE = re.compile(r"[ \t]*\[\[\s*emulator\s*:(?P<body>.*?)\]\][ \t]*", re.IGNORECASE | re.DOTALL)
-REQUEST_KEYS = ("tps", "first_token_s", "reasoning_tokens", "answer_tokens", "retry_after_s")
+REQUEST_KEYS = ("tps", "first_token_s", "reasoning_tokens", "answer_tokens", "retry_after_s", "no_usage")
 
 
 @dataclass(frozen=True)

@@ -1,31 +1,43 @@
-"""The client for asyncio backends: follow a task's events and wait for its result without a thread.
+"""The client for asyncio backends: submit, follow, wait for, cancel and retry tasks without blocking.
 
     async with AsyncClient() as client:
-        async for event in client.events(task_id):
+        handle = await client.submit(images=["s3://bucket/photo.jpg"], prompt="What is wrong here?")
+        async for event in client.events(handle.task_id):
             ...
-        record = await client.result(task_id, timeout=300)
+        record = await client.result(handle.task_id, timeout=300)
 
-Events come from `contracts.async_bus` (same semantics as the sync client: replay, then live, each
-event once, ending after the terminal one). The task row is read through the synchronous store in a
-worker thread (SQLAlchemy's sync engine; one short query), so the event loop never blocks on SQL.
-Submitting and cancelling stay with the sync `producer.client.Client` (call it through
-`asyncio.to_thread`), or use the HTTP API.
+Same semantics as the sync `producer.client.Client`, from the same code: the validation, the row
+writes and the Celery send are the sync client's, run in a worker thread (`asyncio.to_thread`; short
+calls); the events are published and followed with `contracts.async_bus`, whose subscription is the
+sync one's (`contracts.subscription`): replay, then live, each event once, ending after the latest
+run's terminal event, or with one made from the row when that event never reached Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncGenerator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from contracts import events as ev
-from contracts.async_bus import AsyncEventBus
+from contracts.async_bus import AsyncEventBus, LiveSource
+from contracts.errors import RequestError
+from contracts.job import JobRequest, parse_job
 from contracts.settings import Settings, get_settings
 from contracts.store import Store, TaskRecord
+from contracts.subscription import ResultWait
+from producer.client import CANCEL_TTL_S, RESULT_RECHECK_S, Client, EnqueueError, _as_ref, queued_fields
+
+
+@dataclass(frozen=True)
+class AsyncTaskHandle:
+    task_id: str
+    created: bool  # False when an idempotency key returned an earlier task
 
 
 class AsyncClient:
@@ -37,6 +49,71 @@ class AsyncClient:
         self.bus = AsyncEventBus(self.redis, ttl_s=self.settings.event_ttl_s)
         self._owns_store = store is None
         self.store = store or Store.from_url(self.settings.database_url)
+        self._sync: Client | None = None
+
+    @property
+    def sync(self) -> Client:
+        """The sync client whose code submit, retry and cancel share (its Redis is never used here
+        for events; its Celery app sends the task)."""
+        if self._sync is None:
+            self._sync = Client(self.settings, store=self.store)
+        return self._sync
+
+    # -- submit, retry, cancel -------------------------------------------------------------------
+    async def submit(self, images: Sequence[str] = (), prompt: str = "", model: str | None = None,
+                     **fields: Any) -> AsyncTaskHandle:
+        """Validate and enqueue one job (fields as in the job request table), as `Client.submit`."""
+        request = {"images": [_as_ref(ref) for ref in images], "prompt": prompt, **fields}
+        if model is not None:
+            request["model"] = model
+        return await self.submit_request(request)
+
+    async def submit_request(self, request: dict[str, Any]) -> AsyncTaskHandle:
+        job = parse_job(request, default_model=self.settings.model)
+        record, created = await asyncio.to_thread(self.sync.store.create_task, job)
+        if not created:
+            return AsyncTaskHandle(record.id, False)
+        if record.id != job.task_id:
+            raise RequestError(f"task id {job.task_id!r} is already taken", field="task_id")
+        await self._enqueue(job, record)
+        return AsyncTaskHandle(job.task_id, True)
+
+    async def retry(self, task_id: str) -> int:
+        """As `Client.retry`: a new run of a failed or cancelled task; returns the seq to follow it from."""
+        record = await asyncio.to_thread(self.sync.requeue, task_id)
+        job = JobRequest.from_payload(record.request)
+        return await self._enqueue(job, record, attempt=record.attempts, clear_cancel=True) - 1
+
+    async def cancel(self, task_id: str) -> bool:
+        """As `Client.cancel`: stop a queued or running task; False when it had already finished."""
+        record = await self.get(task_id)
+        if record.is_terminal:
+            return False
+        await self.redis.set(ev.cancel_key(task_id), "1", ex=CANCEL_TTL_S)
+        if await asyncio.to_thread(self.store.cancel_if_queued, task_id):
+            seq = await self.bus.publish(task_id, ev.CANCELLED, record.attempts, seq_floor=record.last_seq)
+            await asyncio.to_thread(self.sync.note_seq, task_id, seq)
+            return True
+        await self.redis.publish(ev.CANCEL_CHANNEL, task_id)
+        return True
+
+    async def _enqueue(self, job: JobRequest, record: TaskRecord, *, attempt: int = 0,
+                       clear_cancel: bool = False) -> int:
+        """As `Client._enqueue`: task.queued (its run, above the row's seq), then the Celery send."""
+        try:
+            if clear_cancel:
+                await self.redis.delete(ev.cancel_key(job.task_id))
+            seq = await self.bus.publish(job.task_id, ev.QUEUED, attempt, seq_floor=record.last_seq,
+                                         **queued_fields(job, record))
+            await asyncio.to_thread(self.sync._send, job)
+        except Exception as exc:
+            message = await asyncio.to_thread(self.sync._enqueue_failed, job, attempt, exc)
+            with contextlib.suppress(Exception):
+                await self.bus.publish(job.task_id, ev.FAILED, attempt, seq_floor=record.last_seq,
+                                       error={"code": "internal", "message": message, "retryable": True})
+            raise EnqueueError(message) from exc
+        await asyncio.to_thread(self.sync.note_seq, job.task_id, seq)
+        return seq
 
     async def get(self, task_id: str) -> TaskRecord:
         """The task's row; KeyError for an unknown task."""
@@ -46,29 +123,35 @@ class AsyncClient:
         return record
 
     def events(self, task_id: str, from_seq: int = 0, timeout: float | None = None,
-               idle_timeout: float | None = None) -> AsyncGenerator[dict[str, Any], None]:
-        """Every event of the task after from_seq, replayed then live, ending after the terminal one.
+               idle_timeout: float | None = None, *, live: LiveSource | None = None,
+               row: Any = None) -> AsyncGenerator[dict[str, Any], None]:
+        """Every event of the task after from_seq, replayed then live, ending after the terminal event
+        of its latest run (made from the row, `from_row: true`, when it never reached Redis).
 
         TimeoutError after `timeout` seconds in all, or `idle_timeout` seconds without an event.
+        `live`: where live messages come from (the API's fan-out hub); `row`: an async row reader
+        (default: this client's store, in a thread).
         """
-        return self.bus.subscribe(task_id, from_seq=from_seq, timeout=timeout, idle_timeout=idle_timeout)
+        return self.bus.subscribe(task_id, from_seq=from_seq, timeout=timeout, idle_timeout=idle_timeout,
+                                  row=row or self.row, live=live)
+
+    async def row(self, task_id: str) -> TaskRecord | None:
+        """The task's row, or None (read in a worker thread)."""
+        return await asyncio.to_thread(self.store.get, task_id)
 
     async def result(self, task_id: str, timeout: float | None = None) -> TaskRecord:
         """Wait until the task is terminal (or TimeoutError) and return the persisted record."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         record = await self.get(task_id)
+        wait = ResultWait(task_id, timeout, record)
         while not record.is_terminal:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                async with aclosing(self.events(task_id, timeout=remaining)) as events:
+                async with contextlib.aclosing(self.events(task_id, from_seq=wait.from_seq,
+                                                           timeout=wait.remaining())) as events:
                     async for event in events:
-                        if ev.is_terminal(event):
-                            break
+                        wait.saw(event)
             except TimeoutError:
-                raise TimeoutError(f"task {task_id} did not finish within {timeout:g} s") from None
-            record = await self._wait_for_row(task_id, deadline)
-            if not record.is_terminal and deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"task {task_id} did not finish within {timeout:g} s")
+                raise wait.timed_out() from None
+            record = await self._wait_for_row(task_id, wait.settle_deadline(RESULT_RECHECK_S))
         return record
 
     async def _wait_for_row(self, task_id: str, deadline: float | None) -> TaskRecord:
@@ -81,6 +164,8 @@ class AsyncClient:
 
     async def aclose(self) -> None:
         await self.redis.aclose()
+        if self._sync is not None:
+            await asyncio.to_thread(self._sync.redis.close)
         if self._owns_store:
             await asyncio.to_thread(self.store.dispose)
 

@@ -56,6 +56,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from contracts import events as ev
+from contracts.bus import RECONNECTABLE
 from contracts.catalog import MODELS
 from contracts.errors import RequestError
 from contracts.image_formats import sniff_format
@@ -67,6 +68,7 @@ from contracts.uploads import UploadStorage
 from producer import schemas
 from producer.aio import AsyncClient
 from producer.client import Client, EnqueueError
+from producer.fanout import FanoutHub
 from producer.http import ApiError, error_response, read_json, read_multipart
 from producer.ops import install as install_ops
 from producer.security import (
@@ -117,6 +119,7 @@ def create_app(settings: Settings | None = None, *, keepalive_s: float = KEEPALI
         services = Services(settings, Client(settings, store=store), AsyncClient(settings, store=store),
                             UploadStorage(settings, directory=upload_dir), keepalive_s)
         app.state.services = services
+        app.state.fanout = FanoutHub(settings.redis_url)  # one pub/sub connection for every SSE viewer
         sweeper = asyncio.create_task(_sweep_uploads(services))
         try:
             yield
@@ -124,6 +127,7 @@ def create_app(settings: Settings | None = None, *, keepalive_s: float = KEEPALI
             sweeper.cancel()
             with suppress(asyncio.CancelledError):
                 await sweeper
+            await app.state.fanout.aclose()
             await services.aclient.aclose()
             await run_in_threadpool(services.client.close)
 
@@ -350,15 +354,20 @@ async def task_events(
     services = _services(request)
     record = await _record(services, principal, task_id)
     start = max(from_seq, _parse_last_event_id(last_event_id))
-    last = await services.aclient.bus.last_event(task_id)
-    if last is None and record.is_terminal:
+    hub: FanoutHub = request.app.state.fanout
+    try:  # on the hub's bounded pool: viewers come by the thousand
+        last, known = await hub.bus.last_event(task_id), True
+    except RECONNECTABLE:  # Redis is away: the stream waits for it, or ends with the row's outcome
+        last, known = None, False
+    if known and last is None and record.is_terminal:
         raise ApiError(410, "events.expired",
                        f"the events of task {task_id} have expired (QVQ_EVENT_TTL_S); "
                        f"GET /v1/tasks/{task_id} has its result")
     if last is not None and ev.is_terminal(last) and start >= last["seq"]:
         return Response(status_code=204)  # nothing more will come; tells EventSource to stop
     return StreamingResponse(
-        sse_stream(services.aclient, task_id, start, services.keepalive_s), media_type="text/event-stream",
+        sse_stream(services.aclient, task_id, start, services.keepalive_s, hub=hub),
+        media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"},
     )
 
@@ -464,38 +473,34 @@ async def _sweep_uploads(services: Services) -> None:
 
 # -- events ------------------------------------------------------------------------------------
 async def sse_stream(aclient: AsyncClient, task_id: str, from_seq: int,
-                     keepalive_s: float = KEEPALIVE_S) -> AsyncIterator[str]:
+                     keepalive_s: float = KEEPALIVE_S, *, hub: FanoutHub | None = None) -> AsyncIterator[str]:
     """The task's events as SSE frames (`id: seq`, `event: type`, `data: json`), a keep-alive
-    comment after each `keepalive_s` without an event, ending after the terminal event."""
+    comment after each `keepalive_s` without an event, ending after the terminal event of the
+    task's latest run (made from the row when it never reached Redis; the row is read while quiet).
+
+    With `hub` (producer/fanout.py), live messages come from the process's one pub/sub connection
+    and the viewers of a task share their row reads; without it, the stream has a connection of its own."""
     yield f"retry: {SSE_RETRY_MS}\n\n"
-    events = aclient.events(task_id, from_seq=from_seq)
-    pending: asyncio.Future[dict[str, Any]] | None = None
+    # The subscription itself says when keepalive_s passed without an event (None): no timed wait
+    # around each event, which thousands of viewers would pay for on every event.
+    if hub is None:
+        events = aclient.bus.heartbeats(task_id, from_seq, heartbeat_s=keepalive_s, row=aclient.row)
+    else:
+        events = hub.heartbeats(task_id, from_seq, heartbeat_s=keepalive_s, row=hub.row_reader(aclient.row))
     try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(events))  # type: ignore[arg-type]
-            done, _ = await asyncio.wait({pending}, timeout=keepalive_s)
-            if not done:
+        # No return at a terminal event: an earlier run's is followed by the next run; the
+        # subscription ends after the latest run's.
+        async for event in events:
+            if event is None:
                 yield ": keep-alive\n\n"
-                continue
-            finished, pending = pending, None
-            try:
-                event = finished.result()
-            except StopAsyncIteration:
-                return
-            yield format_sse(event)
-            if ev.is_terminal(event):
-                return
+            else:
+                yield format_sse(event) if hub is None else hub.frame(event, format_sse)
     except Exception:
         log.exception("sse.failed", task_id=task_id)  # the client reconnects with Last-Event-ID
     finally:
-        # Runs on a client disconnect too (the request is cancelled): release the pub/sub connection.
+        # Runs on a client disconnect too (the request is cancelled): release the subscription.
         with anyio.move_on_after(5, shield=True):
-            if pending is not None:
-                pending.cancel()
-                with suppress(BaseException):
-                    await pending
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
 
 
 def format_sse(event: dict[str, Any]) -> str:
@@ -640,8 +645,28 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(schema.pop("$defs", {}))
         components[model.__name__] = schema
+    _replace_fastapi_errors(document)
+    document["components"].setdefault("securitySchemes", {})["webhook_signature"] = {
+        "type": "apiKey", "in": "header", "name": "X-Qvq-Signature",
+        "description": 't=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>"> with QVQ_WEBHOOK_SECRET(S)'}
+    signed = document.get("paths", {}).get("/v1/webhooks/jobs", {}).get("post")
+    if signed is not None:
+        signed["security"] = [{"webhook_signature": []}]
     app.openapi_schema = document
     return document
+
+
+def _replace_fastapi_errors(document: dict[str, Any]) -> None:
+    """FastAPI documents its own {"detail": [...]} 422 on routes with parameters; this API answers
+    every error as ErrorBody instead."""
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+    for path in document.get("paths", {}).values():
+        for operation in path.values():
+            response = operation.get("responses", {}).get("422")
+            if response and "HTTPValidationError" in json.dumps(response):
+                operation["responses"]["422"] = {"description": "a field is invalid (request.invalid)", **error}
+    for name in ("HTTPValidationError", "ValidationError"):
+        document.get("components", {}).get("schemas", {}).pop(name, None)
 
 
 class _RedactApiKey(logging.Filter):

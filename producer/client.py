@@ -6,8 +6,12 @@
         ...
     result = handle.result(timeout=300)
 
-A failed or cancelled task can be queued again with `client.retry(task_id)` (same id, a new attempt);
-it returns the seq to follow from, since the task's log already holds the earlier terminal event.
+A failed or cancelled task can be queued again with `client.retry(task_id)`: same id, a new run
+(its task.queued carries `run`: 1, 2, ...). Following from seq 0 replays every run and ends at the
+latest run's terminal event; `retry` also returns the seq to follow the new run alone from.
+
+Every follower (`events`, `result`) also reads the task's row while it waits: a task whose row is
+terminal ends its viewers even when its terminal event never reached Redis (contracts/subscription.py).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from contracts.errors import QvqError, RequestError
 from contracts.job import TASK_NAME, UPLOAD_REF, JobRequest, parse_job
 from contracts.settings import Settings, get_settings
 from contracts.store import CANCELLED, FAILED, RUNNING, Outcome, Store, TaskRecord
+from contracts.subscription import ResultWait
 
 CANCEL_TTL_S = 86_400
 RESULT_RECHECK_S = 5.0  # result() re-reads the row this often while it waits for the terminal event
@@ -101,7 +106,7 @@ class Client:
                                detail=str(exc)) from exc
         if not created:
             return TaskHandle(record.id, False, self)
-        self._enqueue(job)
+        self._enqueue(job, record=record)
         return TaskHandle(job.task_id, True, self)
 
     def _check_conversation(self, job: JobRequest) -> None:
@@ -125,41 +130,64 @@ class Client:
                 raise RequestError("no such upload (or it expired); upload the image again",
                                    field=f"images[{index}]", code="image.not_found")
 
-    def _enqueue(self, job: JobRequest, attempt: int = 0, *, clear_cancel: bool = False, run: int = 0) -> int:
-        """Publish task.queued and send the Celery task; returns the seq of task.queued.
+    def _enqueue(self, job: JobRequest, attempt: int = 0, *, record: TaskRecord | None = None,
+                 clear_cancel: bool = False) -> int:
+        """Publish task.queued (with the run it starts, seq above every seq the row knows of) and
+        send the Celery task; returns the seq of task.queued, which the row remembers.
 
         Fails within seconds when Redis or the broker is down (no waiting for it to come back): the
         row is marked failed (`qvq retry` queues it again) and EnqueueError is raised.
         """
+        floor = record.last_seq if record else 0
         try:
             if clear_cancel:  # the cancel of an earlier run must not stop this one
                 self.redis.delete(ev.cancel_key(job.task_id))
-            seq = self.bus.publish(job.task_id, ev.QUEUED, attempt, model=job.model, image_count=len(job.images))
-            self.celery.send_task(
-                # Only which task and run: the worker reads the request from the task row.
-                TASK_NAME, args=[{"version": 2, "task_id": job.task_id, "run": run}], task_id=job.task_id,
-                queue=self.settings.queue, serializer="json",
-                retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
-                                          "interval_max": 1.0},
-            )
-            return seq
+            seq = self.bus.publish(job.task_id, ev.QUEUED, attempt, seq_floor=floor, **queued_fields(job, record))
+            self._send(job, record.run if record else 0)
         except Exception as exc:
-            message = f"could not enqueue task {job.task_id}: the queue is unavailable ({type(exc).__name__})"
-            self.store.finish(job.task_id, Outcome(status=FAILED, attempt=attempt, error_code="internal",
-                                                    error_message=message))
+            message = self._enqueue_failed(job, attempt, exc)
             with contextlib.suppress(Exception):  # a subscriber that saw task.queued must see the end too
-                self.bus.publish(job.task_id, ev.FAILED, attempt,
+                self.bus.publish(job.task_id, ev.FAILED, attempt, seq_floor=floor,
                                  error={"code": "internal", "message": message, "retryable": True})
             raise EnqueueError(message, detail=str(exc)) from exc
+        self.note_seq(job.task_id, seq)
+        return seq
+
+    def _send(self, job: JobRequest, run: int = 0) -> None:
+        self.celery.send_task(
+            # Only which task and run: the worker reads the request from the task row.
+            TASK_NAME, args=[{"version": 2, "task_id": job.task_id, "run": run}], task_id=job.task_id,
+            queue=self.settings.queue, serializer="json",
+            retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
+                                      "interval_max": 1.0},
+        )
+
+    def _enqueue_failed(self, job: JobRequest, attempt: int, exc: Exception) -> str:
+        """Mark the row failed after a failed enqueue; returns the message of its task.failed."""
+        message = f"could not enqueue task {job.task_id}: the queue is unavailable ({type(exc).__name__})"
+        self.store.finish(job.task_id, Outcome(status=FAILED, attempt=attempt, error_code="internal",
+                                                error_message=message))
+        return message
+
+    def note_seq(self, task_id: str, seq: int) -> None:
+        """The row remembers the highest seq published (the floor after Redis lost its counters)."""
+        with contextlib.suppress(sa.exc.SQLAlchemyError):  # a missed note only lowers a later floor
+            self.store.note_seq(task_id, seq)
 
     # -- retry ---------------------------------------------------------------------------------
     def retry(self, task_id: str) -> int:
-        """Queue a failed or cancelled task again: same task id, a new attempt, seq continuing.
+        """Queue a failed or cancelled task again: same task id, a new run, seq continuing.
 
-        Returns the seq to follow from (that of the new task.queued minus 1): the task's log still
-        holds the earlier attempts' events, their terminal one included. The attempt cap
+        Returns the seq to follow the new run alone from (that of its task.queued minus 1); following
+        from 0 replays the earlier runs too and ends at this run's end. The attempt cap
         (QVQ_MAX_ATTEMPTS) counts from this retry. RequestError when the task is not failed or cancelled.
         """
+        requeued = self.requeue(task_id)
+        job = JobRequest.from_payload(requeued.request)
+        return self._enqueue(job, attempt=requeued.attempts, record=requeued, clear_cancel=True) - 1
+
+    def requeue(self, task_id: str) -> TaskRecord:
+        """The row moved back to queued for a new run; RequestError when it is not failed or cancelled."""
         record = self.get(task_id)
         requeued = self.store.requeue(task_id)
         if requeued is None and record.status == RUNNING and self._orphaned(task_id):
@@ -168,8 +196,7 @@ class Client:
             status = self.get(task_id).status
             raise RequestError(f"task {task_id} is {status}: only failed or cancelled tasks can be retried",
                                field="task_id")
-        job = JobRequest.from_payload(requeued.request)
-        return self._enqueue(job, attempt=requeued.attempts, clear_cancel=True, run=requeued.run) - 1
+        return requeued
 
     @property
     def celery(self) -> Celery:
@@ -199,36 +226,28 @@ class Client:
 
     def events(self, task_id: str, from_seq: int = 0, timeout: float | None = None,
                idle_timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        """Every event of the task after from_seq, replayed then live, ending after the terminal one.
+        """Every event of the task after from_seq, replayed then live, ending after the terminal event
+        of its latest run (made from the row, `from_row: true`, when it never reached Redis).
 
         TimeoutError after `timeout` seconds in all, or `idle_timeout` seconds without an event.
         """
-        return self.bus.subscribe(task_id, from_seq=from_seq, timeout=timeout, idle_timeout=idle_timeout)
+        return self.bus.subscribe(task_id, from_seq=from_seq, timeout=timeout, idle_timeout=idle_timeout,
+                                  row=self.store.get)
 
     follow = events
 
     def result(self, task_id: str, timeout: float | None = None) -> TaskRecord:
         """Block until the task is terminal (or TimeoutError) and return the persisted record."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         record = self.get(task_id)
+        wait = ResultWait(task_id, timeout, record)
         while not record.is_terminal:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if remaining == 0.0:
-                raise TimeoutError(f"task {task_id} did not finish within {timeout:g} s")
-            # From just before the latest event: after a retry the log also holds earlier terminal events.
-            # The row is checked again every RESULT_RECHECK_S: a terminal event can be missing (Redis
-            # was unreachable when it was published, or restarted), the row is the source of truth.
-            from_seq = max(0, self.bus.last_seq(task_id) - 1)
-            wait = RESULT_RECHECK_S if remaining is None else min(RESULT_RECHECK_S, remaining)
+            # The subscription reads the row too: it ends when the row is terminal, event or not.
             try:
-                for event in self.events(task_id, from_seq=from_seq, timeout=wait):
-                    if ev.is_terminal(event):
-                        settle = time.monotonic() + RESULT_RECHECK_S
-                        record = self._wait_for_row(task_id, settle if deadline is None else min(deadline, settle))
-                        break
+                for event in self.events(task_id, from_seq=wait.from_seq, timeout=wait.remaining()):
+                    wait.saw(event)
             except TimeoutError:
-                pass
-            record = self.get(task_id) if not record.is_terminal else record
+                raise wait.timed_out() from None
+            record = self._wait_for_row(task_id, wait.settle_deadline(RESULT_RECHECK_S))
         return record
 
     def _wait_for_row(self, task_id: str, deadline: float | None) -> TaskRecord:
@@ -248,7 +267,8 @@ class Client:
             return False
         self.redis.set(ev.cancel_key(task_id), "1", ex=CANCEL_TTL_S)
         if self.store.cancel_if_queued(task_id):
-            self.bus.publish(task_id, ev.CANCELLED, record.attempts)
+            self.note_seq(task_id, self.bus.publish(task_id, ev.CANCELLED, record.attempts,
+                                                    seq_floor=record.last_seq))
             return True
         if record.status == RUNNING and self._orphaned(task_id) and self.store.finish(
                 task_id, Outcome(status=CANCELLED, attempt=record.attempts)):
@@ -271,6 +291,11 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def queued_fields(job: JobRequest, record: TaskRecord | None) -> dict[str, Any]:
+    """The fields of a task.queued: what runs, and which run it starts (0 for the first)."""
+    return {"model": job.model, "image_count": len(job.images), "run": record.run if record else 0}
 
 
 def _as_ref(ref: str) -> str:

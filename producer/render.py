@@ -1,7 +1,8 @@
 """The terminal view of a task: the thinking (dimmed, under "Thinking"), then the answer, then the bill.
 
 A retry voids the text of the failed attempt (design.md): the renderer says so and starts the
-Thinking/Answer sections afresh for the new attempt. The same happens when a task is redelivered
+Thinking/Answer sections afresh for the new attempt; so does a manual retry's new run (a task.queued
+with run > 0), whose viewers replay the earlier runs first. The same happens when a task is redelivered
 after its worker was lost (a task.started for a later attempt, with no task.retrying before it).
 
 Piped to a file, rich prints plain text with no control codes; text that comes from the task (the
@@ -42,12 +43,13 @@ class EventRenderer:
         self._retried = False
 
     def render_all(self, events: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
-        """Render events until the terminal one; returns it (None if the stream ended early)."""
+        """Render every event (a subscription ends after the latest run's terminal one); returns that
+        terminal event (None if the stream ended without one)."""
+        terminal = None
         for event in events:
             self.render(event)
-            if ev.is_terminal(event):
-                return event
-        return None
+            terminal = _latest_terminal(terminal, event)
+        return terminal
 
     def render(self, event: dict[str, Any]) -> None:
         handler = getattr(self, "_on_" + event["type"].replace(".", "_"), None)
@@ -92,6 +94,9 @@ class EventRenderer:
 
     # -- events --------------------------------------------------------------------------------
     def _on_task_queued(self, event: dict[str, Any]) -> None:
+        run = int(event.get("run") or 0)
+        if run > 0:  # a manual retry: the earlier run's text is void, like a failed attempt's
+            self._void_partial_text(int(event.get("attempt") or 0), f"retried as run {run}", always=True)
         line = Text("queued ", style="dim")
         line.append(f"{clean(event['task_id'])}  model={clean(event.get('model'))}  "
                     f"images={clean(event.get('image_count'))}", style="")
@@ -160,12 +165,19 @@ def print_images(console: Console, images: list[dict[str, Any]]) -> None:
 
 
 def print_json_events(events: Iterable[dict[str, Any]], out: TextIO) -> dict[str, Any] | None:
+    terminal = None
     for event in events:
         out.write(json.dumps(event, ensure_ascii=False) + "\n")
         out.flush()
-        if ev.is_terminal(event):
-            return event
-    return None
+        terminal = _latest_terminal(terminal, event)
+    return terminal
+
+
+def _latest_terminal(terminal: dict[str, Any] | None, event: dict[str, Any]) -> dict[str, Any] | None:
+    """The terminal event of the latest run so far (a later run's task.queued voids the earlier one)."""
+    if ev.is_terminal(event):
+        return event
+    return None if event["type"] == ev.QUEUED else terminal
 
 
 def short_ref(ref: str, limit: int = 48) -> str:

@@ -47,9 +47,15 @@ def router() -> APIRouter:
     routes = APIRouter()
     errors = schemas.error_responses
     routes.add_api_route("/webhooks/jobs", job_webhook, methods=["POST"], status_code=202,
-                         response_model=schemas.TaskCreated, responses=errors(400, 401, 403, 413, 415, 422, 503))
+                         response_model=schemas.TaskCreated, responses=errors(400, 401, 403, 413, 415, 422, 503),
+                         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                             "schema": {"$ref": "#/components/schemas/JobRequestBody"}}}}})
     routes.add_api_route("/webhooks/objects", object_webhook, methods=["POST"], status_code=202,
-                         responses=errors(400, 401, 403, 413, 422, 503))
+                         responses=errors(400, 401, 403, 413, 422, 503),
+                         openapi_extra={"requestBody": {"required": True, "description": (
+                             "an S3/MinIO bucket notification (Records[]), an Alibaba OSS event notification "
+                             "(events[], plain, base64 or in its MNS envelope) or an EventBridge CloudEvent"),
+                             "content": {"application/json": {"schema": {"type": "object"}}}}})
     routes.add_api_route("/tasks/{task_id}/callback/redeliver", redeliver_callback, methods=["POST"],
                          status_code=202, responses=errors(401, 404, 503))
     return routes

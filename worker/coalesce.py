@@ -3,6 +3,10 @@ character or once `max_chars` are buffered, and always before any other event.
 
 One background thread per process finds the buffers whose deadline passed while their stream was
 quiet, and flushes them (in parallel when several are due at once).
+
+Nothing may follow a run's terminal event: the pipeline `close()`s the coalescer before it publishes
+one. Close flushes what is buffered, waits for a background flush in flight (the emit runs under the
+coalescer's lock), then refuses further text; its scheduled background flush becomes a no-op.
 """
 
 from __future__ import annotations
@@ -30,12 +34,17 @@ class DeltaCoalescer:
         self._parts: list[str] = []
         self._size = 0
         self._since = 0.0
+        self._closed = False
         self.flushes = 0
+        self.refused = 0  # pieces of text added after close (dropped)
 
     def add(self, kind: str, text: str) -> None:
         if not text:
             return
         with self._lock:
+            if self._closed:
+                self.refused += 1
+                return
             if self._kind is not None and kind != self._kind:
                 self._flush_locked()
             if not self._parts:
@@ -54,8 +63,21 @@ class DeltaCoalescer:
 
     def flush_if_due(self, now: float) -> None:
         with self._lock:
-            if self._parts and now - self._since >= self._max_delay_s:
+            if not self._closed and self._parts and now - self._since >= self._max_delay_s:
                 self._flush_locked()
+
+    def close(self) -> None:
+        """Flush, then refuse any further text; returns once no flush of this coalescer is in flight."""
+        with self._lock:
+            try:
+                self._flush_locked()
+            finally:
+                self._closed = True
+                self._parts, self._size, self._kind = [], 0, None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def discard(self) -> None:
         """Drop buffered text (its attempt failed)."""
@@ -101,7 +123,9 @@ class Flusher:
                     continue
                 due: dict[DeltaCoalescer, None] = {}
                 while self._heap and self._heap[0][0] <= now:
-                    due[heapq.heappop(self._heap)[2]] = None
+                    coalescer = heapq.heappop(self._heap)[2]
+                    if not coalescer.closed:  # a closed one's scheduled flush is cancelled
+                        due[coalescer] = None
             self._flush(list(due))
 
     def _flush(self, due: list[DeltaCoalescer]) -> None:

@@ -16,6 +16,7 @@ import openai
 
 from contracts.errors import ModelError
 from contracts.settings import Settings
+from contracts.tokens import estimate_text_tokens
 from worker.sse import ChunkStream
 
 OnText = Callable[[str, str], None]  # ("reasoning" | "answer", text)
@@ -83,9 +84,15 @@ class QvqModel:
     def stream(
         self, *, model: str, messages: list[dict[str, Any]], high_resolution: bool, attempt: int,
         on_text: OnText, should_stop: Callable[[], bool] = lambda: False,
-        on_open: Callable[[Any], None] | None = None,
+        on_open: Callable[[Any], None] | None = None, prompt_tokens_estimate: int | None = None,
     ) -> StreamResult:
-        """Stream one completion, calling on_text for every piece of text as it arrives."""
+        """Stream one completion, calling on_text for every piece of text as it arrives.
+
+        A stream that ends without `finish_reason` is broken (model.stream_broken). One that ends
+        properly without a usage chunk (a server that ignores include_usage) completes, with usage
+        counted by us and marked `"estimated": True`: `prompt_tokens_estimate` (the worker's count of
+        the request) and an estimate of the text received.
+        """
         result = StreamResult()
         try:
             stream = ChunkStream(self.client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
@@ -113,9 +120,34 @@ class QvqModel:
             raise map_error(exc, started=True) from exc
         if should_stop():
             raise StreamStopped(result.finish())
-        if result.finish_reason is None or result.usage is None:
+        if result.finish_reason is None:
             raise ModelError("the stream ended before its final chunk", code="model.stream_broken")
-        return result.finish()
+        result.finish()
+        if result.usage is None:
+            result.usage = estimated_usage(result, messages, prompt_tokens_estimate)
+        return result
+
+
+def estimated_usage(result: StreamResult, messages: list[dict[str, Any]],
+                    prompt_tokens_estimate: int | None) -> dict[str, Any]:
+    """Our own count for a stream that carried no usage (the bill is then marked estimated)."""
+    prompt = prompt_tokens_estimate
+    if prompt is None:  # the caller did not count the request: its text at least (images unknown)
+        prompt = estimate_text_tokens("".join(_texts(messages)))
+    completion = estimate_text_tokens(result.reasoning + result.answer)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "estimated": True}
+
+
+def _texts(messages: list[dict[str, Any]]) -> list[str]:
+    out: list[str] = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            out.append(content)
+        elif isinstance(content, list):
+            out.extend(part.get("text") or "" for part in content if isinstance(part, dict))
+    return out
 
 
 def _read_chunk(chunk: Any, result: StreamResult, on_text: OnText) -> None:

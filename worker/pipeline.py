@@ -20,7 +20,6 @@ Reliability rules (README, Guarantees):
 from __future__ import annotations
 
 import datetime as dt
-import inspect
 import math
 import random
 import time
@@ -93,7 +92,6 @@ class TaskRun:
         self.last_seq = 0  # the highest seq this run published
         self._events_down_until = 0.0
         self._waited_since: float | None = None  # when this delivery began waiting for another's lease
-        self._bus_takes_floor = _accepts(ctx.bus.publish, "seq_floor")
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> str | None:
@@ -231,17 +229,16 @@ class TaskRun:
             except ModelError as error:
                 coalescer.discard()
                 self._before_retry(error, watch)
+            finally:
+                coalescer.close()  # nothing of this attempt may follow a terminal event (any exit)
 
     def _call_model(self, messages: list[dict[str, Any]], estimate: int, coalescer: DeltaCoalescer,
                     watch: Any) -> StreamResult:
         """The one call site of the model."""
-        extra: dict[str, Any] = {}
-        if _accepts(self.ctx.model.stream, "prompt_tokens_estimate"):
-            extra["prompt_tokens_estimate"] = estimate
         return self.ctx.model.stream(
             model=self.job.model, messages=messages, high_resolution=self.job.high_resolution,
             attempt=self.attempt, on_text=_delta_sink(coalescer), should_stop=watch.should_stop,
-            on_open=watch.attach, **extra,
+            on_open=watch.attach, prompt_tokens_estimate=estimate,
         )
 
     def _before_retry(self, error: ModelError, watch: Any) -> None:
@@ -376,10 +373,10 @@ class TaskRun:
         return None
 
     def _publish_event(self, type_: str, **fields: Any) -> int:
-        """The one place this run publishes an event."""
-        if self._bus_takes_floor:
-            fields["seq_floor"] = self.seq_floor
-        seq = self.ctx.bus.publish(self.task_id, type_, self.attempt, **fields)
+        """The one place this run publishes an event: above every seq the row or this run knows of,
+        so seq never goes back even when Redis restarted without its counters."""
+        seq = self.ctx.bus.publish(self.task_id, type_, self.attempt, seq_floor=max(self.seq_floor, self.last_seq),
+                                   **fields)
         self.last_seq = max(self.last_seq, seq)
         return seq
 
@@ -400,13 +397,6 @@ class TaskRun:
             "first_answer_s": since_start(result.first_answer_at if result else None),
             "total_s": round(time.time() - self.started, 3),
         }
-
-
-def _accepts(fn: Callable[..., Any], keyword: str) -> bool:
-    try:
-        return keyword in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _delta_sink(coalescer: DeltaCoalescer) -> Callable[[str, str], None]:

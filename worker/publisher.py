@@ -54,10 +54,10 @@ class BatchingEventBus(EventBus):
         self.batches = 0
         self.events = 0
 
-    def publish(self, task_id: str, type_: str, attempt: int, **fields: Any) -> int:
+    def publish(self, task_id: str, type_: str, attempt: int, *, seq_floor: int = 0, **fields: Any) -> int:
         keys, event = publish_args(task_id, type_, attempt, fields)
         self._observe(task_id, type_, fields)
-        item = _Pending((*keys, event, self.ttl_s))
+        item = _Pending((*keys, event, self.ttl_s, int(seq_floor)))
         with self._cond:
             if self._closed:
                 raise RuntimeError("the event publisher is closed")

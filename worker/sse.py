@@ -10,11 +10,16 @@ only `json.loads`-ed into slotted objects that offer what `worker.model` reads o
 An `{"error": ...}` event mid-stream raises `openai.APIError`, as the SDK's stream does; transport
 errors surface as httpx exceptions, which `worker.model.map_error` maps like the SDK's wrappers.
 `close()` may be called from another thread (cancel, time limit) and ends the read at once.
+
+Lines are split by `EventStreamDecoder`, from bytes, as the standard says (CR, LF or CRLF only), so
+text holding U+2028, U+0085 and the like reaches the JSON decoder whole. (httpx's `iter_lines`, and
+httpx-sse 0.4 which uses it, split on every Unicode line break.)
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,6 +66,54 @@ class Chunk:
         self.usage = Usage(usage) if usage else None
 
 
+class EventStreamDecoder:
+    """The event-stream format of the HTML standard ("Server-sent events", parsing), fed raw bytes.
+
+    Lines end at CR, LF or CRLF only: never at U+2028, U+0085 or the other breaks that `str.splitlines`
+    (and so httpx's `iter_lines`) also splits on, which the model's text may hold. A CRLF split across
+    two reads is one line end. `feed` returns the data of every event completed by these bytes; the
+    `event` and `id` fields are not used by the model's stream and are ignored, an event with no data
+    is not dispatched, and an event the stream ends in the middle of is dropped.
+    """
+
+    _LINE_END = re.compile(rb"\r\n|\r|\n")
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._skip_lf = False  # the previous read ended with CR: a LF starting this one belongs to it
+        self._started = False
+        self._data: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[str]:
+        if self._skip_lf and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        self._skip_lf = chunk.endswith(b"\r")
+        lines = self._LINE_END.split(self._pending + chunk)
+        self._pending = lines.pop()
+        out: list[str] = []
+        for raw in lines:
+            payload = self._line(raw.decode("utf-8", errors="replace"))
+            if payload is not None:
+                out.append(payload)
+        return out
+
+    def _line(self, line: str) -> str | None:
+        if not self._started:
+            self._started = True
+            line = line.removeprefix("\ufeff")  # one byte order mark may open the stream
+        if not line:
+            data, self._data = self._data, []
+            return "\n".join(data) if data else None
+        if line.startswith(":"):
+            return None
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        return None
+
+
 class ChunkStream:
     """Iterate the chunks of one streamed chat completion opened with `with_streaming_response`.
 
@@ -74,19 +127,13 @@ class ChunkStream:
         self.http_response = self._response.http_response
 
     def __iter__(self) -> Iterator[Chunk]:
-        data: list[str] = []
+        decoder = EventStreamDecoder()
         try:
-            for line in self.http_response.iter_lines():
-                if line.startswith("data:"):
-                    data.append(line[6:] if line.startswith("data: ") else line[5:])
-                elif not line and data:
-                    payload = "\n".join(data)
-                    data.clear()
-                    if payload.startswith("[DONE]"):
+            for data in self.http_response.iter_bytes():
+                for payload in decoder.feed(data):
+                    if payload == "[DONE]":
                         return
                     yield self._chunk(payload)
-            if data and not data[0].startswith("[DONE]"):
-                yield self._chunk("\n".join(data))
         finally:
             self.close()
 

@@ -23,7 +23,6 @@ TTL + 60 s of the death the task runs again.
 from __future__ import annotations
 
 import datetime as dt
-import inspect
 import json
 import random
 import threading
@@ -197,9 +196,7 @@ class Sweep:
             fields = {"error": {"code": code, "message": record.error_message or "",
                                 "retryable": ERROR_CODES.get(code, False)}}
         type_ = {COMPLETED: ev.COMPLETED, FAILED: ev.FAILED, CANCELLED: ev.CANCELLED}[record.status]
-        if _accepts(self.bus.publish, "seq_floor"):
-            fields["seq_floor"] = record.last_seq
-        seq = self.bus.publish(record.id, type_, record.attempts, **fields)
+        seq = self.bus.publish(record.id, type_, record.attempts, seq_floor=record.last_seq, **fields)
         self.store.note_seq(record.id, int(seq))
         log.warning("task.terminal_event_repaired", task_id=record.id, type=type_, seq=seq,
                     reason="the row is terminal but the event log had no terminal event")
@@ -281,13 +278,6 @@ def _text(value: Any) -> str:
 
 def _utc(unix_s: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(unix_s, dt.UTC)
-
-
-def _accepts(fn: Callable[..., Any], keyword: str) -> bool:
-    try:
-        return keyword in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 _sweep: Sweep | None = None

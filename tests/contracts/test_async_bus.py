@@ -328,3 +328,26 @@ def test_a_dropped_redis_connection_is_resubscribed_without_loss_or_repeat(
         events = run(redis_url, body)
     feeder.join()
     assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
+
+
+def test_read_log_is_the_same_sync_and_async_past_terminal_events(redis_url: str, redis_client: redis.Redis) -> None:
+    sync_bus = EventBus(redis_client)
+    sync_bus.publish("p1", ev.QUEUED, 0, run=0)
+    sync_bus.publish("p1", ev.FAILED, 1, error={"code": "internal", "message": "x", "retryable": False})
+    sync_bus.publish("p1", ev.QUEUED, 1, run=1)
+    sync_bus.publish("p1", ev.COMPLETED, 2)
+
+    async def body(bus: AsyncEventBus) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        return await bus.read_log("p1"), await bus.read_log("p1", after_seq=1), await collect(bus, "p1", timeout=5)
+
+    whole, rest, followed = run(redis_url, body)
+    assert whole == sync_bus.read_log("p1") and [e["seq"] for e in whole] == [1, 2, 3, 4]
+    assert rest == sync_bus.read_log("p1", after_seq=1) and [e["seq"] for e in rest] == [2, 3, 4]
+    assert followed == whole
+
+
+def test_async_publish_honours_the_seq_floor(redis_url: str, redis_client: redis.Redis) -> None:
+    async def body(bus: AsyncEventBus) -> list[int]:
+        return [await bus.publish("p2", ev.QUEUED, 0, seq_floor=7), await bus.publish("p2", ev.STARTED, 1)]
+
+    assert run(redis_url, body) == [8, 9]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
+import pytest
 import redis
 
 from contracts import events as ev
@@ -77,3 +79,94 @@ def test_a_quiet_task_times_out(redis_client: redis.Redis) -> None:
     else:
         raise AssertionError("expected a TimeoutError")
     assert time.monotonic() - started < 3
+
+
+def test_seq_never_goes_below_the_floor(redis_client: redis.Redis) -> None:
+    bus = EventBus(redis_client)
+    assert bus.publish("f1", ev.QUEUED, 0) == 1
+    assert bus.publish("f1", ev.STARTED, 1, seq_floor=40) == 41  # Redis had lost the counter: 40 existed
+    assert bus.publish("f1", ev.ANSWER_DELTA, 1, seq_floor=3, text="x") == 42  # a low floor changes nothing
+    assert bus.publish("f1", ev.COMPLETED, 1) == 43
+    assert [e["seq"] for e in bus.read_log("f1")] == [1, 41, 42, 43]
+
+
+def _retried_log(bus: EventBus, task_id: str) -> None:
+    bus.publish(task_id, ev.QUEUED, 0, run=0)
+    bus.publish(task_id, ev.STARTED, 1, worker="w")
+    bus.publish(task_id, ev.ANSWER_DELTA, 1, text="first run ")
+    bus.publish(task_id, ev.FAILED, 1, error={"code": "model.timeout", "message": "x", "retryable": True})
+    bus.publish(task_id, ev.QUEUED, 1, run=1)
+    bus.publish(task_id, ev.STARTED, 2, worker="w")
+    bus.publish(task_id, ev.ANSWER_DELTA, 2, text="second run")
+
+
+def test_a_viewer_from_zero_ends_at_the_latest_runs_terminal_event(redis_client: redis.Redis) -> None:
+    bus = EventBus(redis_client)
+    _retried_log(bus, "run1")
+    received: list[dict] = []
+    reader = threading.Thread(target=lambda: received.extend(bus.subscribe("run1", timeout=10)))
+    reader.start()
+    deadline = time.monotonic() + 5
+    while len(received) < 7:  # the replay went past the first run's task.failed
+        assert time.monotonic() < deadline and reader.is_alive(), [e["type"] for e in received]
+        time.sleep(0.01)
+    bus.publish("run1", ev.COMPLETED, 2, answer="second run")
+    reader.join(10)
+    assert [e["type"] for e in received][-4:] == [ev.QUEUED, ev.STARTED, ev.ANSWER_DELTA, ev.COMPLETED]
+    assert [e["seq"] for e in received] == list(range(1, 9))
+    # Replayed after the end, the same.
+    assert list(bus.subscribe("run1", timeout=5)) == received
+
+
+def test_a_viewer_ends_via_the_row_when_the_terminal_event_never_reached_the_log(
+        redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    from contracts import subscription
+
+    monkeypatch.setattr(subscription, "ROW_CHECK_S", 0.2)
+    monkeypatch.setattr(subscription, "ROW_GRACE_S", 0.1)
+    bus = EventBus(redis_client)
+    bus.publish("row1", ev.QUEUED, 0)
+
+    class Row:
+        id, status, attempts, run, last_seq, request = "row1", "running", 1, 0, 1, {}
+        error_code, error_message = "model.unavailable", "gone"
+
+    reads: list[str] = []
+
+    def read_row(task_id: str) -> Row:
+        reads.append(task_id)
+        if len(reads) >= 2:
+            Row.status = "failed"
+        return Row()
+
+    events = list(bus.subscribe("row1", timeout=10, row=read_row))
+    assert [e["type"] for e in events] == [ev.QUEUED, ev.FAILED]
+    assert events[-1]["from_row"] is True and events[-1]["seq"] == 2
+    assert events[-1]["error"]["code"] == "model.unavailable"
+
+
+def test_a_subscriber_across_a_redis_restart_without_persistence_gets_the_rest(tmp_path: Any) -> None:
+    from producer.embedded import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        client = redis.Redis.from_url(server.url)
+        bus = EventBus(client)
+        for _ in range(3):
+            bus.publish("rs1", ev.ANSWER_DELTA, 1, text="a")
+        received: list[dict] = []
+        reader = threading.Thread(target=lambda: received.extend(
+            bus.subscribe("rs1", timeout=20, row=lambda _id: None)))
+        reader.start()
+        deadline = time.monotonic() + 5
+        while len(received) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        server.stop()
+        server.start()  # empty: the counter and the log are gone
+        publisher = EventBus(redis.Redis.from_url(server.url))
+        assert publisher.publish("rs1", ev.ANSWER_DELTA, 1, seq_floor=3, text="b") == 4
+        publisher.publish("rs1", ev.COMPLETED, 1, seq_floor=3)
+        reader.join(15)
+        assert [e["seq"] for e in received] == [1, 2, 3, 4, 5]
+        publisher.redis.close()
+        client.close()

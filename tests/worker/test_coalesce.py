@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from typing import Any
 
 from worker.coalesce import DeltaCoalescer
 
@@ -70,3 +71,58 @@ def test_discard_drops_the_failed_attempts_text() -> None:
     coalescer.discard()
     coalescer.flush()
     assert sink.events == []
+
+
+def _wait(condition: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met"
+        time.sleep(0.002)
+
+
+def test_close_waits_for_a_background_flush_in_flight_and_nothing_follows_the_terminal_event() -> None:
+    """The race of issue 10: the Flusher thread is inside emit (a slow publish) when the pipeline
+    ends the run. close() must not return before that flush is in the log, and after it the
+    terminal event is the last thing in the log whatever the stream thread still adds."""
+    log: list[str] = []
+    in_flight, release = threading.Event(), threading.Event()
+
+    def emit(kind: str, text: str) -> None:
+        if threading.current_thread().name.startswith("qvq-delta"):  # the background flush
+            in_flight.set()
+            assert release.wait(5)
+        log.append(f"{kind}:{text}")
+
+    coalescer = DeltaCoalescer(emit, max_delay_s=0.01, max_chars=1000)
+    coalescer.add("reasoning.delta", "late")
+    assert in_flight.wait(5), "the background flush never started"
+
+    def end_run() -> None:
+        coalescer.close()
+        log.append("task.failed")
+
+    ender = threading.Thread(target=end_run)
+    ender.start()
+    ender.join(0.2)
+    assert ender.is_alive() and log == []  # close() is held by the flush in flight
+    release.set()
+    ender.join(5)
+    coalescer.add("reasoning.delta", "after the end")  # the stream thread racing the end
+    coalescer.flush()
+    coalescer.flush_if_due(time.monotonic() + 10)
+    assert log == ["reasoning.delta:late", "task.failed"]
+    assert coalescer.refused == 1
+
+
+def test_close_flushes_buffered_text_and_cancels_its_scheduled_flush() -> None:
+    sink = Sink()
+    coalescer = DeltaCoalescer(sink, max_delay_s=0.03, max_chars=1000)
+    coalescer.add("answer.delta", "buffered")
+    coalescer.close()
+    sink("task.completed", "")
+    # A second coalescer scheduled later than the first: once it has flushed, the Flusher has passed
+    # the closed one's deadline too.
+    witness = Sink()
+    DeltaCoalescer(witness, max_delay_s=0.06, max_chars=1000).add("answer.delta", "w")
+    _wait(lambda: bool(witness.events))
+    assert [(k, t) for k, t, _ in sink.events] == [("answer.delta", "buffered"), ("task.completed", "")]

@@ -3,6 +3,7 @@ framing cases the emulator does not produce, on a mock transport."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -11,6 +12,7 @@ import pytest
 
 from contracts.errors import ModelError
 from contracts.settings import Settings
+from contracts.tokens import estimate_text_tokens
 from worker.model import QvqModel
 from worker.sse import ChunkStream
 
@@ -90,3 +92,91 @@ def test_an_error_event_mid_stream_raises_api_error() -> None:
 def test_an_http_error_status_raises_before_any_chunk() -> None:
     with pytest.raises(openai.RateLimitError):
         _chunk_stream(b'{"error":{"message":"slow down"}}', status=429)
+
+
+# -- the line rules of the standard: CR, LF or CRLF, nothing else ----------------------------------
+EXOTIC = "line\u2028sep para\u2029sep next\u0085line bom\ufeffmid lone\rcr vt\x0bff\x0cfs\x1cend"
+
+
+def test_model_text_with_unicode_line_breaks_arrives_exact(emulator: Any) -> None:
+    """The emulator echoes the prompt in its thinking and answer; its JSON holds U+2028, U+0085 and
+    U+FEFF raw (only the CR is escaped, as JSON requires)."""
+    model = _model(emulator.url)
+    try:
+        result, parts = _stream(model, f"[[emulator: reasoning_tokens=5 answer_tokens=5]] {EXOTIC}")
+    finally:
+        model.close()
+    assert result.finish_reason == "stop" and EXOTIC in result.answer and EXOTIC in result.reasoning
+    assert result.answer == "".join(t for k, t in parts if k == "answer")
+
+
+def _events(body: bytes, sizes: list[int] | None = None) -> list[str]:
+    from worker.sse import EventStreamDecoder
+
+    decoder = EventStreamDecoder()
+    out: list[str] = []
+    if sizes is None:
+        sizes = [len(body)]
+    start = 0
+    for size in sizes:
+        out.extend(decoder.feed(body[start:start + size]))
+        start += size
+    out.extend(decoder.feed(body[start:]))
+    return out
+
+
+def test_lines_end_at_cr_lf_and_crlf_only_even_split_across_reads() -> None:
+    raw = ('\ufeffdata: {"t":"a\u2028b\u0085c"}\r\n\r\n'
+           'data:x\rdata: y\r\r'
+           ': a comment\n'
+           'event: ignored\nid: 7\ndata\n\n'
+           'data: z\n\n'
+           'data: never dispatched').encode()
+    whole = _events(raw)
+    assert whole == ['{"t":"a\u2028b\u0085c"}', "x\ny", "", "z"]
+    for cut in range(1, len(raw)):  # every split of the bytes into two reads gives the same events
+        assert _events(raw, [cut]) == whole, cut
+    assert _events(raw, [1] * len(raw)) == whole
+
+
+def test_a_crlf_split_between_reads_is_one_line_end() -> None:
+    assert _events(b'data: 1\r\n\r\ndata: 2\r\n\r\n', [8, 1, 1, 1]) == ["1", "2"]
+
+
+def test_a_chunk_with_raw_unicode_breaks_is_decoded_whole() -> None:
+    text = "a\u2028b\u2029c\u0085d\ufeffe\rf"
+    chunk = json.dumps({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]},
+                       ensure_ascii=False)
+    body = f"data: {chunk}\n\ndata: [DONE]\n\n".encode()
+    with _chunk_stream(body) as stream:
+        chunks = list(stream)
+    assert [c.choices[0].delta.content for c in chunks] == [text]
+
+
+# -- a server that ignores include_usage ------------------------------------------------------------
+def test_a_stream_without_usage_completes_with_an_estimate(emulator: Any) -> None:
+    model = _model(emulator.url)
+    try:
+        result = model.stream(model="qvq-max", messages=[{"role": "user", "content": "[[emulator: no_usage=1]] Hi"}],
+                              high_resolution=False, attempt=1, on_text=lambda kind, text: None,
+                              prompt_tokens_estimate=321)
+    finally:
+        model.close()
+    assert result.usage is not None and result.usage["estimated"] is True
+    assert result.usage["prompt_tokens"] == 321
+    assert result.usage["completion_tokens"] == estimate_text_tokens(result.reasoning + result.answer) > 0
+    assert result.usage["total_tokens"] == 321 + result.usage["completion_tokens"]
+
+
+def test_a_stream_without_finish_reason_is_broken_even_with_usage() -> None:
+    body = (b'data: {"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}\n\n'
+            b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\n'
+            b"data: [DONE]\n\n")
+    transport = httpx.MockTransport(lambda request: httpx.Response(
+        200, content=body, headers={"content-type": "text/event-stream"}))
+    model = _model("http://test/v1")
+    model.client = openai.OpenAI(api_key="x", base_url="http://test/v1", max_retries=0,
+                                 http_client=httpx.Client(transport=transport))
+    with pytest.raises(ModelError) as caught:
+        _stream(model, "hi")
+    assert caught.value.code == "model.stream_broken"
