@@ -9,6 +9,13 @@ from functools import lru_cache
 from typing import Any
 
 from contracts.errors import ConfigError
+from contracts.flow import (
+    DEFAULT_MODEL_LIMITS,
+    ModelLimit,
+    TenantLimit,
+    parse_model_limits,
+    parse_tenant_limits,
+)
 
 DASHSCOPE_BASE_URL = "https://dashscope.aliyuncs.com/compatible-mode/v1"
 SECRET_FIELDS = {"dashscope_api_key", "oss_access_key_secret", "webhook_secret", "api_keys"}
@@ -53,6 +60,11 @@ class Settings:
     lease_ttl_s: float = 30.0
     fetch_timeout_s: float = 20.0
     max_image_bytes: int = 10 * 1024 * 1024
+    # flow control (contracts/flow.py): per model family, per tenant
+    model_limits: dict[str, ModelLimit] = field(default_factory=lambda: dict(DEFAULT_MODEL_LIMITS),
+                                                  compare=False)
+    tenant_limits: dict[str, TenantLimit] = field(default_factory=dict, compare=False)
+    flow_control: bool = True  # QVQ_FLOW_CONTROL=0 turns the model limiter off (benchmarks, contrast tests)
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -157,6 +169,9 @@ _ENV: dict[str, tuple[str, Any]] = {
     "visibility_timeout_s": ("QVQ_VISIBILITY_TIMEOUT_S", _positive_int),
     "lease_ttl_s": ("QVQ_LEASE_TTL_S", _positive_float),
     "fetch_timeout_s": ("QVQ_FETCH_TIMEOUT_S", _positive_float),
+    "model_limits": ("QVQ_MODEL_LIMITS", parse_model_limits),
+    "tenant_limits": ("QVQ_TENANT_LIMITS", parse_tenant_limits),
+    "flow_control": ("QVQ_FLOW_CONTROL", _bool),
 }
 
 
