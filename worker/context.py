@@ -7,6 +7,7 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -15,6 +16,7 @@ from contracts.settings import Settings, get_settings
 from contracts.store import Store
 from worker.cancel import CancelWatcher
 from worker.fetch import ImageFetcher
+from worker.flow import FlowControl
 from worker.lease import LeaseKeeper
 from worker.model import QvqModel
 from worker.publisher import BatchingEventBus
@@ -34,6 +36,7 @@ class WorkerContext:
     cancels: CancelWatcher
     name: str
     leases: LeaseKeeper
+    flow: FlowControl | None = None  # flow control (worker/flow.py); built by `build`
 
     @classmethod
     def build(cls, settings: Settings) -> WorkerContext:
@@ -43,20 +46,26 @@ class WorkerContext:
             socket_connect_timeout=5, socket_timeout=10,  # a vanished Redis must not hang a stream's thread
         )
         name = f"{socket.gethostname()}:{os.getpid()}"
+        store = Store.from_url(settings.database_url)
+        flow = FlowControl(settings, client, store)  # >>> flow control: once per process, mover started
+        flow.start_mover(_send_again)
         return cls(
             settings=settings,
             redis=client,
             bus=BatchingEventBus(client, ttl_s=settings.event_ttl_s),  # group-committed publishes
-            store=Store.from_url(settings.database_url),
+            store=store,
             fetcher=ImageFetcher(settings),
             model=QvqModel(settings),
             image_pool=ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="qvq-images"),
             cancels=CancelWatcher(client),
             name=name,
             leases=LeaseKeeper(client, ttl_s=settings.lease_ttl_s, owner=name),
+            flow=flow,
         )
 
     def close(self) -> None:
+        if self.flow is not None:
+            self.flow.stop()
         self.cancels.stop()
         self.leases.stop()
         self.image_pool.shutdown(wait=False, cancel_futures=True)
@@ -64,6 +73,14 @@ class WorkerContext:
         self.fetcher.close()
         self.store.dispose()
         self.redis.close()
+
+
+def _send_again(payload: dict[str, Any]) -> None:
+    """Put a parked task back on the queue (worker/flow.py's mover)."""
+    from contracts.job import QUEUE, TASK_NAME
+    from worker.app import app
+
+    app.send_task(TASK_NAME, args=[payload], task_id=payload["task_id"], queue=QUEUE, serializer="json")
 
 
 _context: WorkerContext | None = None

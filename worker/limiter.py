@@ -163,7 +163,7 @@ class ModelLimiter:
         family, limit = self.family(model), self.limit(model)
         keys = [flow.requests_key(family), flow.tokens_key(family), flow.waiters_key(family),
                 flow.alive_key(family), flow.rounds_key(family), flow.tightened_key(family)]
-        args = [ticket, tenant or "-", max(0, int(tokens)), limit.rpm, limit.rps, limit.tpm, limit.tps,
+        args: list[str | int] = [ticket, tenant or "-", max(0, int(tokens)), limit.rpm, limit.rps, limit.tpm, limit.tps,
                 TICKET_TTL_MS, *self.windows_ms]
         granted, wait_ms, position = (int(v) for v in self._acquire(keys=keys, args=args))
         if granted:

@@ -14,6 +14,7 @@ Reliability rules (README, Guarantees):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 import random
@@ -34,6 +35,7 @@ from contracts.store import CANCELLED, COMPLETED, FAILED, Outcome
 from worker import callback
 from worker.coalesce import DeltaCoalescer
 from worker.context import WorkerContext
+from worker.flow import ModelCall
 from worker.images import PreparedImage, prepare_images
 from worker.lease import Lease
 from worker.model import StreamResult, StreamStopped
@@ -62,7 +64,14 @@ def run_task(payload: dict[str, Any], ctx: WorkerContext) -> str | None:
     """Run a job to one terminal state; returns that state, or None when it was already terminal."""
     job = JobRequest.from_payload(payload)
     with structlog.contextvars.bound_contextvars(task_id=job.task_id, model=job.model):
-        return TaskRun(job, ctx).run()
+        run = TaskRun(job, ctx)
+        if ctx.flow is None:
+            return run.run()
+        # >>> flow control hook 1 (worker/flow.py): hold a tenant slot for the run, or park the task
+        # (acknowledged; a mover puts it back on the queue when due) and return without running it.
+        with ctx.flow.admitted(job, payload, run._publish) as admitted:
+            return run.run() if admitted else None
+        # <<< flow control hook 1
 
 
 class TaskRun:
@@ -77,6 +86,7 @@ class TaskRun:
         self.partial = StreamResult()
         self._events_down_until = 0.0
         self._waited_since: float | None = None  # when this delivery began waiting for another's lease
+        self.input_tokens = 0  # the counted input of the model call (check_token_budget), for flow control
 
     def run(self) -> str | None:
         lease = self._take_lease()
@@ -163,7 +173,7 @@ class TaskRun:
         summaries = [image.summary() for image in self.images]
         self._publish(ev.IMAGES_READY, images=summaries, image_tokens=sum(i.tokens for i in self.images))
         history = self._history()
-        check_token_budget(job.model, job.prompt, self.images, history)
+        self.input_tokens = check_token_budget(job.model, job.prompt, self.images, history)
         return build_messages(job.prompt, self.images, history, url_for=self._image_url)
 
     def _image_url(self, image: PreparedImage) -> str:
@@ -189,11 +199,17 @@ class TaskRun:
             coalescer = DeltaCoalescer(self._emit_delta, max_delay_s=settings.coalesce_ms / 1000,
                                        max_chars=settings.coalesce_chars)
             try:
-                result = self.ctx.model.stream(
-                    model=self.job.model, messages=messages, high_resolution=self.job.high_resolution,
-                    attempt=self.attempt, on_text=_delta_sink(coalescer),
-                    should_stop=watch.should_stop, on_open=watch.attach,
-                )
+                # >>> flow control hook 2 (worker/flow.py): budget reservation, tenant rate and model
+                # quota before the call (may wait, publishing task.waiting; BudgetError: no call);
+                # after it, the ledger row and the settlements, whatever the outcome.
+                with self._model_call(watch) as call:
+                    result = self.ctx.model.stream(
+                        model=self.job.model, messages=messages, high_resolution=self.job.high_resolution,
+                        attempt=self.attempt, on_text=call.tap(_delta_sink(coalescer)),
+                        should_stop=watch.should_stop, on_open=call.on_open(watch.attach),
+                    )
+                    call.finished(result)
+                # <<< flow control hook 2
                 coalescer.flush()
                 return result
             except StreamStopped:
@@ -202,6 +218,12 @@ class TaskRun:
             except ModelError as error:
                 coalescer.discard()
                 self._before_retry(error, watch)
+
+    def _model_call(self, watch: Any) -> contextlib.AbstractContextManager[ModelCall]:
+        """Flow control around one model call (hook 2); a pass-through when there is none."""
+        if self.ctx.flow is None:
+            return contextlib.nullcontext(ModelCall(self.input_tokens))
+        return self.ctx.flow.model_call(self.job, self.attempt, self.input_tokens, watch.should_stop, self._publish)
 
     def _before_retry(self, error: ModelError, watch: Any) -> None:
         """Publish task.retrying and wait, or re-raise when the error is final."""
