@@ -64,7 +64,9 @@ class Settings:
     model_limits: dict[str, ModelLimit] = field(default_factory=lambda: dict(DEFAULT_MODEL_LIMITS),
                                                   compare=False)
     tenant_limits: dict[str, TenantLimit] = field(default_factory=dict, compare=False)
-    flow_control: bool = True  # QVQ_FLOW_CONTROL=0 turns the model limiter off (benchmarks, contrast tests)
+    # The model limiter: QVQ_FLOW_CONTROL=1/0; unset, it is on for the real service (DASHSCOPE_API_KEY) or
+    # when QVQ_MODEL_LIMITS is set, and off against the emulator (which has no limit unless told).
+    flow_control: bool = False
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -100,6 +102,8 @@ class Settings:
                 values[name] = parse(raw)
             except ValueError as exc:
                 raise ConfigError(f"{var}={raw!r}: {exc}") from exc
+        if "flow_control" not in values:
+            values["flow_control"] = bool(values.get("dashscope_api_key")) or "model_limits" in values
         settings = cls(**values)
         _check(settings)
         return settings
