@@ -280,13 +280,16 @@ def api(host: str, port: int) -> None:
 @click.option("--first-token-s", default=0.0, show_default=True, help="Delay before the first token.")
 @click.option("--reasoning-tokens", default=40, show_default=True)
 @click.option("--answer-tokens", default=20, show_default=True)
+@click.option("--rpm", default=0, show_default=True, help="Rate limit: requests per minute, also per second "
+              "(rpm/60); beyond it 429 with Retry-After, like the service (0: none).")
+@click.option("--tpm", default=0, show_default=True, help="Rate limit: tokens per minute, also per second (0: none).")
 def emulator(host: str, port: int, tps: float, first_token_s: float, reasoning_tokens: int,
-             answer_tokens: int) -> None:
+             answer_tokens: int, rpm: int, tpm: int) -> None:
     """Run the QVQ-compatible emulator (OpenAI-style streaming HTTP)."""
     from emulator.server import EmulatorConfig, serve
 
     config = EmulatorConfig(tps=tps, first_token_s=first_token_s, reasoning_tokens=reasoning_tokens,
-                            answer_tokens=answer_tokens)
+                            answer_tokens=answer_tokens, rpm=rpm, tpm=tpm)
     click.echo(f"QVQ emulator on http://{host}:{port}/v1  (QVQ_BASE_URL=http://{host}:{port}/v1)", err=True)
     serve(host, port, config)
 
