@@ -49,7 +49,6 @@ class RateLimit:
         if self.enabled and output_tokens > 0:
             now = self.clock()
             self.tokens.append((now, output_tokens))
-            self._note_peaks(now)
 
     def _expire(self, now: float) -> None:
         horizon = now - WINDOWS_S[1]
@@ -85,6 +84,7 @@ class RateLimit:
         return wait
 
     def _note_peaks(self, now: float) -> None:
+        """What the limit is checked against: the windows as each request is accepted, itself included."""
         stats = self.stats
         stats.max_requests_1s = max(stats.max_requests_1s, sum(1 for t in self.requests if t > now - 1.0))
         stats.max_requests_60s = max(stats.max_requests_60s, len(self.requests))

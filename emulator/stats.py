@@ -18,7 +18,7 @@ class Stats:
     rate_limited: int = 0  # answered 429 by the emulated rate limit (emulator/ratelimit.py)
     max_requests_1s: int = 0  # the most accepted requests seen in any 1 s window (rate limit on)
     max_requests_60s: int = 0
-    max_tokens_1s: int = 0  # the most tokens (input at acceptance, output at the end) in any window
+    max_tokens_1s: int = 0  # the most tokens in a window when a request was accepted (itself included)
     max_tokens_60s: int = 0
 
     def as_dict(self) -> dict[str, int]:

@@ -241,9 +241,9 @@ class FlowControl:
                                         prompt_tokens=prompt, completion_tokens=completion,
                                         estimated=estimated, outcome=outcome)
                 actual = cost_decimal(job.model, prompt, completion)["total"]
-                if ticket is not None and self.limiter is not None:
-                    extra_input = max(0, prompt - call.input_tokens)
-                    self.limiter.settle(job.model, ticket, completion + extra_input)
+            if ticket is not None and self.limiter is not None:
+                prompt, completion = (billed[0], billed[1]) if billed else (call.input_tokens, 0)
+                self.limiter.settle(job.model, ticket, completion + max(0, prompt - call.input_tokens))
             if reservation is not None:
                 self.budget.settle(reservation, actual if actual is not None else Decimal(0))
         except Exception as exc:

@@ -35,7 +35,9 @@ HEAD_POLL_S = 0.02  # a head that cannot go yet asks again when told, but at lea
 QUEUE_POLL_S = (0.1, 0.5)  # near the head / far back in the queue
 
 # KEYS: requests, tokens, waiters, alive, rounds, tightened.
-# ARGV: ticket, tenant, input tokens, rpm, rps, tpm, tps, ticket ttl ms, second window ms, minute window ms.
+# ARGV: ticket, tenant, input tokens, rpm, rps, tpm, tps, ticket ttl ms, second window ms, minute window ms,
+# expected output tokens (charged at the grant, replaced by the actual output at settle: our count runs
+# ahead of the service's, which charges output when the stream ends).
 # Returns {granted (0/1), wait ms (-1: not a head yet), position in the queue}.
 _ACQUIRE_LUA = """
 local t = redis.call('TIME')
@@ -96,6 +98,7 @@ if wait > 0 then return {0, wait, pos} end
 
 redis.call('ZADD', KEYS[1], now, ticket)
 if need > 0 then redis.call('ZADD', KEYS[2], now, ticket .. ':in:' .. need) end
+if tonumber(ARGV[11]) > 0 then redis.call('ZADD', KEYS[2], now, ticket .. ':exp:' .. ARGV[11]) end
 redis.call('PEXPIRE', KEYS[1], min)
 redis.call('PEXPIRE', KEYS[2], min)
 redis.call('ZREM', KEYS[3], ticket)
@@ -105,11 +108,12 @@ if round > served then redis.call('HSET', KEYS[5], ':served', round) end
 return {1, 0, 0}
 """
 
-# KEYS: tokens. ARGV: member, minute window ms.
+# KEYS: tokens. ARGV: member, minute window ms, the expected-output member to replace (or "").
 _SETTLE_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], now, ARGV[1])
+if ARGV[3] ~= '' then redis.call('ZREM', KEYS[1], ARGV[3]) end
+if tonumber(string.match(ARGV[1], ':(%d+)$')) > 0 then redis.call('ZADD', KEYS[1], now, ARGV[1]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return now
 """
@@ -142,6 +146,8 @@ class ModelLimiter:
         self.client = client
         self.limits = limits
         self.windows_ms = windows_ms  # (second, minute); tests scale them down
+        self._expected_output: dict[str, float] = {}  # family -> mean output tokens of its calls
+        self._charged_expected: dict[str, int] = {}  # ticket -> expected output charged at its grant
         self._acquire = client.register_script(_ACQUIRE_LUA)
         self._settle = client.register_script(_SETTLE_LUA)
         self._tighten = client.register_script(_TIGHTEN_LUA)
@@ -163,10 +169,13 @@ class ModelLimiter:
         family, limit = self.family(model), self.limit(model)
         keys = [flow.requests_key(family), flow.tokens_key(family), flow.waiters_key(family),
                 flow.alive_key(family), flow.rounds_key(family), flow.tightened_key(family)]
+        expected = int(self._expected_output.get(family, 0))
         args: list[str | int] = [ticket, tenant or "-", max(0, int(tokens)), limit.rpm, limit.rps, limit.tpm, limit.tps,
-                TICKET_TTL_MS, *self.windows_ms]
+                TICKET_TTL_MS, *self.windows_ms, expected]
         granted, wait_ms, position = (int(v) for v in self._acquire(keys=keys, args=args))
         if granted:
+            if expected:
+                self._charged_expected[ticket] = expected
             return Decision(go=True)
         if wait_ms < 0:  # behind other waiters: about one call's spacing per waiter ahead
             spacing_s = max(60 / limit.rpm, 1 / limit.rps)
@@ -174,10 +183,17 @@ class ModelLimiter:
         return Decision(go=False, wait_s=wait_ms / 1000, position=position)
 
     def settle(self, model: str, ticket: str, output_tokens: int) -> None:
-        """Charge the call's output tokens to the current windows."""
-        if output_tokens > 0:
-            member = f"{ticket}:out:{int(output_tokens)}"
-            self._settle(keys=[flow.tokens_key(self.family(model))], args=[member, self.windows_ms[1]])
+        """Charge the call's output tokens to the current windows (0 when it produced none), in place of
+        the output expected at the grant."""
+        family = self.family(model)
+        expected = self._charged_expected.pop(ticket, 0)
+        if output_tokens > 0:  # a running mean of what calls of this family produce
+            previous = self._expected_output.get(family)
+            self._expected_output[family] = output_tokens if previous is None else 0.8 * previous + 0.2 * output_tokens
+        member = f"{ticket}:out:{max(0, int(output_tokens))}"
+        replaced = f"{ticket}:exp:{expected}" if expected else ""
+        if output_tokens > 0 or replaced:
+            self._settle(keys=[flow.tokens_key(family)], args=[member, self.windows_ms[1], replaced])
 
     def leave(self, model: str, ticket: str) -> None:
         """Stop waiting (the task was cancelled while queued for quota)."""
