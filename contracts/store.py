@@ -486,8 +486,10 @@ class Store:
         }[by]
         query = (
             sa.select(column.label(by), sa.func.count().label("calls"),
+                      sa.func.sum(sa.case((usage.c.estimated, 1), else_=0)).label("estimated_calls"),
                       sa.func.sum(usage.c.prompt_tokens).label("prompt_tokens"),
                       sa.func.sum(usage.c.completion_tokens).label("completion_tokens"),
+                      sa.func.sum(usage.c.total_tokens).label("total_tokens"),
                       sa.func.sum(usage.c.total_cost).label("cost_cny"))
             .group_by(column).order_by(column)
         )

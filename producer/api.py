@@ -56,6 +56,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contracts import events as ev
 from contracts.errors import RequestError
+from contracts.flow import read_waiting
 from contracts.logging import get_logger
 from contracts.settings import Settings, get_settings
 from contracts.store import ANY_TENANT, Store, TaskIdTaken, TaskRecord
@@ -288,8 +289,20 @@ async def list_tasks(
 
 
 async def get_task(task_id: str, request: Request, principal: Caller) -> dict[str, Any]:
-    """The task's record."""
-    return (await _record(_services(request), principal, task_id)).to_dict()
+    """The task's record; while flow control holds it back, `waiting`: {reason, wait_s, since}."""
+    services = _services(request)
+    out = (await _record(services, principal, task_id)).to_dict()
+    # >>> flow control: the wait reason and estimate the worker's limiter keeps in Redis (contracts/flow.py)
+    if out["status"] in ("queued", "running"):
+        out["waiting"] = await run_in_threadpool(_waiting, services, task_id)
+    return out
+
+
+def _waiting(services: Services, task_id: str) -> dict[str, Any] | None:
+    try:
+        return read_waiting(services.client.redis, task_id)
+    except redis.RedisError:
+        return None
 
 
 async def cancel_task(task_id: str, request: Request, principal: Caller) -> JSONResponse:
