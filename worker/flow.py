@@ -32,7 +32,7 @@ import redis
 from contracts import events as ev
 from contracts import flow
 from contracts.catalog import cost_decimal, worst_case_cost
-from contracts.errors import ModelError
+from contracts.errors import InternalError, ModelError
 from contracts.job import JobRequest
 from contracts.logging import get_logger
 from contracts.settings import Settings
@@ -118,8 +118,13 @@ class FlowControl:
     def admitted(self, job: JobRequest, payload: dict[str, Any], publish: Publish) -> Iterator[bool]:
         """True while this delivery holds a tenant slot (or the tenant has no limit); False when the
         task was parked instead (the caller returns, and the message is acknowledged)."""
-        holder = self.gate.try_slot(job.tenant, job.task_id)
-        if holder is None and not self.client.exists(ev.cancel_key(job.task_id)):
+        try:
+            holder = self.gate.try_slot(job.tenant, job.task_id)
+            parked = holder is None and not self.client.exists(ev.cancel_key(job.task_id))
+        except redis.RedisError as exc:  # fail open: the service's own 429s still hold the line
+            log.warning("flow.unavailable", step="tenant_slot", error=str(exc))
+            holder, parked = "", False
+        if parked:
             self._park(job, payload, publish)
             yield False
             return
@@ -183,13 +188,15 @@ class FlowControl:
 
         Raises BudgetError (no call made) when the tenant's budget cannot cover the worst case, and
         StreamStopped when the task is cancelled while it waits."""
-        reservation = self.budget.reserve(job.tenant, f"{job.task_id}:{attempt}",
-                                          worst_case_cost(job.model, input_tokens))
+        reservation = self._reserve(job, attempt, input_tokens)
         call = ModelCall(input_tokens)
         ticket = None
         try:
-            self._wait_tenant_rate(job, should_stop, publish)
-            ticket = self._wait_model_quota(job, input_tokens, should_stop, publish)
+            try:
+                self._wait_tenant_rate(job, should_stop, publish)
+                ticket = self._wait_model_quota(job, input_tokens, should_stop, publish)
+            except redis.RedisError as exc:  # fail open, like the tenant slot
+                log.warning("flow.unavailable", step="rate", error=str(exc))
             self._clear_waiting(job.task_id)
             yield call
         except ModelError as error:
@@ -205,6 +212,14 @@ class FlowControl:
             self._settle(job, attempt, call, ticket, reservation, "failed")
             raise
         self._settle(job, attempt, call, ticket, reservation, "completed")
+
+    def _reserve(self, job: JobRequest, attempt: int, input_tokens: int) -> Reservation | None:
+        """Fails closed: money is never spent on a budget that could not be checked."""
+        try:
+            return self.budget.reserve(job.tenant, f"{job.task_id}:{attempt}", worst_case_cost(job.model, input_tokens))
+        except redis.RedisError as exc:
+            raise InternalError("the tenant's budget could not be checked (Redis is unreachable); nothing was "
+                                "sent to the model: retry the task", retryable=True) from exc
 
     def _wait_tenant_rate(self, job: JobRequest, should_stop: Callable[[], bool], publish: Publish) -> None:
         told = False
@@ -254,10 +269,14 @@ class FlowControl:
                       ttl_s: float | None = None) -> None:
         wait_s = round(max(0.0, wait_s), 3)
         key = flow.waiting_key(task_id)
-        previous = flow.read_waiting(self.client, task_id)
+        try:
+            previous = flow.read_waiting(self.client, task_id)
+        except redis.RedisError:
+            previous = None
         marker = {"reason": reason, "wait_s": wait_s,
                   "since": previous["since"] if previous and previous.get("reason") == reason else time.time()}
-        self.client.set(key, json.dumps(marker), px=int((ttl_s or max(10.0, wait_s * 2 + 5)) * 1000))
+        with contextlib.suppress(redis.RedisError):
+            self.client.set(key, json.dumps(marker), px=int((ttl_s or max(10.0, wait_s * 2 + 5)) * 1000))
         if previous is None or previous.get("reason") != reason or abs(previous.get("wait_s", 0) - wait_s) > 1:
             publish(WAITING, reason=reason, wait_s=wait_s)
 
