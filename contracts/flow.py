@@ -15,10 +15,10 @@ from typing import Any
 import redis
 
 PREFIX = "qvq:flow:"
-#: Per second: at most ceil(limit/60); a window a little longer than 1 s (and 60 s) absorbs the
-#: jitter between our grant and the service's clock, so the service never sees a burst we did not.
-SECOND_WINDOW_MS = 1_100
-MINUTE_WINDOW_MS = 60_500
+#: Per second: at most ceil(limit/60). The limiter's windows are longer by QVQ_FLOW_MARGIN_MS, which
+#: absorbs the jitter between our grant and the service's clock, so the service never sees a burst we did not.
+SECOND_WINDOW_MS = 1_000
+MINUTE_WINDOW_MS = 60_000
 WAIT_REASONS = ("model_quota", "tenant_concurrency", "tenant_rate")
 
 

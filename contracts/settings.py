@@ -67,6 +67,7 @@ class Settings:
     # The model limiter: QVQ_FLOW_CONTROL=1/0; unset, it is on for the real service (DASHSCOPE_API_KEY) or
     # when QVQ_MODEL_LIMITS is set, and off against the emulator (which has no limit unless told).
     flow_control: bool = False
+    flow_margin_ms: int = 150  # added to the limiter's 1 s and 60 s windows: jitter between our grant and the service
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -176,6 +177,7 @@ _ENV: dict[str, tuple[str, Any]] = {
     "model_limits": ("QVQ_MODEL_LIMITS", parse_model_limits),
     "tenant_limits": ("QVQ_TENANT_LIMITS", parse_tenant_limits),
     "flow_control": ("QVQ_FLOW_CONTROL", _bool),
+    "flow_margin_ms": ("QVQ_FLOW_MARGIN_MS", int),
 }
 
 
@@ -188,6 +190,8 @@ def _check(settings: Settings) -> None:
         raise ConfigError(f"QVQ_IMAGE_DELIVERY={settings.image_delivery!r}: expected inline or presigned")
     if settings.log_format not in {"json", "console"}:
         raise ConfigError(f"LOG_FORMAT={settings.log_format!r}: expected json or console")
+    if not 0 <= settings.flow_margin_ms <= 5000:
+        raise ConfigError(f"QVQ_FLOW_MARGIN_MS={settings.flow_margin_ms}: expected 0 to 5000")
     if settings.coalesce_ms < 0:
         raise ConfigError("QVQ_COALESCE_MS must be >= 0")
     from contracts.tenants import KeyRing

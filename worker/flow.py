@@ -105,7 +105,10 @@ class FlowControl:
     def __init__(self, settings: Settings, client: redis.Redis, store: Store) -> None:
         self.client = client
         self.store = store
-        self.limiter = ModelLimiter(client, settings.model_limits) if settings.flow_control else None
+        margin = settings.flow_margin_ms
+        self.limiter = ModelLimiter(client, settings.model_limits,
+                                    windows_ms=(flow.SECOND_WINDOW_MS + margin, flow.MINUTE_WINDOW_MS + margin)
+                                    ) if settings.flow_control else None
         self.gate = TenantGate(client, settings.tenant_limits, lease_ttl_s=settings.lease_ttl_s)
         self.budget = BudgetKeeper(client, store, settings.tenant_limits,
                                    reservation_ttl_s=settings.task_timeout_s + 60)
