@@ -58,7 +58,8 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         state.stats.requests += 1
-        return await _chat(state, await request.body(), request.headers.get(ATTEMPT_HEADER))
+        arrived = state.rate.clock()
+        return await _chat(state, await request.body(), request.headers.get(ATTEMPT_HEADER), arrived)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -88,7 +89,7 @@ def _model_card(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 1_742_860_800, "owned_by": "system"}
 
 
-async def _chat(state: EmulatorState, body: bytes, attempt_header: str | None) -> Response:
+async def _chat(state: EmulatorState, body: bytes, attempt_header: str | None, arrived: float) -> Response:
     request = parse_request(body)
     raw_prompt = "\n".join(request.last_user.texts)
     directives = parse_directives(raw_prompt)
@@ -106,7 +107,7 @@ async def _chat(state: EmulatorState, body: bytes, attempt_header: str | None) -
         last_images, strip_directives(raw_prompt), config.reasoning_tokens, config.answer_tokens
     )
     counted = _usage(request, infos, script.completion_tokens)
-    retry_after = state.rate.admit(counted["prompt_tokens"])
+    retry_after = state.rate.admit(counted["prompt_tokens"], arrived)
     if retry_after is not None:
         raise errors.rate_limited(retry_after)
     usage = counted if request.include_usage else None
