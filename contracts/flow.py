@@ -19,6 +19,7 @@ PREFIX = "qvq:flow:"
 #: absorbs the jitter between our grant and the service's clock, so the service never sees a burst we did not.
 SECOND_WINDOW_MS = 1_000
 MINUTE_WINDOW_MS = 60_000
+WAITING = "task.waiting"  # the event: {reason, wait_s}; the task is held back, not failed
 WAIT_REASONS = ("model_quota", "tenant_concurrency", "tenant_rate")
 
 

@@ -44,7 +44,7 @@ from worker.limiter import Decision, ModelLimiter
 from worker.model import StreamResult, StreamStopped
 
 log = get_logger(__name__)
-WAITING = "task.waiting"
+WAITING = flow.WAITING
 PARKED_KEY = f"{flow.PREFIX}parked"  # zset: task id -> due (unix ms)
 PARKED_PAYLOADS_KEY = f"{flow.PREFIX}parked:payloads"  # hash: task id -> payload JSON
 PARK_DELAY_S = 1.0
@@ -248,24 +248,27 @@ class FlowControl:
 
     def _settle(self, job: JobRequest, attempt: int, call: ModelCall, ticket: str | None,
                 reservation: Reservation | None, outcome: str) -> None:
-        """Never raises: a settlement that fails is logged (the ledger row is also written by the
-        terminal write for a completed attempt; a reservation lapses by itself)."""
+        """Never raises; each settlement on its own, a failed one logged (the terminal write also writes a
+        completed attempt's ledger row; a reservation that was not settled lapses by itself)."""
         billed = call.billed_tokens()
-        actual = None
-        try:
-            if billed is not None:
-                prompt, completion, estimated = billed
-                self.store.record_usage(job.task_id, attempt, model=job.model, tenant=job.tenant,
-                                        prompt_tokens=prompt, completion_tokens=completion,
-                                        estimated=estimated, outcome=outcome)
-                actual = cost_decimal(job.model, prompt, completion)["total"]
-            if ticket is not None and self.limiter is not None:
-                prompt, completion = (billed[0], billed[1]) if billed else (call.input_tokens, 0)
-                self.limiter.settle(job.model, ticket, completion + max(0, prompt - call.input_tokens))
-            if reservation is not None:
-                self.budget.settle(reservation, actual if actual is not None else Decimal(0))
-        except Exception as exc:
-            log.warning("flow.settle_failed", error=f"{type(exc).__name__}: {exc}", outcome=outcome)
+        prompt, completion, estimated = billed if billed else (call.input_tokens, 0, True)
+        steps: list[tuple[str, Callable[[], Any]]] = []
+        if billed is not None:
+            steps.append(("ledger", lambda: self.store.record_usage(
+                job.task_id, attempt, model=job.model, tenant=job.tenant, prompt_tokens=prompt,
+                completion_tokens=completion, estimated=estimated, outcome=outcome)))
+        if ticket is not None and self.limiter is not None:
+            limiter = self.limiter
+            steps.append(("limiter", lambda: limiter.settle(
+                job.model, ticket, completion + max(0, prompt - call.input_tokens))))
+        if reservation is not None:
+            actual = cost_decimal(job.model, prompt, completion)["total"] if billed else Decimal(0)
+            steps.append(("budget", lambda: self.budget.settle(reservation, actual)))
+        for name, step in steps:
+            try:
+                step()
+            except Exception as exc:
+                log.warning("flow.settle_failed", step=name, error=f"{type(exc).__name__}: {exc}", outcome=outcome)
 
     # -- the waiting marker --------------------------------------------------------------------
     def _mark_waiting(self, task_id: str, reason: str, wait_s: float, publish: Publish,
