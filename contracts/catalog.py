@@ -45,12 +45,25 @@ def model_info(name: str) -> ModelInfo:
 
 def cost(model: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     """Cost in CNY: input tokens x input price + output tokens x output price, per 1,000 tokens."""
+    exact = cost_decimal(model, prompt_tokens, completion_tokens)
+    return {
+        "input": float(exact["input"]),
+        "output": float(exact["output"]),
+        "total": float(exact["total"]),
+        "currency": "CNY",
+    }
+
+
+def cost_decimal(model: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Decimal]:
+    """The exact cost in CNY (Decimal, 6 places), with the prices used: for budgets and the ledger."""
     info = MODELS[model]
     input_cost = (Decimal(prompt_tokens) * info.input_price / 1000).quantize(MONEY_PLACES)
     output_cost = (Decimal(completion_tokens) * info.output_price / 1000).quantize(MONEY_PLACES)
-    return {
-        "input": float(input_cost),
-        "output": float(output_cost),
-        "total": float(input_cost + output_cost),
-        "currency": "CNY",
-    }
+    return {"input": input_cost, "output": output_cost, "total": input_cost + output_cost,
+            "input_price": info.input_price, "output_price": info.output_price}
+
+
+def worst_case_cost(model: str, input_tokens: int) -> Decimal:
+    """The most a call can cost: its counted input and the model's maximum output (thinking + answer)."""
+    info = MODELS[model]
+    return cost_decimal(model, input_tokens, info.max_thinking + info.max_answer)["total"]

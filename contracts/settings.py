@@ -10,6 +10,13 @@ from functools import lru_cache
 from typing import Any
 
 from contracts.errors import ConfigError
+from contracts.flow import (
+    DEFAULT_MODEL_LIMITS,
+    ModelLimit,
+    TenantLimit,
+    parse_model_limits,
+    parse_tenant_limits,
+)
 from contracts.image_formats import MAX_IMAGE_BYTES
 from contracts.job import QUEUE
 from contracts.triggers import TriggerRule, parse_triggers
@@ -73,6 +80,14 @@ class Settings:
     callback_backoff_max_s: float = 3_600.0
     api_url: str = ""  # QVQ_API_URL: clients talk HTTP to this API instead of Redis and the database
     api_key: str = ""
+    # flow control (contracts/flow.py): per model family, per tenant
+    model_limits: dict[str, ModelLimit] = field(default_factory=lambda: dict(DEFAULT_MODEL_LIMITS),
+                                                  compare=False)
+    tenant_limits: dict[str, TenantLimit] = field(default_factory=dict, compare=False)
+    # The model limiter: QVQ_FLOW_CONTROL=1/0; unset, it is on for the real service (DASHSCOPE_API_KEY) or
+    # when QVQ_MODEL_LIMITS is set, and off against the emulator (which has no limit unless told).
+    flow_control: bool = False
+    flow_margin_ms: int = 150  # added to the limiter's 1 s and 60 s windows: jitter between our grant and the service
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -117,6 +132,8 @@ class Settings:
                 values[name] = parse(raw)
             except ValueError as exc:
                 raise ConfigError(f"{var}={_masked(raw)!r}: {exc}") from exc
+        if "flow_control" not in values:
+            values["flow_control"] = bool(values.get("dashscope_api_key")) or "model_limits" in values
         settings = cls(**values)
         _check(settings)
         return settings
@@ -236,6 +253,10 @@ _ENV: dict[str, tuple[str, Any]] = {
     "callback_backoff_max_s": ("QVQ_CALLBACK_BACKOFF_MAX_S", _positive_float),
     "api_url": ("QVQ_API_URL", str),
     "api_key": ("QVQ_API_KEY", str),
+    "model_limits": ("QVQ_MODEL_LIMITS", parse_model_limits),
+    "tenant_limits": ("QVQ_TENANT_LIMITS", parse_tenant_limits),
+    "flow_control": ("QVQ_FLOW_CONTROL", _bool),
+    "flow_margin_ms": ("QVQ_FLOW_MARGIN_MS", int),
 }
 
 
@@ -248,6 +269,8 @@ def _check(settings: Settings) -> None:
         raise ConfigError(f"QVQ_IMAGE_DELIVERY={settings.image_delivery!r}: expected inline or presigned")
     if settings.log_format not in {"json", "console"}:
         raise ConfigError(f"LOG_FORMAT={settings.log_format!r}: expected json or console")
+    if not 0 <= settings.flow_margin_ms <= 5000:
+        raise ConfigError(f"QVQ_FLOW_MARGIN_MS={settings.flow_margin_ms}: expected 0 to 5000")
     if settings.coalesce_ms < 0:
         raise ConfigError("QVQ_COALESCE_MS must be >= 0")
     from contracts.tenants import KeyRing

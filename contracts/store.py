@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from contracts.catalog import MODELS, MONEY_PLACES, cost_decimal
 from contracts.errors import RequestError
 from contracts.job import JobRequest
 
@@ -81,7 +82,14 @@ usage = sa.Table(
     sa.Column("output_cost", sa.Numeric(18, 6), nullable=False),
     sa.Column("total_cost", sa.Numeric(18, 6), nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # the ledger (migration 0400): every billed attempt, how it ended, and the prices used
+    sa.Column("run", sa.Integer, nullable=False, default=0, server_default="0"),
+    sa.Column("outcome", sa.String(16)),  # completed | failed | cancelled | retried
+    sa.Column("estimated", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
+    sa.Column("input_price", sa.Numeric(18, 6)),  # CNY per 1,000 tokens
+    sa.Column("output_price", sa.Numeric(18, 6)),
     sa.UniqueConstraint("task_id", "attempt", name="uq_qvq_usage_task_attempt"),
+    sa.Index("ix_qvq_usage_tenant_created_at", "tenant", "created_at"),
 )
 
 #: One row per terminal event POSTed to a job's callback_url (worker/deliveries.py): the delivery's
@@ -226,6 +234,15 @@ class Outcome:
     cost: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None
     last_seq: int = 0  # the highest seq the run published before its terminal event (never lowers the row's)
+
+
+def _has_usage(conn: sa.Connection, task_id: str, attempt: int) -> bool:
+    query = sa.select(usage.c.id).where(usage.c.task_id == task_id, usage.c.attempt == attempt)
+    return conn.execute(query).first() is not None
+
+
+def _run_of(conn: sa.Connection, task_id: str) -> int:
+    return int(conn.execute(sa.select(tasks.c.run).where(tasks.c.id == task_id)).scalar() or 0)
 
 
 def now() -> dt.datetime:
@@ -511,21 +528,56 @@ class Store:
             claimed = conn.execute(_FINISH, values).first()
             if claimed is None:
                 return False
-            if outcome.usage and outcome.cost:
+            if outcome.usage and outcome.cost and not _has_usage(conn, task_id, outcome.attempt):
                 self._insert_usage(conn, task_id, outcome, model=claimed.model, tenant=claimed.tenant)
         return True
 
     def _insert_usage(self, conn: sa.Connection, task_id: str, outcome: Outcome, *, model: str,
                       tenant: str | None) -> None:
+        """The completed attempt's row, when the model-call hook (worker/flow.py) did not write it."""
         assert outcome.usage is not None and outcome.cost is not None
+        prompt, completion = int(outcome.usage.get("prompt_tokens") or 0), int(outcome.usage.get("completion_tokens") or 0)
+        exact = cost_decimal(model, prompt, completion) if model in MODELS else None
         conn.execute(_INSERT_USAGE, {
             "task_id": task_id, "attempt": outcome.attempt, "model": model, "tenant": tenant,
-            "prompt_tokens": int(outcome.usage.get("prompt_tokens") or 0),
-            "completion_tokens": int(outcome.usage.get("completion_tokens") or 0),
+            "prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": int(outcome.usage.get("total_tokens") or 0),
             "input_cost": Decimal(str(outcome.cost["input"])), "output_cost": Decimal(str(outcome.cost["output"])),
             "total_cost": Decimal(str(outcome.cost["total"])), "created_at": now(),
+            "run": _run_of(conn, task_id), "outcome": outcome.status,
+            "estimated": bool(outcome.usage.get("estimated")),
+            "input_price": exact["input_price"] if exact else None,
+            "output_price": exact["output_price"] if exact else None,
         })
+
+    def record_usage(self, task_id: str, attempt: int, *, model: str, tenant: str | None, prompt_tokens: int,
+                     completion_tokens: int, estimated: bool, outcome: str) -> bool:
+        """One ledger row for a billed attempt (failed and cancelled ones too), priced exactly;
+        False when the attempt already has its row (a redelivery never bills twice)."""
+        exact = cost_decimal(model, prompt_tokens, completion_tokens)
+        with self.engine.begin() as conn:
+            if _has_usage(conn, task_id, attempt):
+                return False
+            try:
+                with conn.begin_nested():
+                    conn.execute(_INSERT_USAGE, {
+                        "task_id": task_id, "attempt": attempt, "model": model, "tenant": tenant,
+                        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                        "total_tokens": prompt_tokens + completion_tokens, "input_cost": exact["input"],
+                        "output_cost": exact["output"], "total_cost": exact["total"], "created_at": now(),
+                        "run": _run_of(conn, task_id), "outcome": outcome, "estimated": estimated,
+                        "input_price": exact["input_price"], "output_price": exact["output_price"],
+                    })
+            except sa.exc.IntegrityError:  # the same attempt recorded concurrently
+                return False
+        return True
+
+    def spent_since(self, tenant: str | None, since: dt.datetime) -> Decimal:
+        """The tenant's ledger total (CNY) from `since` on: the truth budgets are loaded from."""
+        query = sa.select(sa.func.coalesce(sa.func.sum(usage.c.total_cost), 0)).where(
+            _tenant_is(usage.c.tenant, tenant), usage.c.created_at >= since)
+        with self.engine.connect() as conn:
+            return Decimal(str(conn.execute(query).scalar_one())).quantize(MONEY_PLACES)
 
     def note_seq(self, task_id: str, seq: int) -> None:
         """Remember that events up to `seq` exist (never lowers it): the floor for the next publish
@@ -611,8 +663,10 @@ class Store:
         }[by]
         query = (
             sa.select(column.label(by), sa.func.count().label("calls"),
+                      sa.func.sum(sa.case((usage.c.estimated, 1), else_=0)).label("estimated_calls"),
                       sa.func.sum(usage.c.prompt_tokens).label("prompt_tokens"),
                       sa.func.sum(usage.c.completion_tokens).label("completion_tokens"),
+                      sa.func.sum(usage.c.total_tokens).label("total_tokens"),
                       sa.func.sum(usage.c.total_cost).label("cost_cny"))
             .group_by(column).order_by(column)
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,6 +16,7 @@ from emulator.config import EmulatorConfig
 from emulator.directives import parse_directives, strip_directives
 from emulator.faults import ATTEMPT_HEADER, AttemptCounter, attempt_from_header, fault_for
 from emulator.images import ImageInfo, describe_url
+from emulator.ratelimit import RateLimit
 from emulator.request import ChatRequest, parse_request
 from emulator.script import write_script
 from emulator.stats import Stats
@@ -30,6 +32,7 @@ class EmulatorState:
         self.config = config
         self.stats = Stats()
         self.attempts = AttemptCounter()
+        self.rate = RateLimit(config.rpm, config.tpm, self.stats)
         self.stopping = False
 
     def stop_streams(self) -> None:
@@ -55,7 +58,8 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         state.stats.requests += 1
-        return await _chat(state, await request.body(), request.headers.get(ATTEMPT_HEADER))
+        arrived = state.rate.clock()
+        return await _chat(state, await request.body(), request.headers.get(ATTEMPT_HEADER), arrived)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -75,6 +79,7 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
     async def reset() -> dict[str, int]:
         state.stats.reset()
         state.attempts.clear()
+        state.rate = RateLimit(state.config.rpm, state.config.tpm, state.stats)
         return state.stats.as_dict()
 
     return app
@@ -84,7 +89,7 @@ def _model_card(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 1_742_860_800, "owned_by": "system"}
 
 
-async def _chat(state: EmulatorState, body: bytes, attempt_header: str | None) -> Response:
+async def _chat(state: EmulatorState, body: bytes, attempt_header: str | None, arrived: float) -> Response:
     request = parse_request(body)
     raw_prompt = "\n".join(request.last_user.texts)
     directives = parse_directives(raw_prompt)
@@ -101,13 +106,26 @@ async def _chat(state: EmulatorState, body: bytes, attempt_header: str | None) -
     script = write_script(
         last_images, strip_directives(raw_prompt), config.reasoning_tokens, config.answer_tokens
     )
-    usage = _usage(request, infos, script.completion_tokens) if request.include_usage and not config.no_usage else None
+    counted = _usage(request, infos, script.completion_tokens)
+    retry_after = state.rate.admit(counted["prompt_tokens"], arrived)
+    if retry_after is not None:
+        raise errors.rate_limited(retry_after)
+    usage = counted if request.include_usage and not config.no_usage else None
     completion = Completion(request.model, script, usage, config, fault)
     return StreamingResponse(
-        sse_events(completion, state.stats, state.is_stopping),
+        _charged(sse_events(completion, state.stats, state.is_stopping), state.rate, script.completion_tokens),
         media_type="text/event-stream",
         headers=SSE_HEADERS,
     )
+
+
+async def _charged(body: AsyncIterator[bytes], rate: RateLimit, output_tokens: int) -> AsyncIterator[bytes]:
+    """The stream, then its output tokens charged to the rate limit (however it ended)."""
+    try:
+        async for data in body:
+            yield data
+    finally:
+        rate.charge_output(output_tokens)
 
 
 def _describe_images(urls: tuple[str, ...]) -> dict[str, ImageInfo]:

@@ -19,17 +19,21 @@ class EmulatorConfig:
     retry_after_s: float = 1.0  # the Retry-After header of an injected 429
     stamp_chunks: bool = False  # adds a non-standard "x_sent_at" (unix seconds) to every chunk
     no_usage: bool = False  # never sends the usage chunk, as servers that ignore include_usage do
+    rpm: int = 0  # the service's rate limit, requests per minute (and ceil(rpm/60) per second); 0: none
+    tpm: int = 0  # tokens per minute (and ceil(tpm/60) per second); 0: none
 
     def __post_init__(self) -> None:
         if self.tps < 0 or self.first_token_s < 0 or self.retry_after_s < 0:
             raise ValueError("tps, first_token_s and retry_after_s must not be negative")
+        if self.rpm < 0 or self.tpm < 0:
+            raise ValueError("rpm and tpm must not be negative (0: no rate limit)")
         if self.reasoning_tokens < 1 or self.answer_tokens < 1:
             raise ValueError("reasoning_tokens and answer_tokens must be at least 1")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> EmulatorConfig:
         """QVQ_EMULATOR_TPS, _FIRST_TOKEN_S, _REASONING_TOKENS, _ANSWER_TOKENS, _RETRY_AFTER_S,
-        _STAMP_CHUNKS, _NO_USAGE; keyword overrides (e.g. CLI flags; None means unset) win over the environment."""
+        _STAMP_CHUNKS, _NO_USAGE, _RPM, _TPM; keyword overrides (e.g. CLI flags; None means unset) win over the environment."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for name in field_names():

@@ -59,6 +59,7 @@ from contracts import events as ev
 from contracts.bus import RECONNECTABLE
 from contracts.catalog import MODELS
 from contracts.errors import RequestError
+from contracts.flow import read_waiting
 from contracts.image_formats import sniff_format
 from contracts.logging import get_logger
 from contracts.settings import Settings, get_settings
@@ -310,11 +311,23 @@ async def list_tasks(
 
 
 async def get_task(task_id: str, request: Request, principal: Caller) -> dict[str, Any]:
-    """The task's record, with its callback delivery (`callback`, null without one)."""
+    """The task's record, with its callback delivery (`callback`, null without one) and, while flow
+    control holds it back, `waiting`: {reason, wait_s, since}."""
     services = _services(request)
-    record = await _record(services, principal, task_id)
+    out = (await _record(services, principal, task_id)).to_dict()
     delivery = await run_in_threadpool(services.client.store.task_callback, task_id)
-    return {**record.to_dict(), "callback": delivery.to_dict() if delivery else None}
+    out["callback"] = delivery.to_dict() if delivery else None
+    out["waiting"] = None
+    if out["status"] in ("queued", "running"):  # the wait reason and estimate the limiter keeps in Redis
+        out["waiting"] = await run_in_threadpool(_waiting, services, task_id)
+    return out
+
+
+def _waiting(services: Services, task_id: str) -> dict[str, Any] | None:
+    try:
+        return read_waiting(services.client.redis, task_id)
+    except redis.RedisError:
+        return None
 
 
 async def cancel_task(task_id: str, request: Request, principal: Caller) -> JSONResponse:
@@ -386,9 +399,9 @@ async def get_usage(
     scope = _tenant_filter(principal, tenant)
     rows = await run_in_threadpool(lambda: services.client.store.usage_summary(
         by, tenant=scope, since=_moment(since, "since"), until=_moment(until, "until")))
-    counts = ("calls", "prompt_tokens", "completion_tokens")
+    counts = ("calls", "estimated_calls", "prompt_tokens", "completion_tokens", "total_tokens")
     out: list[dict[str, Any]] = [
-        {by: None if row[by] is None else str(row[by]), **{name: int(row[name] or 0) for name in counts},
+        {by: None if row[by] is None else str(row[by]), **{name: int(row.get(name) or 0) for name in counts},
          "cost_cny": str(Decimal(row["cost_cny"] or 0))} for row in rows]
     total: dict[str, Any] = {name: sum(r[name] for r in out) for name in counts}
     total["cost_cny"] = str(sum((Decimal(r["cost_cny"]) for r in out), Decimal(0)))

@@ -250,22 +250,82 @@ def cancel(task_id: str) -> None:
     click.echo("cancel requested" if changed else "already finished")
 
 
+USAGE_COLUMNS = ("calls", "estimated_calls", "prompt_tokens", "completion_tokens", "total_tokens", "cost_cny")
+
+
 @main.command()
 @click.option("--by", type=click.Choice(["model", "tenant", "day"]), default="model", show_default=True)
+@click.option("--since", help="From (inclusive): an ISO date/time, or a number of hours ago (e.g. 24).")
+@click.option("--until", help="To (exclusive): an ISO date/time, or a number of hours ago.")
+@click.option("--tenant", help="Only this tenant's usage.")
+@click.option("--json", "as_json", is_flag=True, help="Rows and total as JSON (costs as exact decimal strings).")
+@click.option("--csv", "as_csv", is_flag=True, help="Rows as CSV, then a total row.")
+@friendly_errors
+def usage(by: str, since: str | None, until: str | None, tenant: str | None, as_json: bool, as_csv: bool) -> None:
+    """Tokens and cost (CNY) from the ledger: every billed attempt, failed and cancelled ones included."""
+    from decimal import Decimal
+
+    from contracts.store import ANY_TENANT
+
+    with _client() as client:
+        rows = client.store.usage_summary(by, tenant=ANY_TENANT if tenant is None else tenant,
+                                          since=_moment("--since", since), until=_moment("--until", until))
+    out = [{by: None if row[by] is None else str(row[by]),
+            **{name: int(row.get(name) or 0) for name in USAGE_COLUMNS[:-1]},
+            "cost_cny": str(Decimal(row["cost_cny"] or 0))} for row in rows]
+    total: dict[str, Any] = {name: sum(r[name] for r in out) for name in USAGE_COLUMNS[:-1]}
+    total["cost_cny"] = str(sum((Decimal(str(r["cost_cny"])) for r in out), Decimal(0)))
+    if as_json:
+        click.echo(json.dumps({"rows": out, "total": total}, indent=2))
+    elif as_csv:
+        import csv
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow((by, *USAGE_COLUMNS))
+        for row in [*out, {by: "total", **total}]:
+            writer.writerow((row[by] or "", *(row[name] for name in USAGE_COLUMNS)))
+    else:
+        from producer.render import money
+
+        _print_rows((by, "calls", "estimated", "prompt tokens", "completion tokens", "total tokens", "cost (CNY)"),
+                    [(str(row[by]), *(str(row[name]) for name in USAGE_COLUMNS[:-1]), money(row["cost_cny"], ""))
+                     for row in [*out, {by: "total", **total}]])
+
+
+def _moment(option: str, value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        return dt.datetime.now(dt.UTC) - dt.timedelta(hours=float(value))
+    except ValueError:
+        pass
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ConfigError(f"{option} {value!r}: expected hours ago or an ISO date/time") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def usage(by: str, as_json: bool) -> None:
-    """Tokens and cost, grouped."""
-    with _client() as client:
-        rows = client.store.usage_summary(by)
-    if as_json:
-        click.echo(json.dumps(rows, default=str, indent=2))
-        return
-    from producer.render import money
+def limits(as_json: bool) -> None:
+    """Flow control now: per model family, requests and tokens used this second and minute against the
+    limits (QVQ_MODEL_LIMITS), calls waiting for quota, and any hold after a 429."""
+    from contracts import flow
 
-    _print_rows((by, "calls", "prompt tokens", "completion tokens", "cost (CNY)"),
-                [(str(row[by]), str(row["calls"]), str(row["prompt_tokens"]), str(row["completion_tokens"]),
-                  money(row["cost_cny"], "")) for row in rows])
+    settings = get_settings()
+    with _client() as client:
+        rows = flow.snapshot(client.redis, settings.model_limits)
+    if as_json:
+        click.echo(json.dumps({"limiter": settings.flow_control, "families": rows}, indent=2))
+        return
+    if not settings.flow_control:
+        click.echo("the model limiter is off (QVQ_FLOW_CONTROL=0, or the emulator without QVQ_MODEL_LIMITS)", err=True)
+    _print_rows(("family", "requests 1s", "requests 60s", "tokens 1s", "tokens 60s", "waiting", "held after 429 (s)"),
+                [(r["family"], f"{r['requests_1s']}/{r['rps']}", f"{r['requests_60s']}/{r['rpm']}",
+                  f"{r['tokens_1s']}/{r['tps']}", f"{r['tokens_60s']}/{r['tpm']}", str(r["waiting"]),
+                  f"{r['tightened_s']:g}") for r in rows])
 
 
 @main.command()
@@ -371,16 +431,19 @@ def api(host: str, port: int) -> None:
 @click.option("--first-token-s", type=float, help="Delay before the first token (default 0).")
 @click.option("--reasoning-tokens", type=int, help="Chunks of thinking, at least (default 40).")
 @click.option("--answer-tokens", type=int, help="Chunks of answer, at least (default 20).")
+@click.option("--rpm", type=int, help="Rate limit: requests per minute, also per second (rpm/60); beyond it 429 "
+              "with Retry-After, like the service (default 0: none).")
+@click.option("--tpm", type=int, help="Rate limit: tokens per minute, also per second (default 0: none).")
 @friendly_errors
 def emulator(host: str, port: int, tps: float | None, first_token_s: float | None, reasoning_tokens: int | None,
-             answer_tokens: int | None) -> None:
+             answer_tokens: int | None, rpm: int | None, tpm: int | None) -> None:
     """Run the QVQ-compatible emulator (OpenAI-style streaming HTTP); see docs/emulator.md.
 
     Flags win over QVQ_EMULATOR_* variables; a prompt's `[[emulator: ...]]` directive wins over both."""
     from emulator.server import EmulatorConfig, serve
 
     config = EmulatorConfig.from_env(tps=tps, first_token_s=first_token_s, reasoning_tokens=reasoning_tokens,
-                                     answer_tokens=answer_tokens)
+                                     answer_tokens=answer_tokens, rpm=rpm, tpm=tpm)
     click.echo(f"QVQ emulator on http://{host}:{port}/v1  (QVQ_BASE_URL=http://{host}:{port}/v1)", err=True)
     serve(host, port, config)
 

@@ -115,9 +115,11 @@ class TaskList(BaseModel):
 
 class UsageRow(BaseModel):
     model_config = ConfigDict(extra="allow")
-    calls: int
+    calls: int = Field(..., description="billed attempts, failed and cancelled ones included")
+    estimated_calls: int = Field(..., description="attempts whose usage is our count (the stream had none)")
     prompt_tokens: int
     completion_tokens: int
+    total_tokens: int
     cost_cny: str = Field(..., description="exact decimal, CNY")
 
 

@@ -7,6 +7,7 @@ import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -16,6 +17,7 @@ from contracts.store import Store
 from worker import images
 from worker.cancel import CancelWatcher
 from worker.fetch import ImageFetcher
+from worker.flow import FlowControl
 from worker.lease import LeaseKeeper
 from worker.model import QvqModel
 from worker.publisher import BatchingEventBus
@@ -35,6 +37,7 @@ class WorkerContext:
     cancels: CancelWatcher
     name: str
     leases: LeaseKeeper
+    flow: FlowControl | None = None  # flow control (worker/flow.py); built by `build`
 
     @classmethod
     def build(cls, settings: Settings) -> WorkerContext:
@@ -45,20 +48,26 @@ class WorkerContext:
         )
         name = f"{socket.gethostname()}:{os.getpid()}"
         images.decode_budget.resize(settings.decode_memory_mb << 20)
+        store = Store.from_url(settings.database_url, timeout_s=settings.db_timeout_s)
+        flow = FlowControl(settings, client, store)  # once per process, mover started
+        flow.start_mover(_send_again)
         return cls(
             settings=settings,
             redis=client,
             bus=BatchingEventBus(client, ttl_s=settings.event_ttl_s),  # group-committed publishes
-            store=Store.from_url(settings.database_url, timeout_s=settings.db_timeout_s),
+            store=store,
             fetcher=ImageFetcher(settings),
             model=QvqModel(settings),
             image_pool=ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="qvq-images"),
             cancels=CancelWatcher(client),
             name=name,
             leases=LeaseKeeper(client, ttl_s=settings.lease_ttl_s, owner=name),
+            flow=flow,
         )
 
     def close(self) -> None:
+        if self.flow is not None:
+            self.flow.stop()
         self.cancels.stop()
         self.leases.stop()
         self.image_pool.shutdown(wait=False, cancel_futures=True)
@@ -66,6 +75,15 @@ class WorkerContext:
         self.fetcher.close()
         self.store.dispose()
         self.redis.close()
+
+
+def _send_again(payload: dict[str, Any]) -> None:
+    """Put a parked task back on the queue (worker/flow.py's mover)."""
+    from contracts.job import TASK_NAME
+    from worker.app import app
+
+    app.send_task(TASK_NAME, args=[payload], task_id=payload["task_id"], queue=get_settings().queue,
+                  serializer="json")
 
 
 _context: WorkerContext | None = None

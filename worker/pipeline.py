@@ -19,6 +19,7 @@ Reliability rules (README, Guarantees):
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 import random
@@ -37,6 +38,7 @@ from contracts.store import CANCELLED, COMPLETED, FAILED, Outcome
 from worker import callback, retry
 from worker.coalesce import DeltaCoalescer
 from worker.context import WorkerContext
+from worker.flow import ModelCall
 from worker.images import PreparedImage, prepare_images
 from worker.lease import Lease
 from worker.message import load_record
@@ -67,8 +69,13 @@ def run_task(message: dict[str, Any], ctx: WorkerContext, *, delivery_id: str | 
         return REJECTED
     job = JobRequest.from_payload(record.request)
     with structlog.contextvars.bound_contextvars(task_id=job.task_id, model=job.model):
-        return TaskRun(job, ctx, seq_floor=record.last_seq).run()
-
+        run = TaskRun(job, ctx, seq_floor=record.last_seq)
+        if ctx.flow is None:
+            return run.run()
+        # Flow control (worker/flow.py): hold a tenant slot for the run, or park the task (acknowledged;
+        # a mover puts it back on the queue when due) and return without running it.
+        with ctx.flow.admitted(job, message, run._publish) as admitted:
+            return run.run() if admitted else None
 
 def _store_call(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """A store read or attempt count; StoreUnavailable when the database cannot be reached."""
@@ -92,6 +99,7 @@ class TaskRun:
         self.last_seq = 0  # the highest seq this run published
         self._events_down_until = 0.0
         self._waited_since: float | None = None  # when this delivery began waiting for another's lease
+        self.input_tokens = 0  # the counted input of the model call (check_token_budget), for flow control
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> str | None:
@@ -190,7 +198,7 @@ class TaskRun:
         summaries = [image.summary() for image in self.images]
         self._publish(ev.IMAGES_READY, images=summaries, image_tokens=sum(i.tokens for i in self.images))
         history = self._history()
-        estimate = check_token_budget(job.model, job.prompt, self.images, history)
+        estimate = self.input_tokens = check_token_budget(job.model, job.prompt, self.images, history)
         return build_messages(job.prompt, self.images, history, url_for=self._image_url), estimate
 
     def _image_url(self, image: PreparedImage) -> str:
@@ -234,12 +242,23 @@ class TaskRun:
 
     def _call_model(self, messages: list[dict[str, Any]], estimate: int, coalescer: DeltaCoalescer,
                     watch: Any) -> StreamResult:
-        """The one call site of the model."""
-        return self.ctx.model.stream(
-            model=self.job.model, messages=messages, high_resolution=self.job.high_resolution,
-            attempt=self.attempt, on_text=_delta_sink(coalescer), should_stop=watch.should_stop,
-            on_open=watch.attach, prompt_tokens_estimate=estimate,
-        )
+        """The one call site of the model, inside flow control (worker/flow.py): the budget reservation,
+        tenant rate and model quota before the call (may wait, publishing task.waiting; BudgetError: no
+        call); the ledger row and the settlements after it, whatever the outcome."""
+        with self._model_call(watch) as call:
+            result = self.ctx.model.stream(
+                model=self.job.model, messages=messages, high_resolution=self.job.high_resolution,
+                attempt=self.attempt, on_text=call.tap(_delta_sink(coalescer)), should_stop=watch.should_stop,
+                on_open=call.on_open(watch.attach), prompt_tokens_estimate=estimate,
+            )
+            call.finished(result)
+        return result
+
+    def _model_call(self, watch: Any) -> contextlib.AbstractContextManager[ModelCall]:
+        """Flow control around one model call (hook 2); a pass-through when there is none."""
+        if self.ctx.flow is None:
+            return contextlib.nullcontext(ModelCall(self.input_tokens))
+        return self.ctx.flow.model_call(self.job, self.attempt, self.input_tokens, watch.should_stop, self._publish)
 
     def _before_retry(self, error: ModelError, watch: Any) -> None:
         """Publish task.retrying and wait, or re-raise when the error is final."""

@@ -61,7 +61,7 @@ def test_submit_result_usage_and_cancel_from_the_command_line(qvq: Any, start_wo
     assert record["status"] == "completed" and "80x60" in record["answer"]
     assert "Answer" in qvq("result", task_id).stdout
 
-    by_tenant = json.loads(qvq("usage", "--by", "tenant", "--json").stdout)
+    by_tenant = json.loads(qvq("usage", "--by", "tenant", "--json").stdout)["rows"]
     assert by_tenant[0]["tenant"] == "acme" and by_tenant[0]["calls"] == 1
     assert "qvq-plus" in qvq("usage").stdout
     assert "already finished" in qvq("cancel", task_id).stdout
