@@ -6,7 +6,8 @@ Logs are data: with LOG_FORMAT=json every line is one JSON object, whoever wrote
   received/succeeded") or, inside a task, from Celery's current task.
 - uvicorn's access lines become `http.access` with method, path (`api_key=` redacted), status, client,
   http_version, and duration_s when the API's timing middleware bound it (producer/ops.py).
-- Python warnings go through logging too (`py.warnings`).
+- Python warnings go through logging too (`py.warnings`), and so does an exception that ends a
+  background thread (`thread.crashed`), which Python would otherwise print to stderr as plain text.
 - Private request content (prompt, metadata, messages) is dropped from any line above DEBUG.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -55,6 +57,7 @@ def configure(log_format: str = "console", level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.captureWarnings(True)
+    threading.excepthook = _log_thread_crash  # a background thread's traceback is a log line too
     for noisy in ("httpx", "httpcore", "botocore", "boto3", "urllib3", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -122,3 +125,11 @@ def _current_celery_task() -> Any:
     if task is None or getattr(task.request, "id", None) is None:
         return None
     return task
+
+
+def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    logging.getLogger("qvq.threads").error(
+        "thread.crashed", extra={"thread": getattr(args.thread, "name", None)},
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))  # type: ignore[arg-type]

@@ -30,6 +30,11 @@ T = TypeVar("T")
 
 #: the outcome a call returns (rather than raises) when it asks to be tried again (worker/callback.py)
 RETRY_OUTCOME = "retry"
+#: Database errors worth retrying (connection lost, server gone, SQLite busy, a timeout); others are bugs.
+TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (
+    sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)
+#: Redis errors of a publish (the server is gone, restarting, or the socket timed out).
+TRANSIENT_REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
 
 
 def sleep(seconds: float) -> None:
@@ -82,9 +87,7 @@ def _retryable(exc: BaseException) -> bool:
 
 FETCH = Policy("fetch", (0.2, 0.6), tenacity.retry_if_exception(_retryable))
 CALLBACK = Policy("callback", (0.5, 2.0), tenacity.retry_if_result(lambda outcome: outcome == RETRY_OUTCOME))
-DATABASE = Policy(
-    "database", (0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0),
-    tenacity.retry_if_exception_type((sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)),
-)
+DATABASE = Policy("database", (0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0),
+                  tenacity.retry_if_exception_type(TRANSIENT_DB_ERRORS))
 TERMINAL_PUBLISH = Policy("terminal_publish", (0.1, 0.3, 1.0, 2.0),
-                          tenacity.retry_if_exception_type((redis.RedisError, OSError)))
+                          tenacity.retry_if_exception_type(TRANSIENT_REDIS_ERRORS))

@@ -24,14 +24,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from contracts import events as ev
 from contracts.async_bus import AsyncEventBus, LiveSource
-from contracts.errors import RequestError
-from contracts.job import JobRequest, parse_job
 from contracts.settings import Settings, get_settings
 from contracts.store import Store, TaskRecord
 from contracts.subscription import ResultWait
-from producer.client import CANCEL_TTL_S, RESULT_RECHECK_S, Client, EnqueueError, _as_ref, queued_fields
+from producer.client import RESULT_RECHECK_S, Client, _as_ref
 
 
 @dataclass(frozen=True)
@@ -68,52 +65,18 @@ class AsyncClient:
             request["model"] = model
         return await self.submit_request(request)
 
-    async def submit_request(self, request: dict[str, Any]) -> AsyncTaskHandle:
-        job = parse_job(request, default_model=self.settings.model)
-        record, created = await asyncio.to_thread(self.sync.store.create_task, job)
-        if not created:
-            return AsyncTaskHandle(record.id, False)
-        if record.id != job.task_id:
-            raise RequestError(f"task id {job.task_id!r} is already taken", field="task_id")
-        await self._enqueue(job, record)
-        return AsyncTaskHandle(job.task_id, True)
+    async def submit_request(self, request: dict[str, Any], *, local_files: bool = True) -> AsyncTaskHandle:
+        """As `Client.submit_request` (the same code, in a worker thread: one implementation)."""
+        handle = await asyncio.to_thread(self.sync.submit_request, request, local_files=local_files)
+        return AsyncTaskHandle(handle.task_id, handle.created)
 
     async def retry(self, task_id: str) -> int:
         """As `Client.retry`: a new run of a failed or cancelled task; returns the seq to follow it from."""
-        record = await asyncio.to_thread(self.sync.requeue, task_id)
-        job = JobRequest.from_payload(record.request)
-        return await self._enqueue(job, record, attempt=record.attempts, clear_cancel=True) - 1
+        return await asyncio.to_thread(self.sync.retry, task_id)
 
     async def cancel(self, task_id: str) -> bool:
         """As `Client.cancel`: stop a queued or running task; False when it had already finished."""
-        record = await self.get(task_id)
-        if record.is_terminal:
-            return False
-        await self.redis.set(ev.cancel_key(task_id), "1", ex=CANCEL_TTL_S)
-        if await asyncio.to_thread(self.store.cancel_if_queued, task_id):
-            seq = await self.bus.publish(task_id, ev.CANCELLED, record.attempts, seq_floor=record.last_seq)
-            await asyncio.to_thread(self.sync.note_seq, task_id, seq)
-            return True
-        await self.redis.publish(ev.CANCEL_CHANNEL, task_id)
-        return True
-
-    async def _enqueue(self, job: JobRequest, record: TaskRecord, *, attempt: int = 0,
-                       clear_cancel: bool = False) -> int:
-        """As `Client._enqueue`: task.queued (its run, above the row's seq), then the Celery send."""
-        try:
-            if clear_cancel:
-                await self.redis.delete(ev.cancel_key(job.task_id))
-            seq = await self.bus.publish(job.task_id, ev.QUEUED, attempt, seq_floor=record.last_seq,
-                                         **queued_fields(job, record))
-            await asyncio.to_thread(self.sync._send, job)
-        except Exception as exc:
-            message = await asyncio.to_thread(self.sync._enqueue_failed, job, attempt, exc)
-            with contextlib.suppress(Exception):
-                await self.bus.publish(job.task_id, ev.FAILED, attempt, seq_floor=record.last_seq,
-                                       error={"code": "internal", "message": message, "retryable": True})
-            raise EnqueueError(message) from exc
-        await asyncio.to_thread(self.sync.note_seq, job.task_id, seq)
-        return seq
+        return await asyncio.to_thread(self.sync.cancel, task_id)
 
     async def get(self, task_id: str) -> TaskRecord:
         """The task's row; KeyError for an unknown task."""

@@ -400,6 +400,10 @@ class _StoreView:
         self.client = client
 
     def usage_summary(self, by: str = "model", **kwargs: Any) -> list[dict[str, Any]]:
+        from contracts.store import AnyTenant
+
+        if isinstance(kwargs.get("tenant"), AnyTenant):  # every tenant the key may see: the API's default
+            kwargs["tenant"] = None
         return list(self.client.usage(by, **kwargs)["rows"])
 
     def list_tasks(self, *, status: str | None = None, since: dt.datetime | None = None, limit: int = 100,

@@ -55,7 +55,7 @@ def router() -> APIRouter:
                          openapi_extra={"requestBody": {"required": True, "description": (
                              "an S3/MinIO bucket notification (Records[]), an Alibaba OSS event notification "
                              "(events[], plain, base64 or in its MNS envelope) or an EventBridge CloudEvent"),
-                             "content": {"application/json": {"schema": {"type": "object"}}}}})
+                             "content": {"application/json": {"schema": {"type": ["object", "array"]}}}}})
     routes.add_api_route("/tasks/{task_id}/callback/redeliver", redeliver_callback, methods=["POST"],
                          status_code=202, responses=errors(401, 404, 503))
     return routes

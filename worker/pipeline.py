@@ -30,12 +30,14 @@ from typing import Any
 import structlog
 
 from contracts import events as ev
+from contracts import retry
 from contracts.catalog import cost
 from contracts.errors import InternalError, ModelError, QvqError
 from contracts.job import JobRequest
 from contracts.logging import get_logger
+from contracts.retry import TRANSIENT_DB_ERRORS, TRANSIENT_REDIS_ERRORS
 from contracts.store import CANCELLED, COMPLETED, FAILED, Outcome
-from worker import callback, retry
+from worker import callback
 from worker.coalesce import DeltaCoalescer
 from worker.context import WorkerContext
 from worker.flow import ModelCall
@@ -44,7 +46,6 @@ from worker.lease import Lease
 from worker.message import load_record
 from worker.model import StreamResult, StreamStopped
 from worker.prompt import build_messages, check_token_budget
-from worker.retry import TRANSIENT_DB_ERRORS, TRANSIENT_REDIS_ERRORS
 
 log = get_logger(__name__)
 DELTA_EVENT = {"reasoning": ev.REASONING_DELTA, "answer": ev.ANSWER_DELTA}

@@ -235,4 +235,4 @@ def test_the_commands_talk_http_with_api(served: tuple[ApiServer, CuttingProxy],
     assert record["status"] == "completed" and record["request"]["callback_url"] == "http://127.0.0.1:9/hook"
     assert "callback" in record
     usage = runner.invoke(cli.main, ["--api", api.url, "usage", "--json"])
-    assert usage.exit_code == 0 and json.loads(usage.output)[0]["calls"] >= 1, usage.output
+    assert usage.exit_code == 0 and json.loads(usage.output)["rows"][0]["calls"] >= 1, usage.output

@@ -47,11 +47,14 @@ def element_text(dom: str, element_id: str) -> str:
 
 def test_the_page_shows_a_finished_task_thinking_answer_images_and_cost(
         service_env: dict[str, str], start_worker: Any, tmp_path: Path) -> None:
-    start_worker()
+    uploads = str(tmp_path / "uploads")
+    start_worker(QVQ_UPLOAD_URL=uploads)
     image = tmp_path / "green.png"
     image.write_bytes(make_image("PNG", size=(120, 80), color=(20, 200, 20)))
-    with ApiServer(Settings.from_env(service_env)) as api:
-        created = httpx.post(api.url + "/v1/tasks", json={"images": [image.as_uri()], "model": "qvq-plus",
+    with ApiServer(Settings.from_env({**service_env, "QVQ_UPLOAD_URL": uploads})) as api:
+        upload = httpx.post(api.url + "/v1/uploads", files={"file": ("green.png", image.read_bytes(), "image/png")})
+        ref = upload.json()["ref"]
+        created = httpx.post(api.url + "/v1/tasks", json={"images": [ref], "model": "qvq-plus",
                                                           "prompt": "What colour is this square?"})
         assert created.status_code == 202, created.text
         task_id = created.json()["task_id"]
@@ -65,7 +68,7 @@ def test_the_page_shows_a_finished_task_thinking_answer_images_and_cost(
     assert 'data-state="completed"' in dom
     assert element_text(dom, "answer") == record["answer"]
     assert element_text(dom, "thinking") == record["reasoning"]
-    assert "120×80" in dom and image.as_uri() in dom  # the images.ready table
+    assert "120×80" in dom and ref in dom  # the images.ready table
     assert f"{record['cost']['total']} CNY" in dom and "completion tokens" in dom
     assert screenshot.stat().st_size > 10_000 and screenshot.read_bytes()[:4] == b"\x89PNG"
 

@@ -17,12 +17,13 @@ import sqlalchemy as sa
 from celery.exceptions import Reject
 
 from contracts import events as ev
+from contracts import retry
 from contracts.errors import ERROR_CODES
 from contracts.settings import Settings
 from producer.client import Client, EnqueueError
 from producer.embedded import free_port
 from tests.reliability import Stack, terminal_events, text_of
-from worker import pipeline, retry
+from worker import pipeline
 from worker.context import WorkerContext
 
 pytestmark = pytest.mark.timeout(120)
@@ -172,7 +173,7 @@ def test_with_redis_gone_for_the_whole_run_the_result_is_still_persisted(inproc:
 
 def test_a_short_database_outage_at_the_terminal_write_is_retried(inproc: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     stack, ctx = inproc
-    monkeypatch.setattr(retry, "DATABASE", dataclasses.replace(retry.DATABASE, waits_s=(0.05,) * 5))
+    monkeypatch.setattr(retry, "DATABASE", dataclasses.replace(retry.DATABASE, delays=(0.05,) * 5))
     task_id = stack.submit("Write it down eventually.")
     store = FailingStore(ctx.store, finish_failures=3)
     assert pipeline.run_task(stack.record(task_id).request, dataclasses.replace(ctx, store=store)) == "completed"
@@ -185,7 +186,7 @@ def test_a_long_database_outage_puts_the_message_back_and_the_task_resumes(
     inproc: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stack, ctx = inproc
-    monkeypatch.setattr(retry, "DATABASE", dataclasses.replace(retry.DATABASE, waits_s=(0.01, 0.01)))
+    monkeypatch.setattr(retry, "DATABASE", dataclasses.replace(retry.DATABASE, delays=(0.01, 0.01)))
     task_id = stack.submit("The database is away.")
     payload = stack.record(task_id).request
     down = dataclasses.replace(ctx, store=FailingStore(ctx.store, down=True))

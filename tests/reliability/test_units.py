@@ -225,9 +225,9 @@ def test_a_policy_retries_its_errors_then_gives_up_with_the_last_one() -> None:
 
     import sqlalchemy as sa
 
-    from worker import retry
+    from contracts import retry
 
-    policy = dataclasses.replace(retry.DATABASE, waits_s=(0.0, 0.0))
+    policy = dataclasses.replace(retry.DATABASE, delays=(0.0, 0.0))
     calls: list[int] = []
 
     def flaky(fail_times: int) -> str:
@@ -243,8 +243,6 @@ def test_a_policy_retries_its_errors_then_gives_up_with_the_last_one() -> None:
     assert len(calls) == 3  # one try, then one per wait
     with pytest.raises(ValueError):  # not a transient error: no retry
         policy.call(lambda: (_ for _ in ()).throw(ValueError("a bug")))
-    assert retry.DATABASE.total_wait_s == pytest.approx(30.7)
-    assert retry.TERMINAL_PUBLISH.waits_s == (0.1, 0.3, 1.0, 2.0)
 
 
 # -- messages --------------------------------------------------------------------------------------
