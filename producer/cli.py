@@ -335,7 +335,7 @@ def limits(as_json: bool) -> None:
 def failed(since: str | None, as_json: bool) -> None:
     """List failed tasks with their error codes."""
     with _client() as client:
-        records = client.store.list_tasks(status="failed", since=_parse_since(since))
+        records = client.store.list_tasks(status="failed", since=_moment("--since", since))
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in records], default=str, indent=2))
         return
@@ -372,20 +372,6 @@ def retry(task_id: str, follow: bool, as_json: bool) -> None:
         click.echo(json.dumps({"task_id": task_id, "from_seq": from_seq}))
     else:
         click.echo(f"{task_id} queued again; follow it with: qvq follow {task_id} --from-seq {from_seq}")
-
-
-def _parse_since(since: str | None) -> dt.datetime | None:
-    if not since:
-        return None
-    try:
-        return dt.datetime.now(dt.UTC) - dt.timedelta(hours=float(since))
-    except ValueError:
-        pass
-    try:
-        parsed = dt.datetime.fromisoformat(since)
-    except ValueError as exc:
-        raise ConfigError(f"--since {since!r}: expected hours or an ISO date") from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})

@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import redis
 import sqlalchemy as sa
@@ -35,6 +35,19 @@ from contracts.settings import Settings, get_settings
 from contracts.store import CANCELLED, FAILED, RUNNING, Outcome, Store, TaskRecord
 from contracts.subscription import ResultWait
 
+
+class TaskClient(Protocol):
+    """What a TaskHandle needs of its client (Client and producer.http_client.HttpClient have it)."""
+
+    def events(self, task_id: str, from_seq: int = 0, timeout: float | None = None,
+               idle_timeout: float | None = None) -> Iterator[dict[str, Any]]: ...
+    def result(self, task_id: str, timeout: float | None = None) -> Any: ...
+    def get(self, task_id: str) -> Any: ...
+    def cancel(self, task_id: str) -> bool: ...
+    def retry(self, task_id: str) -> int: ...
+
+
+C = TypeVar("C", bound=TaskClient)
 CANCEL_TTL_S = 86_400
 RESULT_RECHECK_S = 5.0  # result() re-reads the row this often while it waits for the terminal event
 
@@ -52,20 +65,22 @@ class EnqueueError(QvqError):
 
 
 @dataclass(frozen=True)
-class TaskHandle:
+class TaskHandle(Generic[C]):
+    """One task of a client (the Redis `Client` or the HTTP `HttpClient`): its id and shortcuts."""
+
     task_id: str
     created: bool  # False when an idempotency key returned an earlier task
-    client: Client
+    client: C
 
     def events(self, from_seq: int = 0, timeout: float | None = None,
                idle_timeout: float | None = None) -> Iterator[dict[str, Any]]:
         return self.client.events(self.task_id, from_seq=from_seq, timeout=timeout, idle_timeout=idle_timeout)
 
-    def result(self, timeout: float | None = None) -> TaskRecord:
+    def result(self, timeout: float | None = None) -> Any:
         return self.client.result(self.task_id, timeout=timeout)
 
     def status(self) -> str:
-        return self.client.get(self.task_id).status
+        return str(self.client.get(self.task_id).status)
 
     def cancel(self) -> bool:
         return self.client.cancel(self.task_id)
@@ -86,14 +101,14 @@ class Client:
 
     # -- submit --------------------------------------------------------------------------------
     def submit(self, images: Sequence[str] = (), prompt: str = "", model: str | None = None,
-               **fields: Any) -> TaskHandle:
+               **fields: Any) -> TaskHandle[Client]:
         """Validate and enqueue one job (fields as in the job request table); returns its handle."""
         request = {"images": [_as_ref(ref) for ref in images], "prompt": prompt, **fields}
         if model is not None:
             request["model"] = model
         return self.submit_request(request)
 
-    def submit_request(self, request: dict[str, Any], *, local_files: bool = True) -> TaskHandle:
+    def submit_request(self, request: dict[str, Any], *, local_files: bool = True) -> TaskHandle[Client]:
         """Validate and enqueue a job request (a dict as in design.md). `local_files=False` refuses
         references to files on this machine (the HTTP API's callers are elsewhere)."""
         job = parse_job(request, default_model=self.settings.model, local_files=local_files)
@@ -214,7 +229,7 @@ class Client:
         return self._celery
 
     # -- read ----------------------------------------------------------------------------------
-    def handle(self, task_id: str) -> TaskHandle:
+    def handle(self, task_id: str) -> TaskHandle[Client]:
         self.get(task_id)
         return TaskHandle(task_id, False, self)
 

@@ -38,6 +38,7 @@ from contracts import events as ev
 from contracts.errors import ApiCallError, AuthError, NotFoundError, RequestError, UnavailableError
 from contracts.settings import get_settings
 from contracts.store import TaskRecord
+from producer.client import TaskHandle
 
 RECONNECT_DELAYS_S = (0.1, 0.3, 1.0, 2.0, 3.0)  # between SSE reconnects without progress; then give up
 RESULT_RECHECK_S = 5.0
@@ -240,29 +241,6 @@ def _unreachable(exc: Exception) -> UnavailableError:
 
 
 # -- the sync driver -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class HttpTaskHandle:
-    task_id: str
-    created: bool
-    client: HttpClient
-
-    def events(self, from_seq: int = 0, timeout: float | None = None,
-               idle_timeout: float | None = None) -> Iterator[dict[str, Any]]:
-        return self.client.events(self.task_id, from_seq=from_seq, timeout=timeout, idle_timeout=idle_timeout)
-
-    def result(self, timeout: float | None = None) -> HttpTaskRecord:
-        return self.client.result(self.task_id, timeout=timeout)
-
-    def status(self) -> str:
-        return self.client.get(self.task_id).status
-
-    def cancel(self) -> bool:
-        return self.client.cancel(self.task_id)
-
-    def retry(self) -> int:
-        return self.client.retry(self.task_id)
-
-
 class HttpClient:
     """producer.client.Client's surface over the HTTP API (synchronous)."""
 
@@ -281,20 +259,20 @@ class HttpClient:
 
     # -- submit ----------------------------------------------------------------------------------
     def submit(self, images: Sequence[str] = (), prompt: str = "", model: str | None = None,
-               **fields_: Any) -> HttpTaskHandle:
+               **fields_: Any) -> TaskHandle[HttpClient]:
         refs = list(images)
         for index, path in self.core.local_paths(refs):
             refs[index] = self._call(Call("POST", "/v1/uploads"), files=self.core.upload_files(path))["ref"]
         return self.submit_request(self.core.job(refs, prompt, model, fields_))
 
-    def submit_request(self, request: dict[str, Any], *, local_files: bool = False) -> HttpTaskHandle:
+    def submit_request(self, request: dict[str, Any], *, local_files: bool = False) -> TaskHandle[HttpClient]:
         created = self._call(self.core.submit(request))
-        return HttpTaskHandle(created["task_id"], bool(created["created"]), self)
+        return TaskHandle(created["task_id"], bool(created["created"]), self)
 
     # -- read ------------------------------------------------------------------------------------
-    def handle(self, task_id: str) -> HttpTaskHandle:
+    def handle(self, task_id: str) -> TaskHandle[HttpClient]:
         self.get(task_id)
-        return HttpTaskHandle(task_id, False, self)
+        return TaskHandle(task_id, False, self)
 
     def get(self, task_id: str) -> HttpTaskRecord:
         return self.core.record(self._call(self.core.get(task_id)))
