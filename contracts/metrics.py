@@ -10,7 +10,7 @@
 | qvq_model_attempts_total | counter | code ("ok" or an error code) | worker: task.retrying, task.completed, task.failed (model.* codes) |
 | qvq_active_streams | gauge | - | worker: tasks started and not yet ended in this process |
 | qvq_queue_depth | gauge | queue | API, read from the broker at scrape time (LLEN of the queue and kombu's priority lists) |
-| qvq_flow_wait_seconds | histogram | reason (model_quota, tenant_concurrency, tenant_rate) | flow control (not observed yet: it comes with QVQ_MODEL_LIMITS / QVQ_TENANT_LIMITS) |
+| qvq_flow_wait_seconds | histogram | reason (model_quota, tenant_concurrency, tenant_rate) | flow control: observed when a held-back task's wait ends (worker/flow.py) |
 | qvq_events_published_total | counter | type (the event type) | worker: every event its publisher sent to Redis |
 
 Labels are bounded: a model outside the catalogue becomes "other", an unknown error code "internal";

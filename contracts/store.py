@@ -203,6 +203,15 @@ class TaskRecord:
         )
         return out
 
+    def summary(self) -> dict[str, Any]:
+        """A listing's line (GET /v1/tasks, `qvq tasks`): the record without its text and request."""
+        full = self.to_dict()
+        return {name: full[name] for name in SUMMARY_FIELDS}
+
+
+SUMMARY_FIELDS = ("task_id", "status", "model", "tenant", "conversation_id", "attempts", "error", "cost",
+                  "created_at", "started_at", "finished_at")
+
 
 @dataclass(frozen=True)
 class AttemptStart:
@@ -632,12 +641,15 @@ class Store:
     # -- reports -------------------------------------------------------------------------------
     def list_tasks(self, *, status: str | None = None, since: dt.datetime | None = None,
                    limit: int = 100, tenant: str | None | AnyTenant = ANY_TENANT,
-                   before: tuple[dt.datetime, str] | None = None) -> list[TaskRecord]:
+                   before: tuple[dt.datetime, str] | None = None,
+                   statuses: tuple[str, ...] = ()) -> list[TaskRecord]:
         """Newest first. `tenant` narrows to one tenant (None: the rows without one); `before` is a
         keyset cursor (created_at, id): only rows strictly after it in that order."""
         query = tasks.select().order_by(tasks.c.created_at.desc(), tasks.c.id.desc()).limit(limit)
         if status:
             query = query.where(tasks.c.status == status)
+        if statuses:
+            query = query.where(_status_is_one_of(statuses))
         if since:
             query = query.where(tasks.c.created_at >= since)
         if not isinstance(tenant, AnyTenant):

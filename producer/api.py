@@ -292,7 +292,8 @@ async def upload_task(request: Request, principal: Caller) -> JSONResponse:
 
 async def list_tasks(
     request: Request, principal: Caller,
-    status: Annotated[schemas.Status | None, Query()] = None,
+    status: Annotated[schemas.ListedStatus | None, Query(description="`waiting`: queued or running tasks "
+                                                                     "that flow control holds back")] = None,
     tenant: Annotated[str | None, Query(pattern=schemas.SAFE_ID_PATTERN, description="admin keys only")] = None,
     since: Annotated[str | None, Query(description="created at or after; " + schemas.DATETIME_DESCRIPTION,
                                        json_schema_extra={"format": "date-time"})] = None,
@@ -303,10 +304,10 @@ async def list_tasks(
     services = _services(request)
     scope = _tenant_filter(principal, tenant)
     records: list[TaskRecord] = await run_in_threadpool(
-        lambda: services.client.store.list_tasks(status=status, since=_moment(since, "since"), limit=limit + 1,
-                                                 tenant=scope, before=_decode_cursor(cursor)))
+        lambda: services.client.list_records(status=status, since=_moment(since, "since"), limit=limit + 1,
+                                             tenant=scope, before=_decode_cursor(cursor)))
     page, more = records[:limit], len(records) > limit
-    return {"tasks": [_summary(record) for record in page],
+    return {"tasks": [record.summary() for record in page],
             "next_cursor": _encode_cursor(page[-1]) if more and page else None}
 
 
@@ -549,11 +550,6 @@ def _tenant_filter(principal: Principal, tenant: str | None) -> Any:
     if tenant is not None and tenant != principal.tenant:
         raise ApiError(403, "auth.forbidden", f"this key reads tenant {principal.tenant!r} only", field="tenant")
     return principal.tenant
-
-
-def _summary(record: TaskRecord) -> dict[str, Any]:
-    full = record.to_dict()
-    return {name: full[name] for name in schemas.TaskSummary.model_fields}
 
 
 def _encode_cursor(record: TaskRecord) -> str:

@@ -344,6 +344,30 @@ def failed(since: str | None, as_json: bool) -> None:
                  for r in records])
 
 
+@main.command()
+@click.option("--status", type=click.Choice(["queued", "running", "completed", "failed", "cancelled", "waiting"]),
+              help="Only these (waiting: queued or running tasks held back by flow control).")
+@click.option("--since", help="ISO date/time or a number of hours ago (e.g. 24).")
+@click.option("--tenant", help="Only this tenant's tasks.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of task summaries.")
+@friendly_errors
+def tasks(status: str | None, since: str | None, tenant: str | None, limit: int, as_json: bool) -> None:
+    """List tasks, newest first."""
+    from producer.render import money
+
+    with _client() as client:
+        found = client.tasks(status=status, since=_moment("--since", since), limit=limit, tenant=tenant)
+    if as_json:
+        click.echo(json.dumps(found, ensure_ascii=False, indent=2, default=str))
+        return
+    _print_rows(("task", "status", "model", "tenant", "created", "attempts", "error", "cost"),
+                [(t["task_id"], t["status"], t["model"], t["tenant"] or "", (t["created_at"] or "")[:19],
+                  str(t["attempts"]), (t["error"] or {}).get("code", ""),
+                  money(t["cost"]["total"], t["cost"].get("currency", "CNY")) if t.get("cost") else "")
+                 for t in found])
+
+
 def _print_rows(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     """A table on a terminal; tab-separated lines when piped, so nothing is cut or wrapped for grep."""
     if not console.is_terminal:

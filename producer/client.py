@@ -17,6 +17,7 @@ terminal ends its viewers even when its terminal event never reached Redis (cont
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -30,9 +31,10 @@ from celery import Celery
 from contracts import events as ev
 from contracts.bus import EventBus
 from contracts.errors import QvqError, RequestError
+from contracts.flow import read_waiting
 from contracts.job import TASK_NAME, UPLOAD_REF, JobRequest, parse_job
 from contracts.settings import Settings, get_settings
-from contracts.store import CANCELLED, FAILED, RUNNING, Outcome, Store, TaskRecord
+from contracts.store import ANY_TENANT, CANCELLED, FAILED, QUEUED, RUNNING, Outcome, Store, TaskRecord
 from contracts.subscription import ResultWait
 
 
@@ -49,7 +51,8 @@ class TaskClient(Protocol):
 
 C = TypeVar("C", bound=TaskClient)
 CANCEL_TTL_S = 86_400
-RESULT_RECHECK_S = 5.0  # result() re-reads the row this often while it waits for the terminal event
+RESULT_RECHECK_S = 5.0
+WAITING = "waiting"  # a listing filter, not a status: queued or running, held back by flow control  # result() re-reads the row this often while it waits for the terminal event
 
 
 class EnqueueError(QvqError):
@@ -273,6 +276,28 @@ class Client:
             if record.is_terminal or (deadline is not None and time.monotonic() > deadline):
                 return record
             time.sleep(0.05)
+
+    def list_records(self, *, status: str | None = None, since: dt.datetime | None = None, limit: int = 100,
+                     tenant: Any = ANY_TENANT, before: tuple[dt.datetime, str] | None = None) -> list[TaskRecord]:
+        """Task rows, newest first; `status="waiting"`: queued or running ones flow control holds back."""
+        if status != WAITING:
+            return self.store.list_tasks(status=status, since=since, limit=limit, tenant=tenant, before=before)
+        found: list[TaskRecord] = []
+        while len(found) < limit:  # a page of queued and running rows at a time, kept when held back
+            page = self.store.list_tasks(statuses=(QUEUED, RUNNING), since=since, limit=limit, tenant=tenant,
+                                         before=before)
+            found += [record for record in page if read_waiting(self.redis, record.id) is not None]
+            if len(page) < limit:
+                break
+            before = (page[-1].created_at, page[-1].id)
+        return found[:limit]
+
+    def tasks(self, *, status: str | None = None, since: dt.datetime | None = None, limit: int = 100,
+              tenant: str | None = None) -> list[dict[str, Any]]:
+        """The tasks' summaries, newest first (as GET /v1/tasks and HttpClient.tasks give them)."""
+        scope = ANY_TENANT if tenant is None else tenant
+        return [record.summary() for record in self.list_records(status=status, since=since, limit=limit,
+                                                                 tenant=scope)]
 
     # -- cancel --------------------------------------------------------------------------------
     def cancel(self, task_id: str) -> bool:

@@ -134,6 +134,10 @@ class EventRenderer:
         self.console.print(Text(f"{clean(error.get('code'))}: {clean(error.get('message'))}; retrying as "
                                 f"attempt {event['attempt']} in {clean(event.get('delay_s'))} s", style="yellow"))
 
+    def _on_task_waiting(self, event: dict[str, Any]) -> None:
+        reason = str(event.get("reason") or "flow control").replace("_", " ")
+        self.console.print(Text(f"waiting: {clean(reason)} (about {clean(event.get('wait_s'))} s)", style="yellow"))
+
     def _on_task_completed(self, event: dict[str, Any]) -> None:
         self._end_section()
         self.console.print()

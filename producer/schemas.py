@@ -25,6 +25,7 @@ IMAGE_REF_PATTERN = (rf"^(?:(?:s3|oss)://[a-z0-9][a-z0-9.-]{{1,62}}/{_PATH_CHAR}
 NOT_BLANK = r"[^\s\x1c-\x1f\x85]"
 DATETIME_DESCRIPTION = "ISO 8601 / RFC 3339 date-time, e.g. 2026-12-01T00:00:00Z"
 Status = Literal["queued", "running", "completed", "failed", "cancelled"]
+ListedStatus = Literal["queued", "running", "completed", "failed", "cancelled", "waiting"]
 
 
 class JobRequestBody(BaseModel):

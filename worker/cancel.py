@@ -108,6 +108,7 @@ class CancelWatcher:
                 message = pubsub.get_message(timeout=self.poll_s)
                 if message is not None:
                     self._cancel(message["data"].decode())
+                self._cancel_revoked()
                 self._enforce_deadlines()
         finally:
             pubsub.close()
@@ -118,6 +119,17 @@ class CancelWatcher:
         if watch is not None:
             watch.cancelled = True
             watch.close_stream()
+
+    def _cancel_revoked(self) -> None:
+        """`celery control revoke ID` of a running task (without --terminate, which a threads pool
+        cannot do) cancels it like `qvq cancel`: Celery only records the id in its revoked set."""
+        from celery.worker.state import revoked
+
+        with self._lock:
+            ids = [task_id for task_id, watch in self._runs.items() if not watch.cancelled and task_id in revoked]
+        for task_id in ids:
+            log.info("task.revoked_while_running", task_id=task_id)
+            self._cancel(task_id)
 
     def _recheck_flags(self) -> None:
         with self._lock:

@@ -35,6 +35,7 @@ from contracts.catalog import cost_decimal, worst_case_cost
 from contracts.errors import InternalError, ModelError
 from contracts.job import JobRequest
 from contracts.logging import get_logger
+from contracts.metrics import FLOW_WAIT
 from contracts.settings import Settings
 from contracts.store import Store
 from contracts.tokens import estimate_text_tokens
@@ -287,8 +288,15 @@ class FlowControl:
             publish(WAITING, reason=reason, wait_s=wait_s)
 
     def _clear_waiting(self, task_id: str) -> None:
+        """The wait is over: its length goes to qvq_flow_wait_seconds{reason}, its marker away."""
         with contextlib.suppress(redis.RedisError):
+            marker = flow.read_waiting(self.client, task_id)
             self.client.delete(flow.waiting_key(task_id))
+            if marker and marker.get("reason") in WAIT_REASONS:
+                FLOW_WAIT.labels(marker["reason"]).observe(max(0.0, time.time() - float(marker.get("since") or 0)))
+
+
+WAIT_REASONS = ("model_quota", "tenant_concurrency", "tenant_rate")
 
 
 def _sleep_unless_stopped(seconds: float, should_stop: Callable[[], bool]) -> None:

@@ -24,8 +24,15 @@ STREAM_MB = 207 / 1024
 JOBS, IMAGES, SIDE = 4, 8, 8000
 
 
+IMAGE_THREAD_MB = 20  # a fetched object and its encoded output, per image thread
+
+
 def worst_case_rss_mb(idle_mb: float, budget_mb: int, concurrency: int, sent_mb_per_job: float) -> float:
-    return idle_mb + budget_mb + concurrency * (STREAM_MB + 3 * sent_mb_per_job)
+    """The README's bound (Guarantees, "Memory"): idle + decode budget + the image threads' fetched and
+    encoded bytes (outside the decode budget) + per stream its state and three copies of its images."""
+    from worker.context import IMAGE_THREADS
+
+    return idle_mb + budget_mb + IMAGE_THREADS * IMAGE_THREAD_MB + concurrency * (STREAM_MB + 3 * sent_mb_per_job)
 
 
 def test_jobs_of_huge_images_stay_under_the_stated_bound_and_all_complete(make_stack: Any) -> None:

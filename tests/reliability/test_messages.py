@@ -123,3 +123,15 @@ def test_a_revoked_task_is_cancelled(make_stack: Any) -> None:
     (terminal,) = terminal_events(stack.events(revoked))
     assert terminal["type"] == ev.CANCELLED
     assert stack.wait_terminal([busy], timeout=30)[busy].status == "completed"
+
+
+def test_a_task_revoked_while_it_streams_is_cancelled(make_stack: Any) -> None:
+    stack: Stack = make_stack()
+    stack.start_worker(concurrency=2)
+    task_id = stack.submit("A long one.", tps=20, reasoning_tokens=400)
+    stack.wait_events(task_id, lambda es: any(e["type"] == ev.REASONING_DELTA for e in es))
+    stack.client.celery.control.revoke(task_id)  # `celery control revoke TASK_ID`, no --terminate
+    record = stack.wait_terminal([task_id], timeout=20)[task_id]
+    assert record.status == "cancelled" and record.attempts == 1
+    (terminal,) = terminal_events(stack.events(task_id))
+    assert terminal["type"] == ev.CANCELLED
