@@ -34,10 +34,17 @@ KEY = "bench-key-0123456789abcdef"
 BODY_MB = 300
 
 
-def chunks(total: int, size: int = 1 << 20) -> Iterator[bytes]:
+def chunks(total: int, size: int = 1 << 20, head: bytes = b"") -> Iterator[bytes]:
+    if head:
+        yield head
     block = b" " * size
     for _ in range(total // size):
         yield block
+
+
+#: The start of a well-formed multipart body whose one file part then runs on for 300 MB.
+FILE_PART = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
+
 
 
 class PeakRss:
@@ -86,9 +93,11 @@ def main() -> None:
                 ("300 MB upload, no key", "/v1/uploads", {"Content-Type": "multipart/form-data; boundary=b"}),
             ]
             for name, path, headers in cases:
+                head = FILE_PART if path == "/v1/uploads" else b""
                 with PeakRss(api.pid) as peak:
                     try:
-                        response = httpx.post(url + path, content=chunks(BODY_MB << 20), headers=headers, timeout=60)
+                        response = httpx.post(url + path, content=chunks(BODY_MB << 20, head=head), headers=headers,
+                                              timeout=60)
                         status = str(response.status_code)
                     except httpx.HTTPError as exc:  # the server may close the connection after answering
                         status = f"closed ({type(exc).__name__})"
