@@ -50,9 +50,11 @@ def test_each_fault_on_attempt_1_completes_on_attempt_2_with_only_its_text(stack
         assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
         bills = stack.client.store.usage_rows(task_id)
         # the ledger has every billed attempt: a stream that opened and broke is billed (estimated)
-        opened = plan.startswith(("cut", "stall"))
-        assert [b["attempt"] for b in bills] == ([1, 2] if opened else [2]), plan
-        assert [b["estimated"] for b in bills] == ([True, False] if opened else [False]), plan
+        if plan.startswith("stall"):  # a stall may come before the stream opened (nothing to bill) or after
+            assert [b["attempt"] for b in bills] in ([1, 2], [2]), plan
+        else:  # a cut stream opened and was billed; a refused request (429, 5xx) never opened
+            assert [b["attempt"] for b in bills] == ([1, 2] if plan.startswith("cut") else [2]), plan
+        assert [b["estimated"] for b in bills] == [True] * (len(bills) - 1) + [False], plan
 
     # 429: Retry-After honoured; the next attempt's first text came no sooner.
     events_429 = stack.events(ids["429@1"])
