@@ -4,6 +4,7 @@ here), and the settings that must agree do: probes, security, grace period, imag
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tomllib
@@ -68,6 +69,34 @@ def test_core_manifests_match_the_kubernetes_schemas() -> None:
                 kubernetes_validate.validate(document, version, strict=True)
                 checked += 1
     assert checked >= 8
+
+
+KEDA_MODELS = "@kubernetes-models/keda@2.0.0"  # KEDA's CRD schemas, generated, from the npm registry
+
+
+@pytest.fixture(scope="session")
+def keda_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with the npm package installed (skipped where Node.js and npm are absent)."""
+    if not (shutil.which("node") and shutil.which("npm")):
+        pytest.skip("Node.js and npm are needed for KEDA's schemas (@kubernetes-models/keda)")
+    directory = tmp_path_factory.mktemp("keda-models")
+    done = subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(directory),
+                           KEDA_MODELS], capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        pytest.skip(f"npm could not install {KEDA_MODELS}: {done.stderr.strip()[-300:]}")
+    return directory
+
+
+def test_keda_objects_match_the_keda_crd_schemas(keda_models: Path, tmp_path: Path) -> None:
+    objects = [d for (kind, _), d in _base_objects().items() if kind in KEDA_CRDS]
+    assert {d["kind"] for d in objects} == set(KEDA_CRDS)
+    script = keda_models / "validate.mjs"  # beside node_modules, so the import resolves
+    shutil.copy(Path(__file__).with_name("keda") / "validate.mjs", script)
+    for name, documents in (("ours", objects), ("broken", [{**objects[0], "spec": {"triggers": "x"}}])):
+        given = tmp_path / f"{name}.json"
+        given.write_text(json.dumps(documents))
+        done = subprocess.run(["node", str(script), str(given)], capture_output=True, text=True, timeout=60)
+        assert (done.returncode == 0) is (name == "ours"), done.stdout + done.stderr  # and it can fail
 
 
 def test_keda_objects_match_the_keda_crds() -> None:
