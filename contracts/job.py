@@ -16,6 +16,9 @@ from contracts.ssrf import MAX_URL_CHARS, UnsafeURL, parse_url
 from contracts.tenants import SAFE_ID_RULE, is_safe_id
 
 PAYLOAD_VERSION = 1
+#: The queue message (`{"version": 2, "task_id", "run"}`): which task and run; the worker reads the
+#: request itself from the task row (worker/message.py refuses anything else).
+MESSAGE_VERSION = 2
 TASK_NAME = "qvq.reason"
 QUEUE = "qvq"
 MAX_IMAGES = 100
@@ -219,3 +222,8 @@ def _depth(value: Any) -> int:
                 return depth
             pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
     return deepest
+
+
+def message_for(task_id: str, run: int) -> dict[str, Any]:
+    """The body of the Celery task that runs `run` of a task."""
+    return {"version": MESSAGE_VERSION, "task_id": task_id, "run": run}

@@ -32,7 +32,7 @@ from contracts import events as ev
 from contracts.bus import EventBus
 from contracts.errors import QvqError, RequestError
 from contracts.flow import read_waiting
-from contracts.job import TASK_NAME, UPLOAD_REF, JobRequest, parse_job
+from contracts.job import TASK_NAME, UPLOAD_REF, JobRequest, message_for, parse_job
 from contracts.settings import Settings, get_settings
 from contracts.store import ANY_TENANT, CANCELLED, FAILED, QUEUED, RUNNING, Outcome, Store, TaskRecord
 from contracts.subscription import ResultWait
@@ -174,7 +174,7 @@ class Client:
     def _send(self, job: JobRequest, run: int = 0) -> None:
         self.celery.send_task(
             # Only which task and run: the worker reads the request from the task row.
-            TASK_NAME, args=[{"version": 2, "task_id": job.task_id, "run": run}], task_id=job.task_id,
+            TASK_NAME, args=[message_for(job.task_id, run)], task_id=job.task_id,
             queue=self.settings.queue, serializer="json",
             retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
                                       "interval_max": 1.0},

@@ -29,7 +29,6 @@ from sqlalchemy.pool import NullPool
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from contracts.job import QUEUE
 from contracts.logging import get_logger
 from contracts.metrics import queue_depth_collector
 from contracts.settings import Settings
@@ -44,7 +43,7 @@ def install(app: FastAPI, settings: Settings) -> None:
     probes = _Probes(settings)
     app.include_router(router(probes))
     app.add_middleware(AccessTiming)
-    queue_depth_collector([QUEUE]).use(probes.broker())
+    queue_depth_collector([settings.queue]).use(probes.broker())
 
 
 def router(probes: _Probes) -> APIRouter:

@@ -23,7 +23,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from contracts.job import QUEUE, TASK_NAME
+from contracts.job import TASK_NAME
 from contracts.logging import configure, get_logger
 from contracts.settings import Settings, get_settings
 
@@ -59,8 +59,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,  # a task that ended failed (FAILURE) is still acknowledged
-        "task_default_queue": QUEUE,
-        "task_routes": {TASK_NAME: {"queue": QUEUE}, "qvq.callback": {"queue": "qvq-callbacks"}},
+        "task_default_queue": settings.queue,
+        "task_routes": {TASK_NAME: {"queue": settings.queue}, "qvq.callback": {"queue": "qvq-callbacks"}},
         "worker_prefetch_multiplier": 1,
         "worker_pool": "threads",
         "worker_concurrency": settings.worker_concurrency,
@@ -236,12 +236,12 @@ def _close(**_: Any) -> None:
 @signals.worker_ready.connect
 def _start_sweep(**_: Any) -> None:
     """Recovery from leases (worker/sweep.py): one daemon thread per worker process."""
+    from contracts.job import message_for
     from worker import sweep
     from worker.context import get_context
-    from worker.message import message_for
 
     def send(task_id: str, run: int) -> None:
-        app.send_task(TASK_NAME, args=[message_for(task_id, run)], task_id=task_id, queue=QUEUE)
+        app.send_task(TASK_NAME, args=[message_for(task_id, run)], task_id=task_id, queue=get_settings().queue)
 
     sweep.start(get_context(), send)
 

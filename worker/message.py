@@ -13,23 +13,17 @@ from __future__ import annotations
 import itertools
 from typing import Any, Protocol
 
-from contracts.job import PAYLOAD_VERSION
+from contracts.job import MESSAGE_VERSION, PAYLOAD_VERSION
 from contracts.logging import get_logger
 from contracts.store import TaskRecord
 
 log = get_logger(__name__)
 
-MESSAGE_VERSION = 2
 _rejected = itertools.count(1)
 
 
 class RecordSource(Protocol):
     def get(self, task_id: str) -> TaskRecord | None: ...
-
-
-def message_for(task_id: str, run: int) -> dict[str, Any]:
-    """The body of the Celery task that runs `run` of a task."""
-    return {"version": MESSAGE_VERSION, "task_id": task_id, "run": run}
 
 
 def load_record(message: Any, store: RecordSource, *, delivery_id: str | None = None) -> TaskRecord | None:

@@ -73,8 +73,9 @@ class Round:
 
 class Sweep:
     def __init__(self, client: redis.Redis, store: Store, bus: Any, send: Send, *, interval_s: float,
-                 lease_ttl_s: float, requeue_grace_s: float, event_ttl_s: int) -> None:
+                 lease_ttl_s: float, requeue_grace_s: float, event_ttl_s: int, queue: str = QUEUE) -> None:
         self.redis = client
+        self.queue = queue  # the Celery queue whose list holds the waiting messages (QVQ_QUEUE)
         self.store = store
         self.bus = bus
         self.send = send
@@ -218,7 +219,7 @@ class Sweep:
 
     def _queued_ids(self) -> set[str] | None:
         ids: set[str] = set()
-        for key in [QUEUE, *(f"{QUEUE}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS)]:
+        for key in [self.queue, *(f"{self.queue}{PRIORITY_SEP}{p}" for p in PRIORITY_STEPS)]:
             length = int(self.redis.llen(key))
             if length > MAX_QUEUE_SCAN:
                 log.warning("sweep.queue_too_long_to_scan", queue=key, length=length)
@@ -290,7 +291,7 @@ def start(ctx: Any, send: Send) -> Sweep:
         settings = ctx.settings
         _sweep = Sweep(ctx.redis, ctx.store, ctx.bus, send, interval_s=settings.sweep_interval_s,
                        lease_ttl_s=settings.lease_ttl_s, requeue_grace_s=settings.requeue_grace_s,
-                       event_ttl_s=settings.event_ttl_s).start()
+                       event_ttl_s=settings.event_ttl_s, queue=settings.queue).start()
     return _sweep
 
 

@@ -23,9 +23,10 @@ def store(tmp_path: Path) -> Iterator[Store]:
     created.dispose()
 
 
-def _sweep(client: redis.Redis, store: Store, sent: list[tuple[str, int]], *, grace_s: float = 0.0) -> Sweep:
+def _sweep(client: redis.Redis, store: Store, sent: list[tuple[str, int]], *, grace_s: float = 0.0,
+           queue: str = QUEUE) -> Sweep:
     sweep = Sweep(client, store, EventBus(client, ttl_s=60), lambda task_id, run: sent.append((task_id, run)),
-                  interval_s=1, lease_ttl_s=30, requeue_grace_s=grace_s, event_ttl_s=60)
+                  interval_s=1, lease_ttl_s=30, requeue_grace_s=grace_s, event_ttl_s=60, queue=queue)
     sweep.confirm_after_s = 0.0  # a second round confirms at once (its wait is a lease renewal period)
     return sweep
 
@@ -75,6 +76,17 @@ def test_a_queued_task_is_requeued_only_when_its_message_is_nowhere(redis_client
     in_queue, reserved, lost = (_task(store, running=False) for _ in range(3))
     redis_client.lpush(QUEUE, _kombu_message(in_queue))
     redis_client.hset(UNACKED_KEY, "tag-2", json.dumps([json.loads(_kombu_message(reserved)), "", QUEUE]))
+    assert sweep.requeue_lost_messages() == []
+    assert sweep.requeue_lost_messages() == [lost]
+    assert sent == [(lost, 0)]
+
+
+def test_the_sweep_looks_in_the_configured_queue(redis_client: redis.Redis, store: Store) -> None:
+    """With QVQ_QUEUE=custom, a message waiting in "custom" is not lost (nothing is sent twice)."""
+    sent: list[tuple[str, int]] = []
+    sweep = _sweep(redis_client, store, sent, queue="custom")
+    waiting, lost = (_task(store, running=False) for _ in range(2))
+    redis_client.lpush("custom", _kombu_message(waiting))
     assert sweep.requeue_lost_messages() == []
     assert sweep.requeue_lost_messages() == [lost]
     assert sent == [(lost, 0)]

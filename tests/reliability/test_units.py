@@ -247,8 +247,8 @@ def test_a_policy_retries_its_errors_then_gives_up_with_the_last_one() -> None:
 
 # -- messages --------------------------------------------------------------------------------------
 def test_a_message_is_checked_against_its_task_row() -> None:
-    from contracts.job import parse_job
-    from worker.message import load_record, message_for
+    from contracts.job import message_for, parse_job
+    from worker.message import load_record
 
     job = parse_job({"images": ["s3://b/k.png"], "prompt": "What is it?", "task_id": "t-1"})
     row = SimpleNamespace(id="t-1", run=1, request=job.to_payload())
