@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -96,19 +97,19 @@ class _Core:
 
     @staticmethod
     def get(task_id: str) -> Call:
-        return Call("GET", f"/v1/tasks/{task_id}")
+        return Call("GET", _task_path(task_id, ""))
 
     @staticmethod
     def cancel(task_id: str) -> Call:
-        return Call("POST", f"/v1/tasks/{task_id}/cancel")
+        return Call("POST", _task_path(task_id, "/cancel"))
 
     @staticmethod
     def retry(task_id: str) -> Call:
-        return Call("POST", f"/v1/tasks/{task_id}/retry")
+        return Call("POST", _task_path(task_id, "/retry"))
 
     @staticmethod
     def redeliver(task_id: str) -> Call:
-        return Call("POST", f"/v1/tasks/{task_id}/callback/redeliver")
+        return Call("POST", _task_path(task_id, "/callback/redeliver"))
 
     @staticmethod
     def tasks(status: str | None, since: dt.datetime | None, limit: int, tenant: str | None,
@@ -125,7 +126,7 @@ class _Core:
 
     @staticmethod
     def events(task_id: str, after: int) -> Call:
-        return Call("GET", f"/v1/tasks/{task_id}/events", params={"from_seq": after},
+        return Call("GET", _task_path(task_id, "/events"), params={"from_seq": after},
                     headers={"Accept": "text/event-stream", "Last-Event-ID": str(after)})
 
     # -- answers -----------------------------------------------------------------------------
@@ -530,3 +531,8 @@ class AsyncHttpClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _task_path(task_id: str, suffix: str = "") -> str:
+    """A task's URL path; the id is escaped, so whatever a caller passes names one task, never another route."""
+    return f"/v1/tasks/{quote(task_id, safe='')}{suffix}"

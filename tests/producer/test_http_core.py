@@ -51,3 +51,9 @@ def test_error_answers_map_into_the_error_tree(status: int, code: str | None, ki
         assert str(error) == "model: unknown model 'x'"
     if kind is NotFoundError:
         assert isinstance(error, KeyError)
+
+
+def test_a_task_id_is_escaped_into_one_path_segment() -> None:
+    from producer.http_client import _task_path
+
+    assert _task_path("a/../b?x#y", "/cancel") == "/v1/tasks/a%2F..%2Fb%3Fx%23y/cancel"
