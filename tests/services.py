@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -62,11 +63,24 @@ class ThrowawayPostgres:
 
 
 def shared_redis_url() -> str | None:
-    """QVQ_TEST_REDIS_URL, when set: a Redis the tests may use and empty (else each run starts its own)."""
+    """QVQ_TEST_REDIS_URL, when set: a Redis the tests may use and empty (else each run starts its own).
+
+    Under pytest-xdist, process gwN takes the URL's database number + N, so the processes of one run
+    never empty each other's database."""
     url = os.environ.get("QVQ_TEST_REDIS_URL")
+    if url:
+        url = _database_for_this_process(url)
     if url and not redis_reachable(url):
-        raise RuntimeError(f"QVQ_TEST_REDIS_URL={url} does not answer")
+        raise RuntimeError("QVQ_TEST_REDIS_URL does not answer, or lacks this test process's database "
+                           f"({urllib.parse.urlsplit(url).path.strip('/')})")
     return url
+
+
+def _database_for_this_process(url: str) -> str:
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    parts = urllib.parse.urlsplit(url)
+    base = int(parts.path.strip("/") or 0)
+    return urllib.parse.urlunsplit(parts._replace(path=f"/{base + index}"))
 
 
 class WorkerProcess:
