@@ -156,15 +156,20 @@ class EventRenderer:
 
 
 def print_images(console: Console, images: list[dict[str, Any]]) -> None:
-    """One row per image: its reference (whole, or the tail with the file name), sizes, bytes, tokens."""
+    """One row per image: its reference (whole, or the tail that fits the terminal, from a "/" on, so the
+    file name is whole), sizes, bytes, tokens."""
+    rows = [[clean(image["format"]), f"{image['width']}x{image['height']}",
+             f"{image['sent_width']}x{image['sent_height']}", f"{image['bytes']:,}", str(image["tokens"])]
+            for image in images]
+    headers = ["format", "size", "sent as", "bytes", "tokens"]
+    others = sum(max(len(cell) for cell in column) + 2 for column in zip(headers, *rows, strict=False))
+    limit = max(_REF_MIN, min(_REF_MAX, console.width - others - 1))
     table = Table(title=None, show_edge=False, pad_edge=False, box=None, header_style="bold")
-    table.add_column("image", overflow="fold")  # folded, never cut: the file name stays whole
-    for column in ("format", "size", "sent as", "bytes", "tokens"):
+    table.add_column("image", overflow="fold")  # folded, never cut: a name longer than the space stays whole
+    for column in headers:
         table.add_column(column, justify="right" if column in {"bytes", "tokens"} else "left", no_wrap=True)
-    for image in images:
-        table.add_row(Text(short_ref(clean(image["ref"]))), clean(image["format"]),
-                      f"{image['width']}x{image['height']}", f"{image['sent_width']}x{image['sent_height']}",
-                      f"{image['bytes']:,}", str(image["tokens"]))
+    for image, row in zip(images, rows, strict=True):
+        table.add_row(Text(short_ref(clean(image["ref"]), limit)), *row)
     console.print(table)
 
 
@@ -184,13 +189,18 @@ def _latest_terminal(terminal: dict[str, Any] | None, event: dict[str, Any]) -> 
     return None if event["type"] == ev.QUEUED else terminal
 
 
-def short_ref(ref: str, limit: int = 48) -> str:
+_REF_MIN, _REF_MAX = 24, 48
+
+
+def short_ref(ref: str, limit: int = _REF_MAX) -> str:
     """The reference whole, or its tail from a "/" on: the file name is never cut."""
     if len(ref) <= limit:
         return ref
     name = posixpath.basename(ref.rstrip("/")) or ref
     tail = ref[-(limit - 1):]
     cut = tail.find("/")
+    while 0 <= cut < len(tail) - 1 and tail[cut + 1] == "/":  # "file:///a" cut at "///" keeps one "/"
+        cut += 1
     if len(name) + 2 > limit or cut < 0:
         return "…/" + name
     return "…" + tail[cut:]
