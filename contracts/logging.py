@@ -130,6 +130,5 @@ def _current_celery_task() -> Any:
 def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
     if args.exc_type is SystemExit:
         return
-    logging.getLogger("qvq.threads").error(
-        "thread.crashed", extra={"thread": getattr(args.thread, "name", None)},
-        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))  # type: ignore[arg-type]
+    get_logger("qvq.threads").error("thread.crashed", thread_name=getattr(args.thread, "name", None),
+                                    exc_info=(args.exc_type, args.exc_value, args.exc_traceback))

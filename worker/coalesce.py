@@ -136,8 +136,12 @@ class Flusher:
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(FLUSH_THREADS, thread_name_prefix="qvq-delta-flush")
-        for _ in self._pool.map(_flush_due, due):
-            pass
+        try:
+            for _ in self._pool.map(_flush_due, due):
+                pass
+        except RuntimeError:  # the interpreter is shutting down and takes no new pool work: one by one
+            for coalescer in due:
+                _flush_due(coalescer)
 
 
 def _flush_due(coalescer: DeltaCoalescer) -> None:

@@ -125,8 +125,8 @@ class TenantGate:
                 try:
                     self._renew(keys=[flow.tenant_slots_key(None if tenant == "-" else tenant)],
                                 args=[self.ttl_ms, *holders])
-                except redis.RedisError as exc:
-                    log.warning("flow.slot_renew_failed", error=str(exc))
+                except Exception as exc:  # the renewer must outlive any surprise, or live slots expire
+                    log.warning("flow.slot_renew_failed", error=f"{type(exc).__name__}: {exc}")
 
     def stop(self) -> None:
         self._stop.set()

@@ -177,8 +177,8 @@ class FlowControl:
         while not self._stop.wait(MOVER_PERIOD_S):
             try:
                 self.move_due(send)
-            except redis.RedisError as exc:
-                log.warning("flow.mover_failed", error=str(exc))
+            except Exception as exc:  # Redis away, a damaged payload: the mover must outlive any of them
+                log.warning("flow.mover_failed", error=f"{type(exc).__name__}: {exc}")
 
     def stop(self) -> None:
         self._stop.set()

@@ -46,6 +46,7 @@ def test_every_worker_line_is_json_and_task_lines_carry_the_task_id(
     assert not_json == [], not_json[:5]
     entries = [json.loads(line) for line in lines]
     events = [e["event"] for e in entries]
+    assert "thread.crashed" not in events, [e for e in entries if e["event"] == "thread.crashed"]
     assert "worker.starting" in events and events.index("worker.starting") < events.index("worker.ready")
     about_tasks = [e for e in entries if any(i in json.dumps(e) for i in ids)]
     assert len(about_tasks) >= 6  # received, started, retrying, finished, succeeded...
@@ -68,6 +69,7 @@ def _wait_until(condition: Any, timeout: float = 15) -> None:
 def json_logs() -> Any:
     root = logging.getLogger()
     saved, saved_structlog = (root.handlers[:], root.level), structlog.get_config()
+    saved_hook = threading.excepthook
     configure("json", "INFO")
     access = logging.getLogger("uvicorn.access")  # as `qvq api` leaves it (another server in this process
     saved_access = access.propagate, access.level   # may have configured uvicorn's loggers its way)
@@ -80,6 +82,19 @@ def json_logs() -> Any:
     access.propagate, access.level = saved_access
     logging.captureWarnings(False)
     structlog.configure(**saved_structlog)
+    threading.excepthook = saved_hook
+
+
+def test_a_crashed_background_thread_is_one_json_line_naming_the_thread(json_logs: Any) -> None:
+    def crash() -> None:
+        raise ValueError("boom in the background")
+
+    thread = threading.Thread(target=crash, name="publisher-7")
+    thread.start()
+    thread.join(10)
+    [line] = json_logs()
+    assert line["event"] == "thread.crashed" and line["thread_name"] == "publisher-7", line
+    assert line["level"] == "error" and "ValueError: boom in the background" in line["exception"]
 
 
 def test_access_lines_are_fields_with_the_api_key_masked(json_logs: Any, redis_url: str, tmp_path: Path) -> None:
