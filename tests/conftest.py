@@ -14,7 +14,15 @@ import redis
 from contracts.settings import Settings
 from producer.client import Client
 from producer.embedded import EmbeddedRedis
+from tests import services
 from tests.services import ThrowawayPostgres, WorkerProcess, postgres_server_url, shared_redis_url
+
+
+@pytest.fixture(scope="session", autouse=True)
+def worker_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Worker logs in the run's temporary directory, which pytest deletes after three more runs."""
+    services.LOG_DIR = tmp_path_factory.mktemp("worker-logs")
+    return services.LOG_DIR
 
 
 @pytest.fixture(scope="session")

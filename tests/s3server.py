@@ -98,6 +98,7 @@ class S3Server:
         self.enforces_auth = False
         self.start_seconds = 0.0
         self._proc: subprocess.Popen[bytes] | None = None
+        self._grpc_ports: list[int] = []
         self._moto: Any = None
         self._dir: str | None = None
         self._log_path: Path | None = None
@@ -153,8 +154,9 @@ class S3Server:
         admin = _admin_port()
         ports = [p for p in free_ports(10) if p not in (admin, admin + ADMIN_GRPC_OFFSET)]
         master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports[:8]
+        self._grpc_ports = [master_grpc, volume_grpc, filer_grpc, s3_grpc, admin + ADMIN_GRPC_OFFSET]
         args = [
-            weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            weed, f"-logdir={root}", "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-master.port={master}", f"-master.port.grpc={master_grpc}", "-master.volumeSizeLimitMB=64",
             "-master.telemetry=false",
             f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
@@ -169,7 +171,8 @@ class S3Server:
         self._log_path = root / "weed.log"
         with self._log_path.open("wb") as log:
             self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          start_new_session=True, cwd=root)
+                                          start_new_session=True, cwd=root,
+                                          env={**os.environ, "TMPDIR": str(root)})  # its sockets, not /tmp's
         self.port = s3
         self.endpoint_url = f"http://127.0.0.1:{s3}"
         self._wait_ready()
@@ -208,6 +211,9 @@ class S3Server:
             os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
+        for port in self._grpc_ports:  # weed puts these in /tmp whatever TMPDIR says, and leaves them
+            for sock in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
     def _start_moto(self) -> None:
         from moto.server import ThreadedMotoServer

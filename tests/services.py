@@ -83,6 +83,11 @@ def _database_for_this_process(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(path=f"/{base + index}"))
 
 
+#: Where worker logs go: the run's pytest temporary directory (set by conftest; pytest keeps the last
+#: three runs' and deletes older ones), else the system's temporary directory.
+LOG_DIR: Path | None = None
+
+
 class WorkerProcess:
     """`celery worker` for the project's app in a child process, its log kept in a file."""
 
@@ -92,7 +97,7 @@ class WorkerProcess:
                     "PYTHONPATH": str(REPO)}
         self.concurrency = concurrency
         self.name = name
-        self.log_path = Path(tempfile.mkstemp(prefix=f"qvq-worker-{name}-", suffix=".log")[1])
+        self.log_path = Path(tempfile.mkstemp(prefix=f"qvq-worker-{name}-", suffix=".log", dir=LOG_DIR)[1])
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, wait_ready: float = 30.0) -> WorkerProcess:
