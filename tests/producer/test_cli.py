@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -230,7 +231,10 @@ def test_result_is_readable_with_the_bill_in_decimals(qvq: Any, start_worker: An
     for part in ("completed", "Question", "What colour?", "Thinking", "Answer", "Usage", "prompt tokens",
                  "red.png", " CNY (input ", "first thinking "):
         assert part in text, part
-    assert "e-0" not in text and "{" not in text  # no floats in scientific notation, no raw dicts
+    cost = next(line for line in text.splitlines() if line.startswith("cost "))
+    assert re.fullmatch(r"cost +\d+\.\d+ CNY \(input \d+(\.\d+)? \+ output \d+(\.\d+)?\)", cost), cost
+    # no float in scientific notation anywhere (the task id is hex: "823823be-0f..." is not one), no raw dict
+    assert not re.search(r"\d[eE]-?\d", text.replace(task_id, "")) and "{" not in text
 
 
 # -- the worker checks its model endpoint at start -----------------------------------------------
