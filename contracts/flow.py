@@ -170,7 +170,19 @@ def waiting_key(task_id: str) -> str:
 # -- read-only views -----------------------------------------------------------------------------
 def read_waiting(client: redis.Redis, task_id: str) -> dict[str, Any] | None:
     """Why the task is held back and for about how long, or None."""
-    raw = client.get(waiting_key(task_id))
+    return parse_waiting(client.get(waiting_key(task_id)))
+
+
+def held_back(client: redis.Redis, task_ids: list[str]) -> set[str]:
+    """Which of these tasks flow control holds back (one round trip)."""
+    if not task_ids:
+        return set()
+    raws = client.mget([waiting_key(task_id) for task_id in task_ids])
+    return {task_id for task_id, raw in zip(task_ids, raws, strict=True) if parse_waiting(raw) is not None}
+
+
+def parse_waiting(raw: Any) -> dict[str, Any] | None:
+    """A waiting marker as stored, or None when absent or unreadable."""
     if not raw:
         return None
     try:

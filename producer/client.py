@@ -31,7 +31,7 @@ from celery import Celery
 from contracts import events as ev
 from contracts.bus import EventBus
 from contracts.errors import QvqError, RequestError
-from contracts.flow import read_waiting
+from contracts.flow import held_back
 from contracts.job import TASK_NAME, UPLOAD_REF, JobRequest, message_for, parse_job
 from contracts.settings import Settings, get_settings
 from contracts.store import ANY_TENANT, CANCELLED, FAILED, QUEUED, RUNNING, Outcome, Store, TaskRecord
@@ -51,8 +51,8 @@ class TaskClient(Protocol):
 
 C = TypeVar("C", bound=TaskClient)
 CANCEL_TTL_S = 86_400
-RESULT_RECHECK_S = 5.0
-WAITING = "waiting"  # a listing filter, not a status: queued or running, held back by flow control  # result() re-reads the row this often while it waits for the terminal event
+RESULT_RECHECK_S = 5.0  # result() re-reads the row this often while it waits for the terminal event
+WAITING = "waiting"  # a listing filter, not a status: queued or running, held back by flow control
 
 
 class EnqueueError(QvqError):
@@ -286,7 +286,8 @@ class Client:
         while len(found) < limit:  # a page of queued and running rows at a time, kept when held back
             page = self.store.list_tasks(statuses=(QUEUED, RUNNING), since=since, limit=limit, tenant=tenant,
                                          before=before)
-            found += [record for record in page if read_waiting(self.redis, record.id) is not None]
+            waiting = held_back(self.redis, [record.id for record in page])
+            found += [record for record in page if record.id in waiting]
             if len(page) < limit:
                 break
             before = (page[-1].created_at, page[-1].id)

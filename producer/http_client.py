@@ -38,7 +38,7 @@ import httpx
 from contracts import events as ev
 from contracts.errors import ApiCallError, AuthError, NotFoundError, RequestError, UnavailableError
 from contracts.settings import get_settings
-from contracts.store import TaskRecord
+from contracts.store import AnyTenant, TaskRecord
 from producer.client import TaskHandle
 
 RECONNECT_DELAYS_S = (0.1, 0.3, 1.0, 2.0, 3.0)  # between SSE reconnects without progress; then give up
@@ -379,8 +379,6 @@ class _StoreView:
         self.client = client
 
     def usage_summary(self, by: str = "model", **kwargs: Any) -> list[dict[str, Any]]:
-        from contracts.store import AnyTenant
-
         if isinstance(kwargs.get("tenant"), AnyTenant):  # every tenant the key may see: the API's default
             kwargs["tenant"] = None
         return list(self.client.usage(by, **kwargs)["rows"])

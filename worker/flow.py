@@ -290,8 +290,10 @@ class FlowControl:
     def _clear_waiting(self, task_id: str) -> None:
         """The wait is over: its length goes to qvq_flow_wait_seconds{reason}, its marker away."""
         with contextlib.suppress(redis.RedisError):
-            marker = flow.read_waiting(self.client, task_id)
-            self.client.delete(flow.waiting_key(task_id))
+            pipe = self.client.pipeline(transaction=False)  # read and delete in one round trip per call
+            pipe.get(flow.waiting_key(task_id))
+            pipe.delete(flow.waiting_key(task_id))
+            marker = flow.parse_waiting(pipe.execute()[0])
             if marker and marker.get("reason") in WAIT_REASONS:
                 FLOW_WAIT.labels(marker["reason"]).observe(max(0.0, time.time() - float(marker.get("since") or 0)))
 
