@@ -95,3 +95,24 @@ def test_every_billed_outcome_reaches_the_ledger_and_the_budget(redis_client: re
     state = control.budget.state("t")["daily"]
     assert Decimal(state["spent"] or 0) == rows[1]["total_cost"] + rows[3]["total_cost"]
     assert Decimal(state["reserved"] or 0) == 0
+
+
+def test_the_end_of_a_wait_is_observed_by_reason_and_its_marker_removed(
+        redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> None:
+    from prometheus_client import REGISTRY
+
+    from contracts import flow
+
+    def waits() -> float:
+        return REGISTRY.get_sample_value("qvq_flow_wait_seconds_count", {"reason": "model_quota"}) or 0.0
+
+    control, store = _control(redis_url, tmp_path, QVQ_MODEL_LIMITS=json.dumps({"qvq-max": {"rpm": 60}}))
+    job = _job(store, "w1")
+    with control.model_call(job, 1, 100, lambda: False, lambda *a, **k: None):
+        pass
+    before = waits()
+    published: list[str] = []
+    with control.model_call(job, 2, 100, lambda: False, lambda t, **f: published.append(t)):
+        assert published and set(published) == {WAITING}  # it waited (about 1 s at 60 RPM), then went
+        assert flow.read_waiting(redis_client, "w1") is None
+    assert waits() == before + 1
