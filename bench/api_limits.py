@@ -28,7 +28,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.services import wait_port  # noqa: E402
-from producer.embedded import EmbeddedRedis, free_port, stop_process_group  # noqa: E402
+from producer.local.embedded import EmbeddedRedis, free_port, stop_process_group  # noqa: E402
 
 KEY = "bench-key-0123456789abcdef"
 BODY_MB = 300

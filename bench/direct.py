@@ -1,6 +1,6 @@
 """Baseline with no queue: N threads in one process stream the stamping emulator through one openai
 client (the floor for delay), each token's delay = arrival in the SDK's iterator - emulator send time.
-`--lean` reads the same stream with worker.sse.ChunkStream (the worker's reader) instead of the SDK's.
+`--lean` reads the same stream with worker.stream.chunks.ChunkStream (the worker's reader) instead of the SDK's.
 
     python -m bench.direct --url http://127.0.0.1:8001/v1 --n 50   # prints one JSON object
 """
@@ -19,7 +19,7 @@ import psutil
 
 from bench.stamp_emulator import stamps
 from bench.subscriber import percentiles
-from worker.sse import ChunkStream
+from worker.stream.chunks import ChunkStream
 
 
 def run(url: str, n: int, lean: bool = False) -> dict[str, object]:

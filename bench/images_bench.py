@@ -31,7 +31,8 @@ from PIL import Image  # noqa: E402
 
 from contracts.errors import ImageError  # noqa: E402
 from tests import imagegen  # noqa: E402
-from worker.images import DECODE_MEMORY_BUDGET, prepare_image  # noqa: E402
+from worker.intake.images import prepare_image  # noqa: E402
+from worker.intake.memory import DECODE_MEMORY_BUDGET  # noqa: E402
 
 FORMATS = ["JPEG", "PNG", "WEBP", "HEIC", "BMP", "TIFF"]
 _SAVE = {"HEIC": "HEIF"}

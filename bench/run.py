@@ -57,7 +57,7 @@ class Bench:
 
     # -- shared services ------------------------------------------------------------------------
     def __enter__(self) -> Bench:
-        from producer.embedded import EmbeddedRedis
+        from producer.local.embedded import EmbeddedRedis
 
         self.redis_server = EmbeddedRedis().start()
         self.redis_url = self.redis_server.url

@@ -18,8 +18,8 @@ from typing import Any
 import psutil
 
 from contracts.job import QUEUE
-from producer.embedded import free_port, stop_process_group
-from producer.worker_command import worker_command
+from producer.local.embedded import free_port, stop_process_group
+from producer.local.worker_command import worker_command
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -74,7 +74,7 @@ class Emulator:
 
 
 class Worker:
-    """`celery -A worker.app worker` in a child process, its log in a file."""
+    """`celery -A worker.celery:app worker` in a child process, its log in a file."""
 
     def __init__(self, env: dict[str, str], *, pool: str = "threads", concurrency: int = 200,
                  name: str = "bench") -> None:

@@ -31,7 +31,7 @@ from contracts import events as ev
 from contracts.bus import EventBus
 from contracts.job import parse_job
 from contracts.store import Store
-from producer.embedded import EmbeddedRedis, free_port
+from producer.local.embedded import EmbeddedRedis, free_port
 
 EVENTS = 40
 INTERVAL_S = 0.05  # the coalescer's default pace: 20 events a second

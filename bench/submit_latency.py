@@ -24,8 +24,8 @@ from typing import Any
 from bench.services import Emulator, Worker
 from contracts.settings import Settings
 from producer.client import Client
-from producer.embedded import EmbeddedRedis
 from producer.http_client import HttpClient
+from producer.local.embedded import EmbeddedRedis
 from tests.imagegen import make_image
 from tests.producer import ApiServer
 from tests.s3server import S3Server

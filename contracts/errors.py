@@ -1,24 +1,35 @@
-"""One rooted error tree; every code is a stable string from the design.
+"""One rooted error tree: every exception the service raises on purpose is a QvqError with a stable code.
 
     QvqError (code, retryable)
-    +-- RequestError      request.invalid, model.unknown, conversation.not_found (caught at submit)
-    +-- ImageError        image.*, images.token_budget_exceeded (caught in the worker, before the model)
-    +-- ModelError        model.*                             (the QVQ call)
-    +-- BudgetError       budget.exceeded
-    +-- InternalError     internal
-    +-- ApiCallError      an HTTP API's answer (producer/http_client.py), by status:
-        +-- AuthError         auth.required, auth.invalid, auth.forbidden (401, 403)
-        +-- NotFoundError     task.not_found (404); also a KeyError, as Client.get raises
-        +-- UnavailableError  unavailable (503, or the API cannot be reached): retryable
+    +-- RequestError        request.invalid, model.unknown, conversation.not_found (refused at submit)
+    |   +-- ConflictError       the task is not in a state that allows this (HTTP 409)
+    |   |   +-- TaskIdTaken         a caller-chosen task id that exists
+    |   +-- NotificationError   a webhook body that is no object-store notification
+    +-- UnsafeURL           a URL the SSRF guard refuses (reason: invalid | refused | not_found | unresolved)
+    +-- ImageError          image.*, images.token_budget_exceeded (caught in the worker, before the model)
+    +-- ModelError          model.* (the QVQ call)
+    +-- BudgetError         budget.exceeded
+    +-- InternalError       internal
+    +-- StreamStopped       not a failure: a run was told to stop (cancel, time limit, lease lost)
+    +-- StoreUnavailable    the database could not be reached: nothing terminal was written, run it later
+    +-- EnqueueError        the queue could not take a task (Redis or the broker is down); nothing was lost
+    +-- WaitTimeout         a follower or result wait ran out of time (also a TimeoutError)
+    +-- ConfigError         a bad setting, raised when settings are read (also a ValueError)
+    +-- LocalServiceError   the demo's or the tests' local service (Redis, worker) could not start
+    +-- ApiCallError        an answer of the HTTP API, by status: raised by the routes and mapped back
+        |                   to the same class by the HTTP client (`status`, `field`)
+        +-- AuthError           auth.required, auth.invalid, auth.forbidden (401, 403)
+        +-- NotFoundError       task.not_found (404); also a KeyError, as Client.get raises it
+        +-- UnavailableError    unavailable (503, or the API cannot be reached): retryable
 
-Third-party exceptions are translated to these at the one adapter that calls them.
+Third-party exceptions are translated to these at the one adapter that calls them (`raise ... from exc`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-#: code -> retryable, as promised in design.md.
+#: code -> retryable: the stable strings of the README's error table.
 ERROR_CODES: dict[str, bool] = {
     "request.invalid": False,
     "model.unknown": False,
@@ -40,7 +51,7 @@ ERROR_CODES: dict[str, bool] = {
     "budget.exceeded": False,
     "conversation.not_found": False,
     "internal": False,
-    # HTTP only (design.md): what the API answers, mapped back by the HTTP client
+    # HTTP only: what the API answers, mapped back by the HTTP client
     "auth.required": False,
     "auth.invalid": False,
     "auth.forbidden": False,
@@ -49,6 +60,9 @@ ERROR_CODES: dict[str, bool] = {
     "request.too_large": False,
     "request.unsupported_media_type": False,
     "unavailable": True,
+    # never on the wire: a setting, a wait that ran out of time
+    "config.invalid": False,
+    "wait.timeout": False,
 }
 
 
@@ -82,6 +96,28 @@ class RequestError(QvqError):
         super().__init__(f"{field}: {message}" if field else message, code=code)
 
 
+class ConflictError(RequestError):
+    """The request is valid, but the task is not in a state that allows it (HTTP 409)."""
+
+
+class TaskIdTaken(ConflictError):
+    """The caller chose a task id that exists already."""
+
+
+class NotificationError(RequestError):
+    """The body is not a notification in any format this service reads."""
+
+
+class UnsafeURL(QvqError, ValueError):
+    """A URL the SSRF guard will not request. reason: invalid | refused | not_found | unresolved."""
+
+    default_code = "request.invalid"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class ImageError(QvqError):
     """An image cannot be fetched or would be refused by the model service."""
 
@@ -113,24 +149,73 @@ class InternalError(QvqError):
     default_code = "internal"
 
 
+class StreamStopped(QvqError):
+    """The run was asked to stop (cancel, time limit, lease lost); the partial text is in `result`."""
+
+    def __init__(self, result: Any = None) -> None:
+        super().__init__("stream stopped")
+        self.result = result
+
+
+class StoreUnavailable(QvqError):
+    """The database could not be reached: nothing terminal was written; run the task again later."""
+
+    default_code = "unavailable"
+
+
+class EnqueueError(QvqError):
+    """The job could not be handed to the queue (Redis or the broker is unreachable); nothing was lost.
+
+    `message` is safe to show anyone; `detail` (the underlying error, which may name a host) is for logs."""
+
+    default_code = "unavailable"
+
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+class WaitTimeout(QvqError, TimeoutError):
+    """A wait for a task's events or result ran out of time."""
+
+    default_code = "wait.timeout"
+
+
+class ConfigError(QvqError, ValueError):
+    """A setting has a bad value; raised when settings are read, so a process fails at start."""
+
+    default_code = "config.invalid"
+
+
+class LocalServiceError(QvqError, RuntimeError):
+    """A local stand-in (embedded Redis, the demo's worker) could not start or died."""
+
+
 class ApiCallError(QvqError):
-    """An error the HTTP API answered (or the API could not be reached); `status` is the HTTP status."""
+    """An error the HTTP API answers (or the API could not be reached); `status` is the HTTP status.
+
+    The routes raise these (one exception handler writes them as {"error": {"code", "message", "field"}})
+    and the HTTP client raises the same class again from the answer."""
 
     default_code = "internal"
+    default_status = 500
 
-    def __init__(self, message: str, *, code: str | None = None, status: int = 0,
-                 field: str | None = None) -> None:
-        self.status = status
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None,
+                 field: str | None = None, headers: dict[str, str] | None = None) -> None:
+        self.status = self.default_status if status is None else status
         self.field = field
+        self.headers = headers
         super().__init__(message, code=code if code in ERROR_CODES else None)
 
 
 class AuthError(ApiCallError):
     default_code = "auth.invalid"
+    default_status = 401
 
 
 class NotFoundError(ApiCallError, KeyError):
     default_code = "task.not_found"
+    default_status = 404
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.message
@@ -138,7 +223,4 @@ class NotFoundError(ApiCallError, KeyError):
 
 class UnavailableError(ApiCallError):
     default_code = "unavailable"
-
-
-class ConfigError(ValueError):
-    """A setting has a bad value; raised when settings are read, so a process fails at start."""
+    default_status = 503

@@ -1,11 +1,13 @@
-"""The event contract: types, Redis key names, and the shape of one event."""
+"""The event types, named once: the worker publishes them, every viewer (the Python clients, `qvq follow`,
+the SSE endpoint, the web viewer, whose page gets this list from the API) reads them by these names.
+
+Each event is one JSON object: `task_id`, `seq`, `type`, `ts`, `attempt`, plus the fields of its type
+(README, Events). Redis key names are in contracts/keys.py.
+"""
 
 from __future__ import annotations
 
 from typing import Any
-
-KEY_PREFIX = "qvq:task:"
-CANCEL_CHANNEL = "qvq:cancel"  # carries task ids whose cancel was asked for, to every worker
 
 QUEUED = "task.queued"
 STARTED = "task.started"
@@ -13,37 +15,21 @@ IMAGES_READY = "images.ready"
 REASONING_DELTA = "reasoning.delta"
 ANSWER_DELTA = "answer.delta"
 RETRYING = "task.retrying"
+WAITING = "task.waiting"  # {reason, wait_s}: held back by flow control, not failed
 COMPLETED = "task.completed"
 FAILED = "task.failed"
 CANCELLED = "task.cancelled"
+STREAM_GAP = "stream.gap"  # {from_seq, to_seq}: never published; a follower's word that events are missing
 
+#: Every type, in the order a task's events come.
+EVENT_TYPES = (QUEUED, STARTED, IMAGES_READY, WAITING, REASONING_DELTA, ANSWER_DELTA, RETRYING, COMPLETED,
+               FAILED, CANCELLED, STREAM_GAP)
 DELTA_TYPES = frozenset({REASONING_DELTA, ANSWER_DELTA})
 TERMINAL_TYPES = frozenset({COMPLETED, FAILED, CANCELLED})
-
-
-def channel(task_id: str) -> str:
-    """The live pub/sub channel of a task."""
-    return f"{KEY_PREFIX}{task_id}"
-
-
-def log_key(task_id: str) -> str:
-    """The replay stream of a task (one field, `event`, holding the event JSON)."""
-    return f"{KEY_PREFIX}{task_id}:log"
-
-
-def seq_key(task_id: str) -> str:
-    """The counter that hands out `seq` for a task, atomically with the publish."""
-    return f"{KEY_PREFIX}{task_id}:seq"
-
-
-def cancel_key(task_id: str) -> str:
-    """Set when a cancel was asked for; checked by the worker before and during a run."""
-    return f"{KEY_PREFIX}{task_id}:cancel"
-
-
-def lease_key(task_id: str) -> str:
-    """Held by the worker running the task (worker/lease.py), so a redelivery never runs it twice."""
-    return f"{KEY_PREFIX}{task_id}:lease"
+#: Why flow control holds a task back (task.waiting's `reason`).
+WAIT_REASONS = ("model_quota", "tenant_concurrency", "tenant_rate")
+#: The terminal event of each terminal status, and back.
+EVENT_OF_STATUS = {"completed": COMPLETED, "failed": FAILED, "cancelled": CANCELLED}
 
 
 def is_terminal(event: dict[str, Any]) -> bool:

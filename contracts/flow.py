@@ -1,7 +1,7 @@
-"""Flow control's shared contract: model and tenant limits (QVQ_MODEL_LIMITS, QVQ_TENANT_LIMITS), the Redis
-key names the worker's limiter writes, and the read-only views the API and the CLI show.
+"""Flow control's shared contract: model and tenant limits (QVQ_MODEL_LIMITS, QVQ_TENANT_LIMITS), and the
+read-only views of the limiter's state that the API and the CLI show (its keys are in contracts/keys.py).
 
-The worker enforces (worker/limiter.py, worker/fairness.py, worker/budget.py); the producer only reads.
+The worker enforces (worker/flow/); the producer only reads.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from typing import Any
 
 import redis
 
-PREFIX = "qvq:flow:"
+from contracts import keys
+from contracts.catalog import MODELS
+
 #: Per second: at most ceil(limit/60). The limiter's windows are longer by QVQ_FLOW_MARGIN_MS, which
 #: absorbs the jitter between our grant and the service's clock, so the service never sees a burst we did not.
 SECOND_WINDOW_MS = 1_000
 MINUTE_WINDOW_MS = 60_000
-WAITING = "task.waiting"  # the event: {reason, wait_s}; the task is held back, not failed
-WAIT_REASONS = ("model_quota", "tenant_concurrency", "tenant_rate")
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,6 @@ NO_TENANT_LIMIT = TenantLimit()
 
 def parse_model_limits(raw: str) -> dict[str, ModelLimit]:
     """QVQ_MODEL_LIMITS: {"family": {"rpm": N, "tpm": N}}, merged over the defaults; ValueError if bad."""
-    from contracts.catalog import MODELS
-
     families = {info.family for info in MODELS.values()}
     data = _json_object(raw)
     limits = dict(DEFAULT_MODEL_LIMITS)
@@ -130,54 +128,17 @@ def _money(name: str, key: str, value: Any) -> Decimal:
     return amount
 
 
-# -- Redis keys (one place) ----------------------------------------------------------------------
-def requests_key(family: str) -> str:
-    return f"{PREFIX}model:{{{family}}}:requests"  # zset: grant id -> grant time (ms)
-
-
-def tokens_key(family: str) -> str:
-    return f"{PREFIX}model:{{{family}}}:tokens"  # zset: "<id>:<kind>:<tokens>" -> time charged (ms)
-
-
-def waiters_key(family: str) -> str:
-    return f"{PREFIX}model:{{{family}}}:waiters"  # zset: ticket -> fair-queue round
-
-
-def alive_key(family: str) -> str:
-    return f"{PREFIX}model:{{{family}}}:alive"  # zset: ticket -> expiry (ms)
-
-
-def rounds_key(family: str) -> str:
-    return f"{PREFIX}model:{{{family}}}:rounds"  # hash: "now" -> round served last, tenant -> its last round
-
-
-def tightened_key(family: str) -> str:
-    return f"{PREFIX}model:{{{family}}}:tightened"  # set after a 429, expires after its Retry-After
-
-
-def tenant_slots_key(tenant: str | None) -> str:
-    return f"{PREFIX}tenant:{{{tenant or '-'}}}:running"  # zset: holder -> lease expiry (ms)
-
-
-def tenant_requests_key(tenant: str | None) -> str:
-    return f"{PREFIX}tenant:{{{tenant or '-'}}}:requests"  # zset: grant id -> time (ms)
-
-
-def waiting_key(task_id: str) -> str:
-    return f"{PREFIX}waiting:{task_id}"  # JSON {reason, wait_s, since}, while flow control holds it back
-
-
 # -- read-only views -----------------------------------------------------------------------------
 def read_waiting(client: redis.Redis, task_id: str) -> dict[str, Any] | None:
     """Why the task is held back and for about how long, or None."""
-    return parse_waiting(client.get(waiting_key(task_id)))
+    return parse_waiting(client.get(keys.waiting_key(task_id)))
 
 
 def held_back(client: redis.Redis, task_ids: list[str]) -> set[str]:
     """Which of these tasks flow control holds back (one round trip)."""
     if not task_ids:
         return set()
-    raws = client.mget([waiting_key(task_id) for task_id in task_ids])
+    raws = client.mget([keys.waiting_key(task_id) for task_id in task_ids])
     return {task_id for task_id, raw in zip(task_ids, raws, strict=True) if parse_waiting(raw) is not None}
 
 
@@ -199,16 +160,16 @@ def snapshot(client: redis.Redis, limits: dict[str, ModelLimit]) -> list[dict[st
     now_ms = int(seconds) * 1000 + int(micros) // 1000
     rows = []
     for family, limit in sorted(limits.items()):
-        tokens = client.zrangebyscore(tokens_key(family), now_ms - 60_000, "+inf")
-        tokens_1s = client.zrangebyscore(tokens_key(family), now_ms - 1_000, "+inf")
-        pttl = int(client.pttl(tightened_key(family)))
+        tokens = client.zrangebyscore(keys.tokens_key(family), now_ms - 60_000, "+inf")
+        tokens_1s = client.zrangebyscore(keys.tokens_key(family), now_ms - 1_000, "+inf")
+        pttl = int(client.pttl(keys.tightened_key(family)))
         rows.append({
             "family": family,
-            "requests_1s": int(client.zcount(requests_key(family), now_ms - 1_000, "+inf")), "rps": limit.rps,
-            "requests_60s": int(client.zcount(requests_key(family), now_ms - 60_000, "+inf")), "rpm": limit.rpm,
+            "requests_1s": int(client.zcount(keys.requests_key(family), now_ms - 1_000, "+inf")), "rps": limit.rps,
+            "requests_60s": int(client.zcount(keys.requests_key(family), now_ms - 60_000, "+inf")), "rpm": limit.rpm,
             "tokens_1s": _token_sum(tokens_1s), "tps": limit.tps,
             "tokens_60s": _token_sum(tokens), "tpm": limit.tpm,
-            "waiting": int(client.zcard(waiters_key(family))),
+            "waiting": int(client.zcard(keys.waiters_key(family))),
             "tightened_s": round(pttl / 1000, 1) if pttl > 0 else 0.0,
         })
     return rows

@@ -11,8 +11,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from contracts.catalog import MODELS, REFUSED_MODELS
-from contracts.errors import RequestError
-from contracts.ssrf import MAX_URL_CHARS, UnsafeURL, parse_url
+from contracts.errors import RequestError, UnsafeURL
+from contracts.ssrf import MAX_URL_CHARS, parse_url
 from contracts.tenants import SAFE_ID_RULE, is_safe_id
 
 PAYLOAD_VERSION = 1

@@ -71,6 +71,22 @@ def redact(text: str) -> str:
     return _API_KEY.sub(r"\1***", text)
 
 
+class RedactedArgs(logging.Filter):
+    """Masks secrets in a standard-library record's arguments (uvicorn's access line carries the path)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def redact_logger(name: str) -> None:
+    """Install RedactedArgs on a logger, once."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, RedactedArgs) for f in logger.filters):
+        logger.addFilter(RedactedArgs())
+
+
 # -- processors (plain functions: logger, method name, event dict) ------------------------------------
 def access_fields(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
     """uvicorn's access line ('%s - "%s %s HTTP/%s" %d') as fields."""

@@ -28,13 +28,13 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from contracts import broker
 from contracts.catalog import MODELS
 from contracts.errors import ERROR_CODES
 
 STATUSES = ("completed", "failed", "cancelled")
 TOKEN_KINDS = ("prompt", "completion")
 FIRST_TOKEN_KINDS = ("reasoning", "answer")
-WAIT_REASONS = ("model_quota", "tenant_concurrency", "tenant_rate")
 OK = "ok"
 OTHER_MODEL = "other"
 
@@ -83,15 +83,6 @@ def status_label(status: str) -> str:
 
 
 # -- queue depth, read from the broker at scrape time ------------------------------------------------
-PRIORITY_SEPARATOR = "\x06\x16"  # kombu's Redis transport: "<queue>\x06\x16<priority>" for priorities 3, 6, 9
-PRIORITY_STEPS = (3, 6, 9)
-
-
-def queue_lists(queue: str) -> list[str]:
-    """The Redis lists that hold the messages of one Celery queue (kombu's Redis transport)."""
-    return [queue, *(f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS)]
-
-
 class QueueDepthCollector(Collector):
     """qvq_queue_depth{queue}: messages waiting in the broker, counted (LLEN) when Prometheus scrapes.
 
@@ -125,10 +116,7 @@ class QueueDepthCollector(Collector):
 
 def _depth(client: Any, queue: str) -> int | None:
     try:
-        pipe = client.pipeline(transaction=False)
-        for name in queue_lists(queue):
-            pipe.llen(name)
-        return sum(int(n) for n in pipe.execute())
+        return broker.depth(client, queue)
     except Exception:  # a scrape must not fail because the broker is down; the sample is absent
         return None
 

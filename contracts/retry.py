@@ -1,21 +1,39 @@
-"""Retry policies, one per kind of call, declared once here (tenacity) and nowhere else.
+"""Retry policies and every delay between tries, one per kind of call, declared once here and nowhere else.
 
-    policy            tries  waits between tries (s)           retried on
-    FETCH             3      0.2, 0.6                          a retryable QvqError (an image over HTTP)
-    CALLBACK          3      0.5, 2                            a "retry" outcome (the POST to callback_url)
-    DATABASE          8      0.2, 0.5, 1, 2, 4, 8, 15 (30.7)   a transient database error (terminal write)
-    TERMINAL_PUBLISH  5      0.1, 0.3, 1, 2                    a Redis or socket error (terminal event)
+Fixed schedules (tenacity; `policy.call(fn, ...)` runs fn under the policy and returns its last result or
+raises its last error):
 
-`policy.call(fn, ...)` runs fn under the policy and returns its last result or raises its last error.
-A loop that must do something between tries (publish `task.retrying`, log its own event) iterates
-`policy.retrying()` or reads `policy.delays`. Waits go through `sleep` below, which tests replace.
+    policy             tries  waits between tries (s)           retried on
+    FETCH              3      0.2, 0.6                          a retryable QvqError (an image over HTTP)
+    CALLBACK           3      0.5, 2                            a "retry" outcome (the POST to callback_url)
+    DATABASE           8      0.2, 0.5, 1, 2, 4, 8, 15 (30.7)   a transient database error (terminal write)
+    TERMINAL_PUBLISH   5      0.1, 0.3, 1, 2                    a Redis or socket error (terminal event)
+    IMPORTANT_PUBLISH  3      0.05, 0.2                         the same, for task.retrying (voids text on screens)
+    SSE_RECONNECT      6      0.1, 0.3, 1, 2, 3                 an HTTP event stream that dropped without progress
+    ENQUEUE            3      0.2, 0.7 (kombu's retry_policy)   the broker refusing a task message
+
+Exponential schedules (`backoff.delay(n)`: base * 2^(n-1), capped, with jitter), for loops that must do
+something between tries and read their waits from here:
+
+    backoff              base, cap (s)   jitter                 used by
+    MODEL                1, 60           upper half; >= Retry-After   model calls (task.retrying between tries;
+                                                                QVQ_RETRY_BASE_S, QVQ_RETRY_MAX_S)
+    CALLBACK_DELIVERY    5, 3600         0.8-1.0 of the wait    a durable callback delivery (QVQ_CALLBACK_BACKOFF_S,
+                                                                QVQ_CALLBACK_BACKOFF_MAX_S), for QVQ_CALLBACK_MAX_AGE_S
+    SUBSCRIBE_RECONNECT  0.1, 2          none                   a Redis subscription that lost its connection
+
+and single pauses: REQUEUE_PAUSE_S (a task put back while the database is away), EVENTS_COOLDOWN_S
+(non-terminal events skipped after a failed publish), LOOP_ERROR_PAUSE_S (a background loop's error).
+Waits go through `sleep` below, which tests replace.
 """
 
 from __future__ import annotations
 
+import math
+import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import redis
@@ -91,3 +109,44 @@ DATABASE = Policy("database", (0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0),
                   tenacity.retry_if_exception_type(TRANSIENT_DB_ERRORS))
 TERMINAL_PUBLISH = Policy("terminal_publish", (0.1, 0.3, 1.0, 2.0),
                           tenacity.retry_if_exception_type(TRANSIENT_REDIS_ERRORS))
+IMPORTANT_PUBLISH = Policy("important_publish", (0.05, 0.2),
+                           tenacity.retry_if_exception_type(TRANSIENT_REDIS_ERRORS))
+SSE_RECONNECT = Policy("sse_reconnect", (0.1, 0.3, 1.0, 2.0, 3.0), tenacity.retry_if_exception_type(OSError))
+#: kombu's own form (Celery's send_task retry_policy): waits 0.2, then 0.2 + 0.5, at most 1 s each.
+ENQUEUE = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
+#: botocore's standard retry mode, attempts in all (an object store read).
+OBJECT_STORE_ATTEMPTS = 3
+
+REQUEUE_PAUSE_S = 2.0
+EVENTS_COOLDOWN_S = 2.0
+LOOP_ERROR_PAUSE_S = 1.0
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential waits: `base_s * 2^(n-1)` capped at `max_s`, then a uniform draw in
+    [(1 - jitter) * wait, wait] (jitter 0.5 is "equal jitter": tries that failed together do not retry
+    together). `delay(n, retry_after_s)` never waits less than the server's Retry-After, even above the cap."""
+
+    name: str
+    base_s: float
+    max_s: float
+    jitter: float = 0.0
+
+    def with_limits(self, base_s: float, max_s: float) -> Backoff:
+        """The same schedule with the base and cap a setting gives."""
+        return replace(self, base_s=base_s, max_s=max_s)
+
+    def delay(self, attempt: int, retry_after_s: float | None = None) -> float:
+        """The wait after the `attempt`-th failed try (1, 2, ...)."""
+        ceiling = min(self.max_s, self.base_s * (2 ** (max(1, attempt) - 1)))
+        wait = ceiling if not self.jitter else min(ceiling, round(random.uniform(ceiling * (1 - self.jitter),
+                                                                                 ceiling), 3))
+        if retry_after_s is not None and wait < retry_after_s:
+            wait = math.ceil(retry_after_s * 1000) / 1000
+        return wait
+
+
+MODEL = Backoff("model", base_s=1.0, max_s=60.0, jitter=0.5)
+CALLBACK_DELIVERY = Backoff("callback_delivery", base_s=5.0, max_s=3_600.0, jitter=0.2)
+SUBSCRIBE_RECONNECT = Backoff("subscribe_reconnect", base_s=0.1, max_s=2.0)

@@ -29,6 +29,8 @@ from typing import Any
 
 import httpx
 
+from contracts.errors import UnsafeURL
+
 MAX_URL_CHARS = 8192
 SCHEMES = {"https": 443, "http": 80}
 
@@ -45,15 +47,6 @@ _NOT_PUBLIC = tuple(ipaddress.ip_network(net) for net in (
     "::/8", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "3fff::/20", "5f00::/16",
     "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
 ))
-
-
-class UnsafeURL(ValueError):
-    """A URL the guard will not request. reason: invalid | refused | not_found | unresolved."""
-
-    def __init__(self, message: str, *, reason: str) -> None:
-        super().__init__(message)
-        self.message = message
-        self.reason = reason
 
 
 def parse_url(url: str, *, credentials: bool = True, max_chars: int = MAX_URL_CHARS) -> httpx.URL:

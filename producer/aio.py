@@ -2,39 +2,30 @@
 
     async with AsyncClient() as client:
         handle = await client.submit(images=["s3://bucket/photo.jpg"], prompt="What is wrong here?")
-        async for event in client.events(handle.task_id):
+        async for event in handle.events():
             ...
-        record = await client.result(handle.task_id, timeout=300)
+        record = await handle.result(timeout=300)
 
-Same semantics as the sync `producer.client.Client`, from the same code: the validation, the row
-writes and the Celery send are the sync client's, run in a worker thread (`asyncio.to_thread`; short
-calls); the events are published and followed with `contracts.async_bus`, whose subscription is the
-sync one's (`contracts.subscription`): replay, then live, each event once, ending after the latest
-run's terminal event, or with one made from the row when that event never reached Redis.
+Same semantics as the sync `producer.client.Client`, from the same code: submit, retry and cancel are
+the service layer's (producer/service/), run in a worker thread (`asyncio.to_thread`; short calls); the
+events are followed with contracts/bus/aio.py, whose subscription is the sync one's
+(contracts/bus/subscription.py); the result wait is producer/results.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from contracts.async_bus import AsyncEventBus, LiveSource
+from contracts.bus.aio import AsyncEventBus, LiveSource
 from contracts.settings import Settings, get_settings
 from contracts.store import Store, TaskRecord
-from contracts.subscription import ResultWait
-from producer.client import RESULT_RECHECK_S, Client, _as_ref
-
-
-@dataclass(frozen=True)
-class AsyncTaskHandle:
-    task_id: str
-    created: bool  # False when an idempotency key returned an earlier task
+from producer.client import Client, as_ref
+from producer.protocol import AsyncTaskHandle
+from producer.results import await_result
 
 
 class AsyncClient:
@@ -58,17 +49,18 @@ class AsyncClient:
 
     # -- submit, retry, cancel -------------------------------------------------------------------
     async def submit(self, images: Sequence[str] = (), prompt: str = "", model: str | None = None,
-                     **fields: Any) -> AsyncTaskHandle:
+                     **fields: Any) -> AsyncTaskHandle[AsyncClient]:
         """Validate and enqueue one job (fields as in the job request table), as `Client.submit`."""
-        request = {"images": [_as_ref(ref) for ref in images], "prompt": prompt, **fields}
+        request = {"images": [as_ref(ref) for ref in images], "prompt": prompt, **fields}
         if model is not None:
             request["model"] = model
         return await self.submit_request(request)
 
-    async def submit_request(self, request: dict[str, Any], *, local_files: bool = True) -> AsyncTaskHandle:
+    async def submit_request(self, request: dict[str, Any], *,
+                             local_files: bool = True) -> AsyncTaskHandle[AsyncClient]:
         """As `Client.submit_request` (the same code, in a worker thread: one implementation)."""
         handle = await asyncio.to_thread(self.sync.submit_request, request, local_files=local_files)
-        return AsyncTaskHandle(handle.task_id, handle.created)
+        return AsyncTaskHandle(handle.task_id, handle.created, self)
 
     async def retry(self, task_id: str) -> int:
         """As `Client.retry`: a new run of a failed or cancelled task; returns the seq to follow it from."""
@@ -79,11 +71,8 @@ class AsyncClient:
         return await asyncio.to_thread(self.sync.cancel, task_id)
 
     async def get(self, task_id: str) -> TaskRecord:
-        """The task's row; KeyError for an unknown task."""
-        record = await asyncio.to_thread(self.store.get, task_id)
-        if record is None:
-            raise KeyError(f"no task {task_id!r}")
-        return record
+        """The task's row; NotFoundError (a KeyError) for an unknown task."""
+        return await asyncio.to_thread(self.sync.get, task_id)
 
     def events(self, task_id: str, from_seq: int = 0, timeout: float | None = None,
                idle_timeout: float | None = None, *, live: LiveSource | None = None,
@@ -91,7 +80,7 @@ class AsyncClient:
         """Every event of the task after from_seq, replayed then live, ending after the terminal event
         of its latest run (made from the row, `from_row: true`, when it never reached Redis).
 
-        TimeoutError after `timeout` seconds in all, or `idle_timeout` seconds without an event.
+        WaitTimeout (a TimeoutError) after `timeout` seconds in all, or `idle_timeout` without an event.
         `live`: where live messages come from (the API's fan-out hub); `row`: an async row reader
         (default: this client's store, in a thread).
         """
@@ -103,27 +92,8 @@ class AsyncClient:
         return await asyncio.to_thread(self.store.get, task_id)
 
     async def result(self, task_id: str, timeout: float | None = None) -> TaskRecord:
-        """Wait until the task is terminal (or TimeoutError) and return the persisted record."""
-        record = await self.get(task_id)
-        wait = ResultWait(task_id, timeout, record)
-        while not record.is_terminal:
-            try:
-                async with contextlib.aclosing(self.events(task_id, from_seq=wait.from_seq,
-                                                           timeout=wait.remaining())) as events:
-                    async for event in events:
-                        wait.saw(event)
-            except TimeoutError:
-                raise wait.timed_out() from None
-            record = await self._wait_for_row(task_id, wait.settle_deadline(RESULT_RECHECK_S))
-        return record
-
-    async def _wait_for_row(self, task_id: str, deadline: float | None) -> TaskRecord:
-        # The worker persists before it publishes the terminal event; a replica may lag a moment.
-        while True:
-            record = await self.get(task_id)
-            if record.is_terminal or (deadline is not None and time.monotonic() > deadline):
-                return record
-            await asyncio.sleep(0.05)
+        """Wait until the task is terminal (or WaitTimeout) and return the persisted record."""
+        return await await_result(self, task_id, timeout)
 
     async def aclose(self) -> None:
         await self.redis.aclose()

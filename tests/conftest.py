@@ -13,7 +13,7 @@ import redis
 
 from contracts.settings import Settings
 from producer.client import Client
-from producer.embedded import EmbeddedRedis
+from producer.local.embedded import EmbeddedRedis
 from tests import services
 from tests.services import ThrowawayPostgres, WorkerProcess, postgres_server_url, shared_redis_url
 

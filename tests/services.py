@@ -16,8 +16,8 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from contracts.job import QUEUE
-from producer.embedded import redis_reachable, stop_process_group
-from producer.worker_command import worker_command
+from producer.local.embedded import redis_reachable, stop_process_group
+from producer.local.worker_command import worker_command
 
 REPO = Path(__file__).resolve().parent.parent
 #: The PostgreSQL server the tests create their own database on (QVQ_TEST_POSTGRES_URL overrides).

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from contracts import events as ev
-from producer.embedded import EmbeddedRedis
+from producer.local.embedded import EmbeddedRedis
 
 SLOW = os.environ.get("QVQ_SLOW") == "1"
 CONCURRENCY = 4  # streams per worker process: low on purpose, so workers (not cores) set the pace

@@ -1,26 +1,30 @@
-"""The outside systems of one worker process, built once (lazily, after any fork) and passed in."""
+"""The outside systems of one worker process, built once (after any fork) and passed to every step.
+
+`WorkerContext.build` connects nothing it does not need yet and starts no thread; `start()` starts the
+context's own loops (lease renewals, the cancel watcher, the flow mover) and `close()` stops them and
+closes every client. worker/lifecycle.py decides when (and starts the process-wide loops itself).
+"""
 
 from __future__ import annotations
 
 import os
 import socket
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import redis
 
 from contracts.bus import EventBus
-from contracts.settings import Settings, get_settings
+from contracts.sender import TaskSender, producer_app
+from contracts.settings import Settings
 from contracts.store import Store
-from worker import images
-from worker.cancel import CancelWatcher
-from worker.fetch import ImageFetcher
-from worker.flow import FlowControl
-from worker.lease import LeaseKeeper
-from worker.model import QvqModel
-from worker.publisher import BatchingEventBus
+from worker.flow.control import FlowControl
+from worker.intake.fetch import ImageFetcher
+from worker.intake.memory import decode_budget
+from worker.recovery.cancel import CancelWatcher
+from worker.recovery.lease import LeaseKeeper
+from worker.stream.model import QvqModel
+from worker.stream.publisher import BatchingEventBus
 
 IMAGE_THREADS = 16
 
@@ -37,20 +41,19 @@ class WorkerContext:
     cancels: CancelWatcher
     name: str
     leases: LeaseKeeper
-    flow: FlowControl | None = None  # flow control (worker/flow.py); built by `build`
+    sender: TaskSender
+    flow: FlowControl | None = None  # flow control (worker/flow/); built by `build`
 
     @classmethod
-    def build(cls, settings: Settings) -> WorkerContext:
+    def build(cls, settings: Settings, sender: TaskSender | None = None) -> WorkerContext:
         client = redis.Redis.from_url(
             settings.redis_url, max_connections=settings.worker_concurrency + 50,
             health_check_interval=30, socket_keepalive=True, retry_on_timeout=True,
             socket_connect_timeout=5, socket_timeout=10,  # a vanished Redis must not hang a stream's thread
         )
         name = f"{socket.gethostname()}:{os.getpid()}"
-        images.decode_budget.resize(settings.decode_memory_mb << 20)
+        decode_budget.resize(settings.decode_memory_mb << 20)
         store = Store.from_url(settings.database_url, timeout_s=settings.db_timeout_s)
-        flow = FlowControl(settings, client, store)  # once per process, mover started
-        flow.start_mover(_send_again)
         return cls(
             settings=settings,
             redis=client,
@@ -62,8 +65,17 @@ class WorkerContext:
             cancels=CancelWatcher(client),
             name=name,
             leases=LeaseKeeper(client, ttl_s=settings.lease_ttl_s, owner=name),
-            flow=flow,
+            sender=sender or TaskSender(producer_app(settings), settings.queue),
+            flow=FlowControl(settings, client, store),
         )
+
+    def start(self) -> WorkerContext:
+        """Start the context's loops: lease renewals, the cancel watcher, the mover of parked tasks."""
+        self.leases.start()
+        self.cancels.start()
+        if self.flow is not None:
+            self.flow.parking.start(self.sender.send_message)
+        return self
 
     def close(self) -> None:
         if self.flow is not None:
@@ -75,34 +87,3 @@ class WorkerContext:
         self.fetcher.close()
         self.store.dispose()
         self.redis.close()
-
-
-def _send_again(payload: dict[str, Any]) -> None:
-    """Put a parked task back on the queue (worker/flow.py's mover)."""
-    from contracts.job import TASK_NAME
-    from worker.app import app
-
-    app.send_task(TASK_NAME, args=[payload], task_id=payload["task_id"], queue=get_settings().queue,
-                  serializer="json")
-
-
-_context: WorkerContext | None = None
-_context_pid: int | None = None
-_lock = threading.Lock()
-
-
-def get_context() -> WorkerContext:
-    global _context, _context_pid
-    with _lock:
-        if _context is None or _context_pid != os.getpid():
-            _context = WorkerContext.build(get_settings())
-            _context_pid = os.getpid()
-        return _context
-
-
-def close_context() -> None:
-    global _context
-    with _lock:
-        if _context is not None and _context_pid == os.getpid():
-            _context.close()
-        _context = None

@@ -1,6 +1,6 @@
 """One task, start to finish, as a list of steps: each step keeps its own retries and bookkeeping.
 
-    message -> row (worker/message.py) -> lease -> count the attempt -> started -> prepare the images
+    message -> row (worker/intake/message.py) -> lease -> count the attempt -> started -> prepare the images
     -> stream (retrying the model) -> persist (DATABASE policy) -> publish the terminal event
     (TERMINAL_PUBLISH policy) -> callback
 
@@ -8,7 +8,7 @@ Plain code, testable without a broker; the Celery task only calls `run_task`.
 
 Reliability rules (README, Guarantees):
 - the worker runs the request stored in the task row, never one carried by a queue message;
-- a delivery runs the task only while it holds the task's lease (worker/lease.py); a second delivery
+- a delivery runs the task only while it holds the task's lease (worker/recovery/lease.py); a second delivery
   of a task that a live worker is running waits for it to end and is then dropped;
 - every run is a new attempt (same task id, seq continues); the attempt cap counts from the last
   manual retry (`retry_base`);
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import math
-import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,34 +30,27 @@ import structlog
 from contracts import events as ev
 from contracts import retry
 from contracts.catalog import cost
-from contracts.errors import InternalError, ModelError, QvqError
+from contracts.errors import InternalError, ModelError, QvqError, StoreUnavailable, StreamStopped
 from contracts.job import JobRequest
 from contracts.logging import get_logger
 from contracts.retry import TRANSIENT_DB_ERRORS, TRANSIENT_REDIS_ERRORS
 from contracts.store import CANCELLED, COMPLETED, FAILED, Outcome
-from worker import callback
-from worker.coalesce import DeltaCoalescer
+from worker.callbacks.deliveries import schedule as schedule_callback
 from worker.context import WorkerContext
-from worker.flow import ModelCall
-from worker.images import PreparedImage, prepare_images
-from worker.lease import Lease
-from worker.message import load_record
-from worker.model import StreamResult, StreamStopped
-from worker.prompt import build_messages, check_token_budget
+from worker.flow.control import ModelCall
+from worker.intake.images import PreparedImage, prepare_images
+from worker.intake.message import load_record
+from worker.intake.prompt import build_messages, check_token_budget
+from worker.recovery.cancel import RunWatch, sleep_unless_stopped
+from worker.recovery.lease import Lease
+from worker.stream.coalesce import DeltaCoalescer
+from worker.stream.model import StreamResult
 
 log = get_logger(__name__)
 DELTA_EVENT = {"reasoning": ev.REASONING_DELTA, "answer": ev.ANSWER_DELTA}
 PRESIGNED_URL_TTL_S = 3600  # long enough for the service to fetch it, even after retries
 SUPERSEDED = "superseded"  # another delivery took the task over (or the worker handed it back): nothing written
 REJECTED = "rejected"  # the message did not match its task row: acknowledged, never run
-#: After a failed publish, skip non-terminal events this long instead of waiting on Redis each time.
-EVENTS_BACKOFF_S = 2.0
-#: Quick tries of an important non-terminal event (task.retrying voids text on screens).
-IMPORTANT_PUBLISH_WAITS_S = (0.05, 0.2)
-
-
-class StoreUnavailable(Exception):
-    """The database could not be reached: nothing terminal was written; run the task again later."""
 
 
 def run_task(message: dict[str, Any], ctx: WorkerContext, *, delivery_id: str | None = None) -> str | None:
@@ -73,10 +64,11 @@ def run_task(message: dict[str, Any], ctx: WorkerContext, *, delivery_id: str | 
         run = TaskRun(job, ctx, seq_floor=record.last_seq)
         if ctx.flow is None:
             return run.run()
-        # Flow control (worker/flow.py): hold a tenant slot for the run, or park the task (acknowledged;
+        # Flow control (worker/flow/): hold a tenant slot for the run, or park the task (acknowledged;
         # a mover puts it back on the queue when due) and return without running it.
         with ctx.flow.admitted(job, message, run._publish) as admitted:
             return run.run() if admitted else None
+
 
 def _store_call(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """A store read or attempt count; StoreUnavailable when the database cannot be reached."""
@@ -127,7 +119,7 @@ class TaskRun:
                  duration_s=round(time.time() - self.started, 3))
         return outcome
 
-    def _steps(self, watch: Any) -> str:
+    def _steps(self, watch: RunWatch) -> str:
         if self.attempts_since_retry > self.ctx.settings.max_attempts:
             return self._fail(InternalError(
                 f"gave up after {self.attempts_since_retry - 1} attempts: the worker running it was lost "
@@ -139,7 +131,7 @@ class TaskRun:
             messages, estimate = self._prepare()
             result = self._stream(messages, estimate, watch)
         except StreamStopped as stopped:
-            self.partial = stopped.result
+            self.partial = stopped.result or StreamResult()
             return self._stop(watch)
         except StoreUnavailable:
             raise
@@ -221,9 +213,9 @@ class TaskRun:
                            self.job.tenant)
 
     # -- step: the stream, retried ---------------------------------------------------------------
-    def _stream(self, messages: list[dict[str, Any]], estimate: int, watch: Any) -> StreamResult:
+    def _stream(self, messages: list[dict[str, Any]], estimate: int, watch: RunWatch) -> StreamResult:
         """Stream the answer; a retryable model error publishes task.retrying, waits, and tries again
-        (delays from `backoff_s`); the text of a failed attempt is void."""
+        (delays from contracts/retry.MODEL); the text of a failed attempt is void."""
         settings = self.ctx.settings
         while True:
             coalescer = DeltaCoalescer(self._emit_delta, max_delay_s=settings.coalesce_ms / 1000,
@@ -242,8 +234,8 @@ class TaskRun:
                 coalescer.close()  # nothing of this attempt may follow a terminal event (any exit)
 
     def _call_model(self, messages: list[dict[str, Any]], estimate: int, coalescer: DeltaCoalescer,
-                    watch: Any) -> StreamResult:
-        """The one call site of the model, inside flow control (worker/flow.py): the budget reservation,
+                    watch: RunWatch) -> StreamResult:
+        """The one call site of the model, inside flow control (worker/flow/): the budget reservation,
         tenant rate and model quota before the call (may wait, publishing task.waiting; BudgetError: no
         call); the ledger row and the settlements after it, whatever the outcome."""
         with self._model_call(watch) as call:
@@ -255,19 +247,19 @@ class TaskRun:
             call.finished(result)
         return result
 
-    def _model_call(self, watch: Any) -> contextlib.AbstractContextManager[ModelCall]:
+    def _model_call(self, watch: RunWatch) -> contextlib.AbstractContextManager[ModelCall]:
         """Flow control around one model call (hook 2); a pass-through when there is none."""
         if self.ctx.flow is None:
             return contextlib.nullcontext(ModelCall(self.input_tokens))
         return self.ctx.flow.model_call(self.job, self.attempt, self.input_tokens, watch.should_stop, self._publish)
 
-    def _before_retry(self, error: ModelError, watch: Any) -> None:
+    def _before_retry(self, error: ModelError, watch: RunWatch) -> None:
         """Publish task.retrying and wait, or re-raise when the error is final."""
         settings = self.ctx.settings
         if not error.retryable or self.attempts_since_retry >= settings.max_attempts:
             raise error
-        delay = backoff_s(self.attempts_since_retry, error.retry_after_s, settings.retry_base_s,
-                          settings.retry_max_s)
+        backoff = retry.MODEL.with_limits(settings.retry_base_s, settings.retry_max_s)
+        delay = backoff.delay(self.attempts_since_retry, error.retry_after_s)
         if delay >= watch.remaining_s():  # waiting would run past the time limit: fail with this error
             log.warning("model.retry_past_time_limit", code=error.code, delay_s=delay)
             raise error
@@ -278,11 +270,7 @@ class TaskRun:
         log.warning("model.retrying", code=error.code, error=error.message, delay_s=delay, attempt=next_attempt)
         self._publish(ev.RETRYING, important=True, error={"code": error.code, "message": error.message},
                       delay_s=delay)
-        deadline = time.monotonic() + delay
-        while time.monotonic() < deadline:
-            if watch.should_stop():
-                raise StreamStopped(StreamResult())
-            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        sleep_unless_stopped(delay, watch.should_stop)
 
     # -- the terminal states: persist, then publish ----------------------------------------------
     def _complete(self, result: StreamResult) -> str:
@@ -304,7 +292,7 @@ class TaskRun:
             self._publish_terminal(ev.FAILED, error=error.to_dict())
         return FAILED
 
-    def _stop(self, watch: Any) -> str:
+    def _stop(self, watch: RunWatch) -> str:
         if watch.superseded and not watch.cancelled:
             log.warning("task.superseded", attempt=self.attempt,
                         reason="another delivery took the lease over, or the worker handed the task back; "
@@ -357,7 +345,7 @@ class TaskRun:
         if self.job.callback_url:
             event = {"seq": seq, "task_id": self.task_id, "type": type_, "ts": time.time(),
                      "attempt": self.attempt, **fields}
-            callback.schedule(self.ctx, self.job.callback_url, event)
+            schedule_callback(self.ctx, self.job.callback_url, event)
         return seq
 
     def _publish_terminal_event(self, type_: str, **fields: Any) -> int | None:
@@ -381,12 +369,12 @@ class TaskRun:
         task.retrying, which voids text on screens, get a few quick tries first)."""
         if not important and time.monotonic() < self._events_down_until:
             return None
-        for delay in (IMPORTANT_PUBLISH_WAITS_S if important else ()) + (None,):
+        for delay in (retry.IMPORTANT_PUBLISH.delays if important else ()) + (None,):
             try:
                 return self._publish_event(type_, **fields)
             except TRANSIENT_REDIS_ERRORS as exc:
                 if delay is None:
-                    self._events_down_until = time.monotonic() + EVENTS_BACKOFF_S
+                    self._events_down_until = time.monotonic() + retry.EVENTS_COOLDOWN_S
                     log.warning("event.publish_skipped", type=type_, error=str(exc))
                     return None
                 time.sleep(delay)
@@ -424,18 +412,3 @@ def _delta_sink(coalescer: DeltaCoalescer) -> Callable[[str, str], None]:
         coalescer.add(DELTA_EVENT[kind], text)
 
     return add
-
-
-def backoff_s(attempt: int, retry_after_s: float | None, base_s: float, max_s: float) -> float:
-    """The wait before the retry that follows failed attempt `attempt` (1, 2, ...).
-
-    Exponential (base_s * 2^(attempt-1)), capped at max_s, with "equal jitter" (a uniform draw from
-    the upper half) so workers that failed together do not retry together; never shorter than the
-    service's Retry-After, even above max_s (the task's time limit bounds the wait: the pipeline
-    fails at once rather than sleep past it).
-    """
-    ceiling = min(max_s, base_s * (2 ** (max(1, attempt) - 1)))
-    delay = min(ceiling, round(random.uniform(ceiling / 2, ceiling), 3))
-    if retry_after_s is not None and delay < retry_after_s:
-        delay = math.ceil(retry_after_s * 1000) / 1000
-    return delay

@@ -16,8 +16,9 @@ import redis
 import redis.asyncio as aioredis
 
 from contracts import events as ev
-from contracts.async_bus import AsyncEventBus
+from contracts import keys
 from contracts.bus import EventBus
+from contracts.bus.aio import AsyncEventBus
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -128,9 +129,9 @@ def _drop_live(client: redis.Redis, task_id: str, type_: str, **fields: Any) -> 
     """An event that reached the log but whose pub/sub message was lost (as on a reconnect)."""
     import json
 
-    seq = int(client.incr(ev.seq_key(task_id)))
+    seq = int(client.incr(keys.seq_key(task_id)))
     event = {"seq": seq, "task_id": task_id, "type": type_, "ts": time.time(), "attempt": 1, **fields}
-    client.xadd(ev.log_key(task_id), {"event": json.dumps(event)})
+    client.xadd(keys.log_key(task_id), {"event": json.dumps(event)})
     return seq
 
 
@@ -167,8 +168,8 @@ def test_a_hole_in_the_log_does_not_stall_the_subscriber(flavour: str, redis_url
     for i in range(4):
         sync_bus.publish("h1", ev.ANSWER_DELTA, 1, text=str(i))
     sync_bus.publish("h1", ev.COMPLETED, 1)
-    second = redis_client.xrange(ev.log_key("h1"))[1][0]
-    redis_client.xdel(ev.log_key("h1"), second)
+    second = redis_client.xrange(keys.log_key("h1"))[1][0]
+    redis_client.xdel(keys.log_key("h1"), second)
     if flavour == "sync":
         events = sync_collect(sync_bus, "h1", timeout=3)
     else:
@@ -232,9 +233,9 @@ def test_closing_early_releases_the_subscription(redis_url: str, redis_client: r
         async with aclosing(bus.subscribe("c1")) as events:
             async for _event in events:
                 break
-            during = dict(await bus.redis.pubsub_numsub(ev.channel("c1")))
-        after = dict(await bus.redis.pubsub_numsub(ev.channel("c1")))
-        return during[ev.channel("c1").encode()], after[ev.channel("c1").encode()]
+            during = dict(await bus.redis.pubsub_numsub(keys.channel("c1")))
+        after = dict(await bus.redis.pubsub_numsub(keys.channel("c1")))
+        return during[keys.channel("c1").encode()], after[keys.channel("c1").encode()]
 
     assert run(redis_url, body) == (1, 0)
 
@@ -304,7 +305,7 @@ def test_a_dropped_redis_connection_is_resubscribed_without_loss_or_repeat(
 
     def drop_then_publish() -> None:
         deadline = time.monotonic() + 5
-        while not sockets or not dict(redis_client.pubsub_numsub(ev.channel("k1")))[ev.channel("k1").encode()]:
+        while not sockets or not dict(redis_client.pubsub_numsub(keys.channel("k1")))[keys.channel("k1").encode()]:
             assert time.monotonic() < deadline, "the subscriber never subscribed"
             time.sleep(0.02)
         time.sleep(0.1)

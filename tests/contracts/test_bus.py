@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from contracts import events as ev
+from contracts import keys
 from contracts.bus import EventBus
 
 
@@ -64,8 +65,8 @@ def test_two_publishers_never_share_or_skip_a_seq(redis_client: redis.Redis) -> 
 def test_the_log_and_counter_expire(redis_client: redis.Redis) -> None:
     bus = EventBus(redis_client, ttl_s=100)
     bus.publish("t5", ev.QUEUED, 0)
-    assert 0 < redis_client.ttl(ev.log_key("t5")) <= 100
-    assert 0 < redis_client.ttl(ev.seq_key("t5")) <= 100
+    assert 0 < redis_client.ttl(keys.log_key("t5")) <= 100
+    assert 0 < redis_client.ttl(keys.seq_key("t5")) <= 100
 
 
 def test_a_quiet_task_times_out(redis_client: redis.Redis) -> None:
@@ -120,7 +121,7 @@ def test_a_viewer_from_zero_ends_at_the_latest_runs_terminal_event(redis_client:
 
 def test_a_viewer_ends_via_the_row_when_the_terminal_event_never_reached_the_log(
         redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
-    from contracts import subscription
+    from contracts.bus import subscription
 
     monkeypatch.setattr(subscription, "ROW_CHECK_S", 0.2)
     monkeypatch.setattr(subscription, "ROW_GRACE_S", 0.1)
@@ -146,7 +147,7 @@ def test_a_viewer_ends_via_the_row_when_the_terminal_event_never_reached_the_log
 
 
 def test_a_subscriber_across_a_redis_restart_without_persistence_gets_the_rest(tmp_path: Any) -> None:
-    from producer.embedded import EmbeddedRedis
+    from producer.local.embedded import EmbeddedRedis
 
     with EmbeddedRedis() as server:
         client = redis.Redis.from_url(server.url)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -122,3 +123,52 @@ def test_a_loop_can_iterate_the_policy_between_tries(waits: list[float]) -> None
             if len(seen) < 2:
                 raise transient_image()
     assert seen == [1, 2] and waits == [0.2]
+
+
+# -- the model's backoff ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attempt", [1, 2, 3, 4, 5, 10])
+@pytest.mark.parametrize("retry_after", [0.5, 3.0, 7.25, 100.0])
+def test_backoff_is_never_shorter_than_retry_after(attempt: int, retry_after: float) -> None:
+    for _ in range(50):
+        assert retry.MODEL.delay(attempt, retry_after) >= retry_after
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    for attempt in range(1, 12):
+        ceiling = min(60.0, 1.0 * 2 ** (attempt - 1))
+        draws = [retry.MODEL.delay(attempt) for _ in range(200)]
+        assert all(ceiling / 2 <= d <= ceiling for d in draws), (attempt, min(draws), max(draws))
+        assert len(set(draws)) > 20  # jittered: workers that failed together do not retry together
+    assert max(retry.MODEL.delay(30) for _ in range(200)) <= 60.0
+    assert retry.MODEL.with_limits(0.05, 2.0).delay(1, 0.0) <= 0.05
+
+
+# -- retry policies --------------------------------------------------------------------------------
+def test_a_policy_retries_its_errors_then_gives_up_with_the_last_one() -> None:
+    policy = dataclasses.replace(retry.DATABASE, delays=(0.0, 0.0))
+    calls: list[int] = []
+
+    def flaky(fail_times: int) -> str:
+        calls.append(1)
+        if len(calls) <= fail_times:
+            raise sa.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("gone"))
+        return "ok"
+
+    assert policy.call(flaky, 2) == "ok" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(sa.exc.OperationalError):
+        policy.call(flaky, 5)
+    assert len(calls) == 3  # one try, then one per wait
+    with pytest.raises(ValueError):  # not a transient error: no retry
+        policy.call(lambda: (_ for _ in ()).throw(ValueError("a bug")))
+
+
+def test_callback_deliveries_wait_longer_each_try_with_up_to_a_fifth_less() -> None:
+    backoff = retry.CALLBACK_DELIVERY.with_limits(10, 100)
+    for attempt, ceiling in ((1, 10), (2, 20), (3, 40), (5, 100), (9, 100)):
+        draws = [backoff.delay(attempt) for _ in range(50)]
+        assert all(0.8 * ceiling <= d <= ceiling for d in draws)
+
+
+def test_a_lost_subscription_reconnects_sooner_first_and_never_waits_more_than_two_seconds() -> None:
+    assert [retry.SUBSCRIBE_RECONNECT.delay(n) for n in (1, 2, 3, 5, 9)] == [0.1, 0.2, 0.4, 1.6, 2.0]

@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from contracts.schema import current_revision, head_revision, upgrade
 from contracts.store import Store, metadata
+from contracts.store.schema import current_revision, head_revision, upgrade
 
 LEGACY_TASKS = """
 CREATE TABLE qvq_tasks (

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from contracts import events as ev
-from contracts.subscription import (
+from contracts.bus.subscription import (
     END,
     MAX_RECONNECTS,
     READ_ROW,
@@ -206,7 +206,7 @@ def test_without_a_row_a_lost_redis_raises_after_max_reconnects() -> None:
 
 
 def test_a_lost_connection_mid_read_rereads_from_the_settled_cursor() -> None:
-    from contracts.subscription import READ_BATCH
+    from contracts.bus.subscription import READ_BATCH
 
     state = SubscriptionState("t", clock=Clock())
     subscribed(state, [entry(1, ev.QUEUED)])
@@ -223,7 +223,7 @@ def test_a_lost_connection_mid_read_rereads_from_the_settled_cursor() -> None:
 
 
 def test_heartbeats_come_after_each_quiet_period_and_not_while_events_flow() -> None:
-    from contracts.subscription import HEARTBEAT
+    from contracts.bus.subscription import HEARTBEAT
 
     clock = Clock()
     state = SubscriptionState("t", heartbeat_s=15, clock=clock)

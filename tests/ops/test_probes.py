@@ -10,8 +10,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from contracts.settings import Settings
-from producer import ops
-from producer.embedded import EmbeddedRedis
+from producer.api import ops
+from producer.local.embedded import EmbeddedRedis
 from tests.ops import free_port
 from tests.producer import ApiServer
 

@@ -14,7 +14,7 @@ import pytest
 from contracts.errors import ConfigError
 from contracts.settings import Settings
 from tests.ops import free_port
-from worker.health import Heartbeat
+from worker.ops.health import Heartbeat
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,11 +15,12 @@ import pytest
 import redis
 
 from contracts import events as ev
+from contracts import keys
 from contracts.bus import EventBus
 from contracts.job import parse_job
+from contracts.logging import RedactedArgs
 from contracts.settings import Settings
 from contracts.store import Store
-from producer.api import _RedactApiKey
 from tests.imagegen import make_image
 from tests.producer import ApiServer, sse_events, sse_frames
 
@@ -93,10 +94,10 @@ def test_a_viewer_that_drops_mid_run_and_reconnects_with_last_event_id_gets_exac
 
     # The server notices the disconnect and releases the subscription.
     deadline = time.monotonic() + 5
-    while dict(redis_client.pubsub_numsub(ev.channel(task_id)))[ev.channel(task_id).encode()] and \
+    while dict(redis_client.pubsub_numsub(keys.channel(task_id)))[keys.channel(task_id).encode()] and \
             time.monotonic() < deadline:
         time.sleep(0.05)
-    assert dict(redis_client.pubsub_numsub(ev.channel(task_id)))[ev.channel(task_id).encode()] == 0
+    assert dict(redis_client.pubsub_numsub(keys.channel(task_id)))[keys.channel(task_id).encode()] == 0
 
     publish_run(bus, task_id, 3, terminal=True)  # seq 7..9, then the terminal 10, while it was away
     with stream(api, task_id, headers={"Last-Event-ID": first[-1]["id"]}) as response:
@@ -152,7 +153,7 @@ def test_expired_events_of_a_finished_task_are_410(
         api: ApiServer, settings: Settings, bus: EventBus, redis_client: redis.Redis) -> None:
     task_id = make_task(settings)
     httpx.post(f"{api.url}/v1/tasks/{task_id}/cancel").raise_for_status()  # queued -> cancelled
-    redis_client.delete(ev.log_key(task_id), ev.seq_key(task_id))  # as after QVQ_EVENT_TTL_S
+    redis_client.delete(keys.log_key(task_id), keys.seq_key(task_id))  # as after QVQ_EVENT_TTL_S
     response = httpx.get(f"{api.url}/v1/tasks/{task_id}/events")
     assert response.status_code == 410 and response.json()["error"]["code"] == "events.expired"
 
@@ -248,7 +249,7 @@ def test_the_access_log_never_shows_an_api_key() -> None:
 
     record = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
                                ("1.2.3.4", "GET", "/v1/tasks/x/events?api_key=s3cret&from_seq=2", "1.1", 200), None)
-    _RedactApiKey().filter(record)
+    RedactedArgs().filter(record)
     assert "s3cret" not in record.getMessage() and "api_key=***&from_seq=2" in record.getMessage()
 
 
@@ -319,7 +320,7 @@ def test_upload_limits(settings: Settings, tmp_path: Path) -> None:
 
 
 def test_sse_frames_are_single_line_json() -> None:
-    from producer.api import format_sse
+    from contracts.bus.sse import format_sse
 
     frame = format_sse({"seq": 3, "type": ev.ANSWER_DELTA, "text": "line one\nline two\n\nend"})
     assert frame.endswith("\n\n") and frame.count("\n") == 4

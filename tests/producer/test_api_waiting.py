@@ -9,11 +9,12 @@ import httpx
 import pytest
 import redis
 
+from contracts.events import WAITING
 from contracts.job import parse_job
 from contracts.settings import Settings
 from contracts.store import Store
 from tests.producer import ApiServer
-from worker.flow import WAITING, FlowControl
+from worker.flow.control import FlowControl
 
 pytestmark = pytest.mark.timeout(60)
 

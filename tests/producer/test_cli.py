@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from producer.embedded import free_port
+from producer.local.embedded import free_port
 from tests.imagegen import make_image
 
 pytestmark = pytest.mark.timeout(120)
@@ -274,7 +274,7 @@ def test_driver_errors_become_one_line_without_the_address() -> None:
     import redis
     import sqlalchemy as sa
 
-    from producer.cli_errors import EXIT_FAILED, EXIT_USAGE, explain
+    from producer.cli.errors import EXIT_FAILED, EXIT_USAGE, explain
 
     refused = _raised(lambda: redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=1).ping())
     problem = explain(refused)

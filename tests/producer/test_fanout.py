@@ -18,11 +18,12 @@ import pytest
 import redis
 
 from contracts import events as ev
+from contracts import keys
 from contracts.bus import EventBus
 from contracts.job import parse_job
 from contracts.settings import Settings
 from contracts.store import Store
-from producer.embedded import EmbeddedRedis
+from producer.local.embedded import EmbeddedRedis
 from tests.producer import ApiServer
 
 pytestmark = pytest.mark.timeout(300)
@@ -82,11 +83,11 @@ def _fan_out(count: int, redis_url: str, redis_client: redis.Redis, database_url
     bus = EventBus(redis_client)
     bus.publish(task_id, ev.QUEUED, 0, model="qvq-max", image_count=1, run=0)
     with ApiServer(settings) as api:
-        hub = api.app.state.fanout
+        hub = api.app.state.services.fanout
 
         def publish_when_all_are_live() -> None:
             _wait(lambda: hub.viewers >= count, 120, f"only {hub.viewers} of {count} viewers subscribed")
-            assert dict(redis_client.pubsub_numsub(ev.channel(task_id)))[ev.channel(task_id).encode()] == 1
+            assert dict(redis_client.pubsub_numsub(keys.channel(task_id)))[keys.channel(task_id).encode()] == 1
             for i in range(deltas):
                 bus.publish(task_id, ev.ANSWER_DELTA, 1, text=f"{i} ")
                 time.sleep(0.02)
@@ -134,7 +135,7 @@ def test_the_hub_resubscribes_after_a_redis_restart_and_nothing_is_lost(
     bus.publish(task_id, ev.QUEUED, 0, run=0)
     count = 20
     with ApiServer(settings) as api:
-        hub = api.app.state.fanout
+        hub = api.app.state.services.fanout
 
         def restart_midway() -> None:
             _wait(lambda: hub.viewers >= count, 60, "viewers did not subscribe")
@@ -180,13 +181,13 @@ async def _viewers_tracked(url: str, count: int, ready: Any, shared: list[list[A
 
 def test_a_channel_is_subscribed_once_and_released_with_its_last_viewer(
         redis_url: str, redis_client: redis.Redis) -> None:
-    from producer.fanout import FanoutHub
+    from producer.api.fanout import FanoutHub
 
     bus = EventBus(redis_client)
     bus.publish("fo1", ev.QUEUED, 0)
 
     def numsub() -> int:
-        return int(dict(redis_client.pubsub_numsub(ev.channel("fo1")))[ev.channel("fo1").encode()])
+        return int(dict(redis_client.pubsub_numsub(keys.channel("fo1")))[keys.channel("fo1").encode()])
 
     async def main() -> tuple[int, list[int]]:
         hub = FanoutHub(redis_url)
@@ -211,7 +212,7 @@ def test_a_channel_is_subscribed_once_and_released_with_its_last_viewer(
 
 
 def test_the_viewers_of_a_task_share_one_row_read(redis_url: str) -> None:
-    from producer.fanout import FanoutHub
+    from producer.api.fanout import FanoutHub
 
     reads: list[str] = []
 
@@ -234,7 +235,7 @@ def test_the_viewers_of_a_task_share_one_row_read(redis_url: str) -> None:
 
 def test_a_viewer_too_slow_for_its_queue_is_sent_to_the_log_and_misses_nothing(
         redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
-    from producer import fanout
+    from producer.api import fanout
 
     monkeypatch.setattr(fanout, "QUEUE_SIZE", 4)
     bus = EventBus(redis_client)

@@ -17,7 +17,7 @@ from contracts import events as ev
 from contracts.bus import EventBus
 from contracts.job import parse_job
 from contracts.store import Store
-from producer.render import EventRenderer, clean, duration, money, short_ref, usage_lines
+from producer.cli.render import EventRenderer, clean, duration, money, short_ref, usage_lines
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 
 from contracts import events as ev
-from producer.render import EventRenderer, print_json_events
+from producer.cli.render import EventRenderer, print_json_events
 
 
 def _event(seq: int, type_: str, attempt: int, **fields: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import redis
 
-from contracts import flow
+from contracts import keys
 from contracts.settings import Settings
 from tests.producer import ApiServer
 
@@ -28,7 +28,7 @@ def test_tasks_lists_newest_first_filters_and_finds_the_waiting_ones(
     ids = [client.submit(images=["s3://photos/a.png"], prompt=f"q{i}", tenant=tenant).task_id
            for i, tenant in enumerate(("acme", "acme", "globex"))]
     client.cancel(ids[0])
-    redis_client.set(flow.waiting_key(ids[1]), json.dumps({"reason": "model_quota", "wait_s": 3, "since": time.time()}))
+    redis_client.set(keys.waiting_key(ids[1]), json.dumps({"reason": "model_quota", "wait_s": 3, "since": time.time()}))
 
     listed = qvq(service_env, "tasks", "--json")
     assert listed.returncode == 0, listed.stderr

@@ -209,7 +209,7 @@ def test_an_upload_over_the_limit_is_refused_while_it_streams(api: ApiServer, se
 
 
 def test_errors_never_show_internal_addresses(settings: Settings) -> None:
-    from producer.embedded import EmbeddedRedis
+    from producer.local.embedded import EmbeddedRedis
 
     with EmbeddedRedis() as dead_soon:
         down = settings.with_overrides(redis_url=dead_soon.url)

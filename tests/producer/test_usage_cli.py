@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from contracts import flow
+from contracts import keys
 from contracts.job import JobRequest
 from contracts.settings import Settings
 from contracts.store import Store
@@ -68,7 +68,7 @@ def test_usage_totals_equal_the_sum_of_the_ledger_rows(qvq: Any, service_env: di
 
 def test_limits_show_the_limiters_windows_and_waiters(qvq: Any, service_env: dict[str, str]) -> None:
     limits = json.dumps({"qvq-max": {"rpm": 120, "tpm": 600000}})
-    from worker.limiter import ModelLimiter
+    from worker.flow.limiter import ModelLimiter
 
     client = redis.Redis.from_url(service_env["REDIS_URL"])
     settings = Settings.from_env({**service_env, "QVQ_MODEL_LIMITS": limits})
@@ -82,4 +82,4 @@ def test_limits_show_the_limiters_windows_and_waiters(qvq: Any, service_env: dic
     assert row["requests_60s"] == 2 and row["rps"] == 2 and row["rpm"] == 120  # (the CLI starts in > 1 s)
     assert row["tokens_60s"] == 710 and row["tpm"] == 600000 and row["waiting"] == 1
     assert "2/120" in qvq("limits", env={"QVQ_MODEL_LIMITS": limits}).stdout
-    client.delete(flow.waiters_key("qvq-max"))
+    client.delete(keys.waiters_key("qvq-max"))

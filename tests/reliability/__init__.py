@@ -23,7 +23,7 @@ from contracts.store import TERMINAL, TaskRecord
 from emulator.config import EmulatorConfig
 from emulator.server import EmulatorServer
 from producer.client import Client
-from producer.embedded import EmbeddedRedis
+from producer.local.embedded import EmbeddedRedis
 from tests.imagegen import make_image
 from tests.services import WorkerProcess
 

@@ -66,7 +66,7 @@ def test_a_long_task_does_not_hold_short_ones_back(make_stack: Any) -> None:
 
 
 BAD_APP = """
-from worker.app import app
+from worker.celery import app
 
 app.conf.broker_transport_options = {**app.conf.broker_transport_options, "visibility_timeout": 60}
 app.conf.worker_prefetch_multiplier = 4

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 
 from contracts import events as ev
-from contracts import flow
+from contracts import keys
 from contracts.catalog import worst_case_cost
+from contracts.events import WAITING
 from emulator.ratelimit import RateLimit
 from tests.imagegen import make_image
 from tests.reliability import SLOW, Stack, directive
-from worker.flow import WAITING
 
 LONG_TASKS = {"QVQ_TASK_TIMEOUT_S": "300", "QVQ_VISIBILITY_TIMEOUT_S": "600", "QVQ_MAX_ATTEMPTS": "6"}
 
@@ -137,7 +137,7 @@ def test_one_tenants_burst_neither_exceeds_its_slots_nor_delays_another_tenant(m
 
     def sample() -> None:
         while not stop.is_set():
-            samples.append(int(stack.redis.zcard(flow.tenant_slots_key("a"))))
+            samples.append(int(stack.redis.zcard(keys.tenant_slots_key("a"))))
             samples.append(len(stack.client.store.list_tasks(status="running", tenant="a")))
             time.sleep(0.1)
 

@@ -18,10 +18,10 @@ from celery.exceptions import Reject
 
 from contracts import events as ev
 from contracts import retry
-from contracts.errors import ERROR_CODES
+from contracts.errors import ERROR_CODES, EnqueueError
 from contracts.settings import Settings
-from producer.client import Client, EnqueueError
-from producer.embedded import free_port
+from producer.client import Client
+from producer.local.embedded import free_port
 from tests.reliability import Stack, terminal_events, text_of
 from worker import pipeline
 from worker.context import WorkerContext
@@ -195,7 +195,7 @@ def test_a_long_database_outage_puts_the_message_back_and_the_task_resumes(
     from worker import tasks
 
     monkeypatch.setattr(tasks, "get_context", lambda: down)
-    monkeypatch.setattr(tasks, "REQUEUE_PAUSE_S", 0.0)
+    monkeypatch.setattr(retry, "REQUEUE_PAUSE_S", 0.0)
     with pytest.raises(Reject) as rejected:
         tasks.reason.run(payload)
     assert rejected.value.requeue is True

@@ -13,10 +13,12 @@ from typing import Any
 import pytest
 
 from contracts import events as ev
+from contracts import keys
 from contracts.job import QUEUE
+from contracts.keys import SWEEP_REPAIRED_UNTIL as REPAIRED_UNTIL_KEY
 from contracts.settings import Settings
 from tests.reliability import SLOW, Stack, terminal_events, text_of
-from worker.sweep import REPAIR_SETTLE_S, REPAIRED_UNTIL_KEY
+from worker.recovery.sweep import REPAIR_SETTLE_S
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -42,7 +44,7 @@ def _streaming(stack: Stack, task_id: str) -> bool:
 
 
 def _lease_gone(stack: Stack, task_id: str) -> bool:
-    return not stack.redis.exists(ev.lease_key(task_id))
+    return not stack.redis.exists(keys.lease_key(task_id))
 
 
 def _sigkill_mid_stream_then_resume(stack: Stack, deadline_s: float) -> float:
@@ -144,7 +146,7 @@ def test_a_terminal_row_whose_log_lost_its_end_gets_its_terminal_event(make_stac
     task_id = stack.submit("Remember this.")
     record = stack.wait_terminal([task_id], timeout=30)[task_id]
     stack.wait_for_terminal_event(task_id)
-    stack.redis.delete(ev.log_key(task_id))  # what a restart without persistence leaves
+    stack.redis.delete(keys.log_key(task_id))  # what a restart without persistence leaves
     stack.redis.delete(REPAIRED_UNTIL_KEY)
     events = stack.wait_events(task_id, lambda es: any(ev.is_terminal(e) for e in es), timeout=30)
     (terminal,) = terminal_events(events)

@@ -10,10 +10,14 @@ import pytest
 import redis
 
 from contracts import events as ev
+from contracts import keys
+from contracts.broker import UNACKED as UNACKED_KEY
+from contracts.broker import UNACKED_INDEX as UNACKED_INDEX_KEY
 from contracts.bus import EventBus
 from contracts.job import QUEUE, parse_job
+from contracts.keys import SWEEP_LOCK as LOCK_KEY
 from contracts.store import COMPLETED, Outcome, Store
-from worker.sweep import LOCK_KEY, UNACKED_INDEX_KEY, UNACKED_KEY, Sweep
+from worker.recovery.sweep import Sweep
 
 
 @pytest.fixture()
@@ -48,7 +52,7 @@ def test_a_running_task_without_a_lease_is_requeued_on_the_second_round_only(
     sent: list[tuple[str, int]] = []
     sweep = _sweep(redis_client, store, sent)
     orphan, alive = _task(store, running=True), _task(store, running=True)
-    redis_client.set(ev.lease_key(alive), "w1:token")
+    redis_client.set(keys.lease_key(alive), "w1:token")
     redis_client.hset(UNACKED_KEY, "tag-1", json.dumps([json.loads(_kombu_message(orphan)), "", QUEUE]))
     redis_client.zadd(UNACKED_INDEX_KEY, {"tag-1": 1.0})
 
@@ -64,9 +68,9 @@ def test_a_lease_recreated_between_rounds_clears_the_suspicion(redis_client: red
     sweep = _sweep(redis_client, store, sent)
     task_id = _task(store, running=True)
     sweep.requeue_orphans()
-    redis_client.set(ev.lease_key(task_id), "w1:token")
+    redis_client.set(keys.lease_key(task_id), "w1:token")
     sweep.requeue_orphans()
-    redis_client.delete(ev.lease_key(task_id))
+    redis_client.delete(keys.lease_key(task_id))
     assert sweep.requeue_orphans() == [] and sent == []  # a new first sight
 
 
@@ -102,7 +106,7 @@ def test_a_queued_task_within_its_grace_period_is_left_alone(redis_client: redis
 
 def test_a_terminal_row_without_its_terminal_event_gets_it_once(
         redis_client: redis.Redis, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.sweep as sweep_module
+    import worker.recovery.sweep as sweep_module
 
     monkeypatch.setattr(sweep_module, "REPAIR_SETTLE_S", -60.0)  # count the task that just ended
     sent: list[tuple[str, int]] = []

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from contracts import events as ev
+from contracts import keys
 from contracts.settings import Settings
 from producer.aio import AsyncClient
 from tests.producer import ApiServer, sse_events
@@ -76,7 +77,7 @@ class Followers:
 
     def wait_subscribed(self, timeout: float = 20) -> None:
         """Until every follower is subscribed to the task's channel (the API's hub counts as one)."""
-        channel = ev.channel(self.task_id)
+        channel = keys.channel(self.task_id)
         deadline = time.monotonic() + timeout
         while dict(self.stack.redis.pubsub_numsub(channel))[channel.encode()] < 5:
             assert time.monotonic() < deadline, "the followers did not all subscribe"

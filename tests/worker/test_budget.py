@@ -14,7 +14,7 @@ from contracts.errors import BudgetError
 from contracts.flow import TenantLimit
 from contracts.job import JobRequest
 from contracts.store import Store
-from worker.budget import BudgetKeeper, Reservation
+from worker.flow.budget import BudgetKeeper, Reservation
 
 WORST = worst_case_cost("qvq-max", 500)
 

@@ -22,8 +22,8 @@ from structlog.testing import capture_logs
 from contracts import retry
 from contracts.ssrf import UrlGuard, resolve_host
 from contracts.webhook import SIGNATURE_HEADER, sign, verify
-from worker import callback
-from worker.callback import Outcome, deliver, post_once
+from worker.callbacks import post as callback
+from worker.callbacks.post import Outcome, deliver, post_once
 
 EVENT = {"task_id": "t1", "seq": 9, "type": "task.completed", "answer": "42"}
 PUBLIC_V4 = "93.184.216.34"

@@ -5,7 +5,7 @@ import threading
 import time
 from typing import Any
 
-from worker.coalesce import DeltaCoalescer
+from worker.stream.coalesce import DeltaCoalescer
 
 
 class Sink:

@@ -15,15 +15,15 @@ import httpx
 import pytest
 import redis
 
-from contracts import callbacks as cb
+from contracts import keys
 from contracts.settings import Settings
 from contracts.store import CallbackRecord, Store
 from contracts.webhook import SIGNATURE_HEADER, verify
 from tests.imagegen import make_image
 from tests.producer import ApiServer
 from tests.worker.test_callback import Receiver, serve
-from worker import deliveries
-from worker.callback import Outcome
+from worker.callbacks import deliveries, scheduler
+from worker.callbacks.post import Outcome
 
 pytestmark = pytest.mark.timeout(120)
 SECRET = "hook-secret-0123456789abcdef"
@@ -158,19 +158,19 @@ def test_the_next_state_after_each_outcome() -> None:
 def test_the_scheduler_sends_each_due_delivery_once_and_recovers_rows_redis_lost(
         redis_url: str, redis_client: redis.Redis, sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     sent: list[str] = []
-    monkeypatch.setattr(deliveries, "enqueue", sent.append)
+    monkeypatch.setattr(scheduler, "enqueue", lambda _ctx, event_id: sent.append(event_id))
     store = Store.from_url(sqlite_url)
     ctx: Any = SimpleNamespace(settings=Settings(), store=store, redis=redis_client)
     try:
         assert store.add_callback(event_id="a:0:9", task_id="a", run=0, tenant=None, url="http://x", event={})
         assert not store.add_callback(event_id="a:0:9", task_id="a", run=0, tenant=None, url="http://x", event={})
-        first, second = deliveries.DueScheduler(ctx), deliveries.DueScheduler(ctx)
+        first, second = scheduler.DueScheduler(ctx), scheduler.DueScheduler(ctx)
         assert first.tick() + second.tick() == 0  # due, but its wake-up is still on its way (grace)
-        redis_client.zadd(cb.DUE_KEY, {"a:0:9": time.time() - 1, "b:0:1": time.time() + 3600})
+        redis_client.zadd(keys.CALLBACKS_DUE, {"a:0:9": time.time() - 1, "b:0:1": time.time() + 3600})
         assert first.tick() + second.tick() == 1 and sent == ["a:0:9"]  # one winner; b is not due yet
         redis_client.flushdb()  # Redis lost the wake-ups: the sweep finds the overdue row in the database
-        monkeypatch.setattr(deliveries, "SWEEP_GRACE_S", 0.0)
-        assert deliveries.DueScheduler(ctx).tick() == 1 and sent == ["a:0:9", "a:0:9"]
+        monkeypatch.setattr(scheduler, "SWEEP_GRACE_S", 0.0)
+        assert scheduler.DueScheduler(ctx).tick() == 1 and sent == ["a:0:9", "a:0:9"]
         assert store.claim_callback("a:0:9", 60) is not None and store.claim_callback("a:0:9", 60) is None
     finally:
         store.dispose()

@@ -10,13 +10,14 @@ from typing import Any
 
 import redis
 
-from contracts import flow
+from contracts import flow, keys
 from contracts.flow import TenantLimit
 from contracts.job import JobRequest
+from contracts.keys import PARKED as PARKED_KEY
 from contracts.settings import Settings
 from contracts.store import Store
-from worker.fairness import TenantGate
-from worker.flow import PARKED_KEY, FlowControl
+from worker.flow.control import FlowControl
+from worker.flow.fairness import TenantGate
 
 
 def test_a_tenant_never_holds_more_slots_than_its_concurrency(redis_client: redis.Redis) -> None:
@@ -47,7 +48,7 @@ def test_a_live_workers_slots_are_renewed_past_their_ttl(redis_client: redis.Red
     gate = TenantGate(redis_client, {"a": TenantLimit(concurrency=1)}, lease_ttl_s=1)
     holder = gate.try_slot("a", "t1")
     assert holder is not None
-    first_expiry = redis_client.zscore(flow.tenant_slots_key("a"), holder)
+    first_expiry = redis_client.zscore(keys.tenant_slots_key("a"), holder)
     assert first_expiry is not None
 
     def redis_ms() -> float:
@@ -92,7 +93,7 @@ def test_a_parked_task_is_put_back_on_the_queue_once(redis_client: redis.Redis, 
 
     deadline = time.monotonic() + 5
     while not sent:
-        threads = [threading.Thread(target=m.move_due, args=(send,)) for m in movers]
+        threads = [threading.Thread(target=m.parking.move_due, args=(send,)) for m in movers]
         for thread in threads:
             thread.start()
         for thread in threads:

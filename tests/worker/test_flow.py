@@ -13,11 +13,12 @@ import redis
 
 from contracts.catalog import cost_decimal
 from contracts.errors import BudgetError, ModelError
+from contracts.events import WAITING
 from contracts.job import JobRequest
 from contracts.settings import Settings
 from contracts.store import Store
-from worker.flow import WAITING, FlowControl
-from worker.model import StreamResult, StreamStopped
+from worker.flow.control import FlowControl
+from worker.stream.model import StreamResult, StreamStopped
 
 
 def _control(redis_url: str, tmp_path: Path, **env: str) -> tuple[FlowControl, Store]:

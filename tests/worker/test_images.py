@@ -22,17 +22,17 @@ from contracts.errors import ImageError
 from contracts.image_formats import SNIFF_BYTES, unsupported_reason
 from contracts.tokens import PATCH, RECOMMENDED_MAX_PIXELS, image_tokens, scaled_size, token_cap
 from tests import imagegen as gen
-from worker.images import (
+from worker.intake.images import (
     HIGH_RES_MAX_PIXELS,
     MAX_BASE64_BYTES,
     MAX_PIXELS,
     MIME,
-    MemoryBudget,
     PreparedImage,
     prepare_image,
     prepare_images,
     sniff_format,
 )
+from worker.intake.memory import MemoryBudget
 
 MB10 = 10 * 1024 * 1024
 
@@ -462,7 +462,7 @@ def test_prepare_images_uses_the_given_executor() -> None:
             names.append(threading.current_thread().name)
             return real(ref, raw, high_resolution=high_resolution)
 
-        import worker.images as images_module
+        import worker.intake.images as images_module
 
         original = images_module.prepare_image
         images_module.prepare_image = spy  # type: ignore[assignment]
@@ -517,7 +517,7 @@ def test_an_image_over_the_whole_memory_budget_is_refused() -> None:
 
 
 def test_images_wait_for_room_in_a_budget_of_one_decode(monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.images as images_module
+    import worker.intake.images as images_module
 
     one_decode = 1200 * 904 * 4 * 2  # the largest of the four
     monkeypatch.setattr(images_module, "decode_budget", MemoryBudget(one_decode))
@@ -530,9 +530,10 @@ def test_images_wait_for_room_in_a_budget_of_one_decode(monkeypatch: pytest.Monk
 def test_big_decodes_give_their_memory_back(monkeypatch: pytest.MonkeyPatch) -> None:
     """glibc keeps freed pages in its arenas: without malloc_trim, RSS stays at the peak of the decodes."""
     psutil = pytest.importorskip("psutil")
-    import worker.images as images_module
+    import worker.intake.images as images_module
+    import worker.intake.memory as memory_module
 
-    if images_module._malloc_trim is None:
+    if memory_module._malloc_trim is None:
         pytest.skip("not glibc")
     monkeypatch.setattr(images_module, "decode_budget", MemoryBudget(1 << 30))
     raw = gen.make_image("PNG", (6000, 6000), color=(10, 200, 30))

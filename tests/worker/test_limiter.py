@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import redis
 
-from contracts import flow
+from contracts import flow, keys
 from contracts.flow import ModelLimit
-from worker.limiter import ModelLimiter
+from worker.flow.limiter import ModelLimiter
 
 SECOND_MS, MINUTE_MS = 100, 6_000
 MODEL = "qvq-max"
@@ -31,7 +31,7 @@ def _take(limiter: ModelLimiter, tenant: str = "a", tokens: int = 0) -> tuple[st
     ticket = limiter.wait_for_capacity(MODEL, tenant=tenant, tokens=tokens, should_stop=lambda: False,
                                        on_wait=lambda _: None)
     assert ticket is not None
-    score = limiter.client.zscore(flow.requests_key("qvq-max"), ticket)
+    score = limiter.client.zscore(keys.requests_key("qvq-max"), ticket)
     assert score is not None
     return ticket, int(score)
 
@@ -133,7 +133,7 @@ def test_waiters_of_one_tenant_go_first_come_first_served(redis_client: redis.Re
         thread = threading.Thread(target=lambda i=index: (_take(limiter), order.append(i)))
         thread.start()
         threads.append(thread)
-        _wait_until(lambda n=index + 1: redis_client.zcard(flow.waiters_key("qvq-max")) >= n)
+        _wait_until(lambda n=index + 1: redis_client.zcard(keys.waiters_key("qvq-max")) >= n)
     for thread in threads:
         thread.join(30)
     assert order == list(range(6))
@@ -149,7 +149,7 @@ def test_tenants_take_turns_when_waiting_for_quota(redis_client: redis.Redis) ->
         thread = threading.Thread(target=lambda: (_take(limiter, tenant=tenant), order.append(tenant)))
         thread.start()
         threads.append(thread)
-        _wait_until(lambda: redis_client.zcard(flow.waiters_key("qvq-max")) >= count)
+        _wait_until(lambda: redis_client.zcard(keys.waiters_key("qvq-max")) >= count)
 
     for n in range(1, 9):
         queue("a", n)  # a burst of 8 from tenant a
@@ -165,7 +165,7 @@ def test_a_429_holds_every_worker_back_for_its_retry_after(redis_client: redis.R
     decision = other.acquire(MODEL, other.new_ticket(), tenant="a", tokens=0)
     assert not decision.go and 0.3 < decision.wait_s <= 0.5
     other.tighten(MODEL, 0.1)  # a shorter Retry-After never shortens the hold
-    assert redis_client.pttl(flow.tightened_key("qvq-max")) > 200
+    assert redis_client.pttl(keys.tightened_key("qvq-max")) > 200
     _wait_until(lambda: other.acquire(MODEL, other.new_ticket(), tenant="a", tokens=0).go, timeout=3)
 
 

@@ -6,7 +6,7 @@ import redis
 
 from contracts import events as ev
 from contracts.bus import EventBus
-from worker.publisher import BatchingEventBus
+from worker.stream.publisher import BatchingEventBus
 
 
 def test_batched_publish_honours_the_seq_floor(redis_client: redis.Redis) -> None:

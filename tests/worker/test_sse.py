@@ -13,8 +13,8 @@ import pytest
 from contracts.errors import ModelError
 from contracts.settings import Settings
 from contracts.tokens import estimate_text_tokens
-from worker.model import QvqModel
-from worker.sse import ChunkStream
+from worker.stream.chunks import ChunkStream
+from worker.stream.model import QvqModel
 
 
 def _model(url: str, **overrides: Any) -> QvqModel:
@@ -111,7 +111,7 @@ def test_model_text_with_unicode_line_breaks_arrives_exact(emulator: Any) -> Non
 
 
 def _events(body: bytes, sizes: list[int] | None = None) -> list[str]:
-    from worker.sse import EventStreamDecoder
+    from contracts.bus.sse import EventStreamDecoder
 
     decoder = EventStreamDecoder()
     out: list[str] = []

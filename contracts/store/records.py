@@ -1,0 +1,149 @@
+"""What the store hands out: a task's row, an attempt's start and end, a callback delivery, an upload."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from contracts.store.tables import CALLBACK_PENDING, TERMINAL, now
+
+
+def iso(moment: dt.datetime | None) -> str | None:
+    """A stored time as the API and the CLI show it (ISO 8601, UTC)."""
+    return moment.isoformat() if moment else None
+
+
+class AnyTenant:
+    """The `tenant` argument meaning: rows of every tenant."""
+
+
+ANY_TENANT = AnyTenant()
+TenantScope = str | None | AnyTenant
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    id: str
+    status: str
+    model: str
+    tenant: str | None
+    conversation_id: str | None
+    idempotency_key: str | None
+    request: dict[str, Any]
+    reasoning: str | None
+    answer: str | None
+    error_code: str | None
+    error_message: str | None
+    attempts: int
+    images: list[dict[str, Any]] | None
+    usage: dict[str, Any] | None
+    cost: dict[str, Any] | None
+    timings: dict[str, Any] | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    retry_base: int = 0  # attempts made before the last manual retry
+    run: int = 0  # 0 for the first run; each manual retry starts the next one
+    last_seq: int = 0  # the highest event seq the store knows of (seq never goes back)
+    idempotency_scope: str | None = None  # internal: "<tenant>/<idempotency_key>"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "idempotency_scope"}
+        for name in ("created_at", "started_at", "finished_at"):
+            out[name] = iso(out[name])
+        out["task_id"] = out.pop("id")
+        out["metadata"] = self.request.get("metadata") or {}
+        out["error"] = (
+            {"code": self.error_code, "message": self.error_message} if self.error_code else None
+        )
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """A listing's line (GET /v1/tasks, `qvq tasks`): the record without its text and request."""
+        full = self.to_dict()
+        return {name: full[name] for name in SUMMARY_FIELDS}
+
+
+SUMMARY_FIELDS = ("task_id", "status", "model", "tenant", "conversation_id", "attempts", "error", "cost",
+                  "created_at", "started_at", "finished_at")
+
+
+@dataclass(frozen=True)
+class AttemptStart:
+    """An attempt that just began: its number, where the attempt cap counts from, and whether an
+    earlier attempt was still marked running (its worker was lost, so this is a redelivery)."""
+
+    number: int
+    retry_base: int
+    resumed: bool
+
+    @property
+    def since_retry(self) -> int:
+        """1 for the first attempt since submit or since the last manual retry."""
+        return self.number - self.retry_base
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a finished attempt leaves behind."""
+
+    status: str
+    attempt: int
+    reasoning: str = ""
+    answer: str = ""
+    error_code: str | None = None
+    error_message: str | None = None
+    images: list[dict[str, Any]] | None = None
+    usage: dict[str, Any] | None = None
+    cost: dict[str, Any] | None = None
+    timings: dict[str, Any] | None = None
+    last_seq: int = 0  # the highest seq the run published before its terminal event (never lowers the row's)
+
+
+@dataclass(frozen=True)
+class CallbackRecord:
+    event_id: str
+    task_id: str
+    run: int
+    tenant: str | None
+    url: str
+    event: dict[str, Any]
+    status: str
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    attempt_log: list[dict[str, Any]]
+    next_attempt_at: dt.datetime | None
+    created_at: dt.datetime
+    delivered_at: dt.datetime | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """What GET /v1/tasks/{id} shows as `callback` (the URL without its query: it may hold a token)."""
+        return {"event_id": self.event_id, "run": self.run, "url": self.url.split("?", 1)[0],
+                "status": self.status, "attempts": self.attempts, "last_status_code": self.last_status_code,
+                "last_error": self.last_error, "next_attempt_at": iso(self.next_attempt_at) if self.status == CALLBACK_PENDING else None,
+                "created_at": iso(self.created_at), "delivered_at": iso(self.delivered_at),
+                "attempt_log": self.attempt_log}
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    id: str
+    tenant: str | None
+    filename: str | None
+    format: str
+    bytes: int
+    created_at: dt.datetime
+    expires_at: dt.datetime
+
+    @property
+    def ref(self) -> str:
+        return f"upload://{self.id}"
+
+    def is_live(self, at: dt.datetime | None = None) -> bool:
+        return self.expires_at > (at or now())

@@ -1,0 +1,80 @@
+"""Request bodies read within their limits: refused before they are read whole, by their declared
+Content-Length first, then by a running count while they stream in."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from fastapi import Request
+from starlette.datastructures import FormData
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from contracts.errors import ApiCallError, RequestError
+
+JSON_TYPES = ("application/json",)
+
+
+def too_large(limit: int) -> ApiCallError:
+    return ApiCallError(f"the request body is over the limit of {limit:,} bytes", code="request.too_large", status=413)
+
+
+def unsupported(message: str) -> ApiCallError:
+    return ApiCallError(message, code="request.unsupported_media_type", status=415)
+
+
+def bad_request(message: str, field: str | None = None) -> ApiCallError:
+    """A body or header that cannot be read at all (400, request.invalid)."""
+    return ApiCallError(message, code="request.invalid", status=400, field=field)
+
+
+def invalid(message: str, field: str | None = None) -> RequestError:
+    """A field that is not valid (422, request.invalid)."""
+    return RequestError(message, field=field)
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def limited_stream(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+    """The body's chunks; 413 as soon as it is declared or found to be over `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise too_large(limit)
+        except ValueError:
+            raise bad_request("Content-Length is not a number") from None
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise too_large(limit)
+        yield chunk
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The JSON body: 415 unless application/json, 413 over `limit`, 400 when it does not parse."""
+    if media_type(request) not in JSON_TYPES:
+        raise unsupported("send the body as JSON with Content-Type: application/json")
+    body = b"".join([chunk async for chunk in limited_stream(request, limit)])
+    try:
+        return json.loads(body or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad_request(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("the body is nested too deeply") from None
+
+
+async def read_multipart(request: Request, limit: int, *, max_files: int, max_fields: int = 10) -> FormData:
+    """A multipart/form-data body, at most `limit` bytes in all; 415 for any other type."""
+    if media_type(request) != "multipart/form-data":
+        raise unsupported("send the files as multipart/form-data")
+    parser = MultiPartParser(request.headers, limited_stream(request, limit), max_files=max_files,
+                             max_fields=max_fields, max_part_size=128 * 1024)
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:
+        raise bad_request(f"the form is not valid: {exc.message}") from None

@@ -1,0 +1,46 @@
+"""The OpenAPI document: FastAPI's, with the job request's schema and the one error shape FastAPI cannot infer."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from producer.api import schemas
+
+DESCRIPTION = "Visual-reasoning jobs on Alibaba QVQ: submit, watch live, get the result."
+
+
+def document(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, routes=app.routes, description=DESCRIPTION)
+    components = doc.setdefault("components", {}).setdefault("schemas", {})
+    for model in (schemas.JobRequestBody, schemas.ErrorBody):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+    _replace_fastapi_errors(doc)
+    doc["components"].setdefault("securitySchemes", {})["webhook_signature"] = {
+        "type": "apiKey", "in": "header", "name": "X-Qvq-Signature",
+        "description": 't=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>"> with QVQ_WEBHOOK_SECRET(S)'}
+    signed = doc.get("paths", {}).get("/v1/webhooks/jobs", {}).get("post")
+    if signed is not None:
+        signed["security"] = [{"webhook_signature": []}]
+    app.openapi_schema = doc
+    return doc
+
+
+def _replace_fastapi_errors(doc: dict[str, Any]) -> None:
+    """FastAPI documents its own {"detail": [...]} 422 on routes with parameters; this API answers
+    every error as ErrorBody instead."""
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+    for path in doc.get("paths", {}).values():
+        for operation in path.values():
+            response = operation.get("responses", {}).get("422")
+            if response and "HTTPValidationError" in json.dumps(response):
+                operation["responses"]["422"] = {"description": "a field is invalid (request.invalid)", **error}
+    for name in ("HTTPValidationError", "ValidationError"):
+        doc.get("components", {}).get("schemas", {}).pop(name, None)

@@ -1,0 +1,143 @@
+"""The API's operational routes: probes and metrics, outside /v1 and without API keys.
+
+| method + path | does |
+|---|---|
+| GET /livez | 200 while the process answers; checks nothing else (a Redis blip must not restart API pods) |
+| GET /readyz | 200 when Redis and the database answer within READY_TIMEOUT_S, else 503 with what failed |
+| GET /metrics | Prometheus text: this process's metrics and qvq_queue_depth read from the broker |
+| GET /healthz | as /readyz, answered {"status": "ok" | "degraded"} (kept for existing probes) |
+
+`install(app, settings)` adds them, and a timing middleware that puts `duration_s` (to the response
+headers) on uvicorn's access line (contracts/logging.py renders that line as fields).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import anyio
+import redis
+import redis.asyncio as aioredis
+import sqlalchemy as sa
+import structlog
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from sqlalchemy.pool import NullPool
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from contracts.logging import get_logger
+from contracts.metrics import queue_depth_collector
+from contracts.settings import Settings
+
+log = get_logger(__name__)
+
+READY_TIMEOUT_S = 3.0
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Add /livez, /readyz and /metrics to the app, and the access-timing middleware."""
+    probes = _Probes(settings)
+    app.include_router(router(probes))
+    app.add_middleware(AccessTiming)
+    queue_depth_collector([settings.queue]).use(probes.broker())
+
+
+def router(probes: _Probes) -> APIRouter:
+    routes = APIRouter(tags=["ops"])
+
+    @routes.get("/livez")
+    async def livez() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @routes.get("/readyz")
+    async def readyz() -> JSONResponse:
+        checks = await probes.check()
+        ready = all(checks.values())
+        return JSONResponse({"status": "ready" if ready else "not_ready", **checks},
+                            status_code=200 if ready else 503)
+
+    @routes.get("/healthz", include_in_schema=False)
+    async def healthz() -> JSONResponse:
+        checks = await probes.check()
+        healthy = all(checks.values())
+        return JSONResponse({"status": "ok" if healthy else "degraded", **checks},
+                            status_code=200 if healthy else 503)
+
+    @routes.get("/metrics", response_class=Response, responses={200: {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def metrics() -> Response:
+        body = await run_in_threadpool(generate_latest, REGISTRY)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return routes
+
+
+class _Probes:
+    """Connections of the probes' own, so a readiness check never waits behind the API's pools."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._engine: sa.Engine | None = None
+        self._lock = threading.Lock()
+
+    async def check(self) -> dict[str, bool]:
+        """Whether Redis and the database answer, each within READY_TIMEOUT_S."""
+        return {"redis": await _within(self.ping_redis()),
+                "database": await _within(run_in_threadpool(self.ping_database))}
+
+    async def ping_redis(self) -> None:
+        client = aioredis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=READY_TIMEOUT_S,
+                                         socket_timeout=READY_TIMEOUT_S)
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+
+    def ping_database(self) -> None:
+        with self._lock:
+            if self._engine is None:  # NullPool: no connection is kept between probes
+                self._engine = sa.create_engine(self.settings.database_url, poolclass=NullPool)
+        with self._engine.connect() as conn:
+            conn.execute(sa.text("select 1"))
+
+    def broker(self) -> redis.Redis:
+        """The broker client the queue-depth collector reads (connects on the first scrape)."""
+        return redis.Redis.from_url(self.settings.celery_broker_url, socket_connect_timeout=2, socket_timeout=2)
+
+
+async def _within(awaitable: Any) -> bool:
+    try:
+        with anyio.fail_after(READY_TIMEOUT_S):
+            await awaitable
+        return True
+    except Exception as exc:
+        log.warning("readyz.check_failed", error=type(exc).__name__)
+        return False
+
+
+class AccessTiming:
+    """Binds `duration_s` (request start to response headers) while the response starts, which is when
+    uvicorn writes its access line, in the same context."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] != "http.response.start":
+                await send(message)
+                return
+            with structlog.contextvars.bound_contextvars(duration_s=round(time.perf_counter() - started, 6)):
+                await send(message)
+
+        await self.app(scope, receive, timed_send)

@@ -1,0 +1,158 @@
+"""The HTTP API's request and response shapes, for the OpenAPI document and generated clients.
+
+Request bodies are read and validated by `contracts.job.parse_job` (one validator for every way in);
+these models describe the same rules, so a body valid here is valid there.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from contracts.catalog import MODELS
+from contracts.job import MAX_IMAGES, MAX_PROMPT_CHARS
+
+SAFE_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}$"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_PORT = rf"{_LABEL}(?:\.{_LABEL})*(?::[1-9][0-9]{{0,3}})?"
+_PATH_CHAR = r"[^\s?#\x00-\x1f\x7f]"
+URL_PATTERN = rf"^https?://{_HOST_PORT}(?:/{_PATH_CHAR}*)?$"
+IMAGE_REF_PATTERN = (rf"^(?:(?:s3|oss)://[a-z0-9][a-z0-9.-]{{1,62}}/{_PATH_CHAR}+|https?://{_HOST_PORT}"
+                     rf"(?:/{_PATH_CHAR}*)?|upload://[0-9a-f]{{32}})$")
+#: At least one character that is not whitespace to Python's str.strip() too (which also strips
+#: \x1c-\x1f and \x85, unlike a JSON Schema \S).
+NOT_BLANK = r"[^\s\x1c-\x1f\x85]"
+DATETIME_DESCRIPTION = "ISO 8601 / RFC 3339 date-time, e.g. 2026-12-01T00:00:00Z"
+Status = Literal["queued", "running", "completed", "failed", "cancelled"]
+ListedStatus = Literal["queued", "running", "completed", "failed", "cancelled", "waiting"]
+
+
+class JobRequestBody(BaseModel):
+    """A job (design.md, "Job request"). Over HTTP, images are s3://, oss://, https:// or the
+    upload:// references of POST /v1/uploads; never files on the server."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
+        {"required": ["images"], "properties": {"images": {"minItems": 1}}}, {"required": ["conversation_id"], "properties": {"conversation_id": {"type": "string"}}}]})
+    task_id: str | None = Field(None, pattern=SAFE_ID_PATTERN, description="caller-chosen id; a UUID if absent")
+    idempotency_key: str | None = Field(None, pattern=r"^[\x21-\x7e]{1,256}$",
+                                        description="a repeat with the same key (same tenant) returns the first task")
+    model: str | None = Field(None, description="default: QVQ_MODEL", json_schema_extra={"enum": [*MODELS, None]})
+    images: list[str] = Field(default_factory=list, max_length=MAX_IMAGES,
+                              json_schema_extra={"items": {"type": "string", "pattern": IMAGE_REF_PATTERN}})
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, pattern=NOT_BLANK)
+    conversation_id: str | None = Field(None, pattern=SAFE_ID_PATTERN)
+    high_resolution: bool = False
+    tenant: str | None = Field(None, pattern=SAFE_ID_PATTERN,
+                               description="who pays: with a tenant key, its own tenant (or absent)")
+    callback_url: str | None = Field(None, max_length=2048, pattern=URL_PATTERN)
+    metadata: dict[str, Any] | None = Field(None, description="echoed in the result (at most 16 KB, depth 8)")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(..., description="a stable error code (README, Errors)")
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class TaskCreated(BaseModel):
+    task_id: str
+    created: bool = Field(..., description="false when an idempotency key returned an earlier task")
+
+
+class UploadCreated(BaseModel):
+    upload_id: str
+    ref: str = Field(..., description="use it in a job's images: upload://<id>")
+    format: str
+    bytes: int
+    expires_at: str
+
+
+class CancelResult(BaseModel):
+    task_id: str
+    cancel_requested: bool
+    status: Status
+
+
+class RetryResult(BaseModel):
+    task_id: str
+    from_seq: int = Field(..., description="GET .../events?from_seq=<it> follows the new run")
+
+
+class TaskRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    task_id: str
+    status: Status
+    model: str
+    tenant: str | None
+    attempts: int
+    created_at: str
+    metadata: dict[str, Any]
+    error: dict[str, Any] | None
+
+
+class TaskSummary(BaseModel):
+    task_id: str
+    status: Status
+    model: str
+    tenant: str | None
+    conversation_id: str | None
+    attempts: int
+    error: dict[str, Any] | None
+    cost: dict[str, Any] | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskSummary]
+    next_cursor: str | None = Field(..., description="pass as ?cursor= for the next page; null at the end")
+
+
+class Conversation(BaseModel):
+    conversation_id: str
+
+
+class Limits(BaseModel):
+    limiter: bool = Field(..., description="whether the model limiter is on (QVQ_FLOW_CONTROL)")
+    families: list[dict[str, Any]] = Field(..., description="per model family: requests and tokens used this "
+                                                             "second and minute against the limits, waiters")
+
+
+class UsageRow(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    calls: int = Field(..., description="billed attempts, failed and cancelled ones included")
+    estimated_calls: int = Field(..., description="attempts whose usage is our count (the stream had none)")
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_cny: str = Field(..., description="exact decimal, CNY")
+
+
+class UsageReport(BaseModel):
+    rows: list[UsageRow]
+    total: UsageRow
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses an operation can answer."""
+    return {status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
+
+
+_DESCRIPTIONS = {
+    400: "the body or a header is malformed (request.invalid)",
+    401: "no key, or an unknown one (auth.required, auth.invalid)",
+    403: "the key may not do this (auth.forbidden)",
+    404: "no such task for this key (task.not_found), conversation.not_found, or image.not_found (an upload)",
+    409: "the task id is taken, or the task is not in a state that allows this (request.invalid)",
+    410: "the task's events have expired (events.expired)",
+    413: "the body is over its limit (request.too_large, image.too_large)",
+    415: "wrong Content-Type (request.unsupported_media_type)",
+    422: "a field is invalid (request.invalid, model.unknown, image.unsupported_format)",
+    503: "the queue or the database is unavailable; nothing was queued (unavailable)",
+}

@@ -1,0 +1,47 @@
+"""The producer's operations, under every way in (the HTTP API's routes and webhooks, the Python client,
+the CLI): each takes the principal it acts for and answers records, or raises a QvqError.
+
+    tasks.py       submit, get, cancel, retry, list, usage, limits
+    uploads.py     images uploaded over HTTP
+    callbacks.py   a task's callback delivery: show, redeliver
+
+`Services.build(settings)` wires them over one store, one Redis client and one task sender.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+
+from contracts.sender import TaskSender, producer_app
+from contracts.settings import Settings
+from contracts.store import Store
+from contracts.uploads import UploadStorage
+from producer.service.callbacks import CallbackService
+from producer.service.tasks import Submitted, TaskService
+from producer.service.uploads import UploadService
+
+__all__ = ["CallbackService", "Services", "Submitted", "TaskService", "UploadService"]
+
+
+@dataclass
+class Services:
+    tasks: TaskService
+    uploads: UploadService
+    callbacks: CallbackService
+
+    @classmethod
+    def build(cls, settings: Settings, *, store: Store | None = None, client: redis.Redis | None = None,
+              storage: UploadStorage | None = None) -> Services:
+        store = store or Store.from_url(settings.database_url)
+        client = client or redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
+        sender = TaskSender(producer_app(settings), settings.queue)
+        tasks = TaskService(settings, store, client, sender)
+        return cls(tasks, UploadService(settings, store, storage or UploadStorage(settings)),
+                   CallbackService(tasks, store, sender))
+
+    def close(self) -> None:
+        self.tasks.store.dispose()
+        self.tasks.redis.close()

@@ -1,0 +1,55 @@
+"""Uploads as the producer sees them: an image stored for one tenant, referenced as `upload://<id>` in that
+tenant's jobs, deleted after QVQ_UPLOAD_TTL_S (contracts/uploads.py keeps the bytes, the store the row)."""
+
+from __future__ import annotations
+
+import uuid
+
+from contracts.errors import ApiCallError, RequestError
+from contracts.image_formats import sniff_format
+from contracts.logging import get_logger
+from contracts.settings import Settings
+from contracts.store import Store, UploadRecord
+from contracts.tenants import Principal
+from contracts.uploads import UploadStorage
+
+log = get_logger(__name__)
+MAX_FILENAME_CHARS = 200
+
+
+class UploadService:
+    def __init__(self, settings: Settings, store: Store, storage: UploadStorage) -> None:
+        self.settings = settings
+        self.store = store
+        self.storage = storage
+
+    def add(self, principal: Principal, data: bytes, filename: str | None, field: str) -> UploadRecord:
+        """Keep one image for the principal's tenant; refused when empty, too large or not an image."""
+        limit = self.settings.max_image_bytes
+        name = (filename or "upload")[:MAX_FILENAME_CHARS]
+        if len(data) > limit:
+            raise ApiCallError(f"{name}: larger than {limit / 1048576:g} MB", code="image.too_large", status=413,
+                               field=field)
+        if not data:
+            raise RequestError(f"{name}: empty file", field=field)
+        format_ = sniff_format(data)
+        if format_ is None:
+            raise RequestError(f"{name}: not an image this service accepts (BMP, JPEG, PNG, TIFF, WEBP, HEIC)",
+                               field=field, code="image.unsupported_format")
+        upload_id = uuid.uuid4().hex
+        self.storage.put(upload_id, data, f"image/{format_.lower()}")
+        return self.store.add_upload(upload_id, tenant=principal.tenant, filename=name, format_=format_,
+                                     size=len(data), ttl_s=self.settings.upload_ttl_s)
+
+    def delete(self, upload_id: str) -> None:
+        self.storage.delete(upload_id)
+        self.store.delete_upload(upload_id)
+
+    def delete_expired(self) -> int:
+        """Delete the uploads past their retention; returns how many."""
+        expired = self.store.expired_uploads()
+        for upload in expired:
+            self.delete(upload.id)
+        if expired:
+            log.info("uploads.expired_deleted", count=len(expired))
+        return len(expired)
