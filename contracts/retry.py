@@ -140,8 +140,9 @@ class Backoff:
     def delay(self, attempt: int, retry_after_s: float | None = None) -> float:
         """The wait after the `attempt`-th failed try (1, 2, ...)."""
         ceiling = min(self.max_s, self.base_s * (2 ** (max(1, attempt) - 1)))
-        wait = ceiling if not self.jitter else min(ceiling, round(random.uniform(ceiling * (1 - self.jitter),
-                                                                                 ceiling), 3))
+        wait = float(ceiling)
+        if self.jitter:
+            wait = min(wait, round(random.uniform(wait * (1 - self.jitter), wait), 3))
         if retry_after_s is not None and wait < retry_after_s:
             wait = math.ceil(retry_after_s * 1000) / 1000
         return wait

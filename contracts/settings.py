@@ -172,7 +172,7 @@ class Settings:
     @property
     def tenant_webhook_secrets(self) -> dict[str, str]:
         """QVQ_WEBHOOK_SECRETS as {tenant: secret}; QVQ_WEBHOOK_SECRET stays the admin-level one."""
-        return dict(entry.split(":", 1) for entry in self.webhook_secrets)  # type: ignore[misc]
+        return dict(entry.split(":", 1) for entry in self.webhook_secrets)
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **changes)

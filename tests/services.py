@@ -3,6 +3,7 @@ and Celery worker processes running the real worker code."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,12 +13,14 @@ import time
 import urllib.parse
 import uuid
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
 from contracts.job import QUEUE
 from producer.local.embedded import redis_reachable, stop_process_group
 from producer.local.worker_command import worker_command
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 #: The PostgreSQL server the tests create their own database on (QVQ_TEST_POSTGRES_URL overrides).
@@ -110,18 +113,20 @@ class WorkerProcess:
         self._wait_for("worker.ready", wait_ready)
         return self
 
-    def _wait_for(self, marker: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if marker in self.log_path.read_text(errors="replace"):
-                return
+    def _wait_for(self, event: str, timeout: float) -> None:
+        def logged() -> bool:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"worker exited at start:\n{self.log()[-4000:]}")
-            time.sleep(0.05)
-        raise RuntimeError(f"worker not ready within {timeout} s:\n{self.log()[-4000:]}")
+                raise AssertionError(f"worker exited at start:\n{self.log()[-4000:]}")
+            return bool(self.log_events(event))
+
+        wait_until(logged, timeout, "worker not ready", poll_s=0.05, detail=lambda: self.log()[-4000:])
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def log_events(self, event: str | None = None, **fields: Any) -> list[dict[str, Any]]:
+        """The worker's log as data (it logs JSON lines): every line, or those of `event` with `fields`."""
+        return select_log_events(self.log(), event, **fields)
 
     def kill(self) -> None:
         """SIGKILL: what an OOM kill or a lost node looks like."""
@@ -143,3 +148,18 @@ def run_in_thread(target: object) -> threading.Thread:
     thread = threading.Thread(target=target, daemon=True)  # type: ignore[arg-type]
     thread.start()
     return thread
+
+
+def select_log_events(text: str, event: str | None = None, **fields: Any) -> list[dict[str, Any]]:
+    """The JSON log lines of `text` as dicts: all of them, or those of `event` whose fields match."""
+    found = []
+    for line in text.splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if (event is None or entry.get("event") == event) and all(entry.get(k) == v for k, v in fields.items()):
+            found.append(entry)
+    return found

@@ -24,7 +24,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import redis
 from celery import Celery
+from kombu.transport import redis as kombu_redis
 
 from contracts import callbacks as cb
 from contracts.job import TASK_NAME
@@ -84,16 +86,14 @@ def guard_kombu_closed_transport() -> None:
     Raising a connection error there instead lets the close ignore it and the consumer reconnect; the
     messages it could not restore come back through the visibility-timeout sweep.
     """
-    from kombu.transport import redis as kombu_redis
-
     original = kombu_redis.Channel._connparams
     if getattr(original, "_qvq_guarded", False):
         return
 
     def _connparams(self: Any, asynchronous: bool = False) -> Any:
         if self.connection is None or self.connection.client is None:
-            raise kombu_redis.redis.exceptions.ConnectionError("the broker connection was closed")
-        return original(self, asynchronous)
+            raise redis.ConnectionError("the broker connection was closed")
+        return original(self, asynchronous)  # type: ignore[no-untyped-call]
 
     _connparams._qvq_guarded = True  # type: ignore[attr-defined]
     kombu_redis.Channel._connparams = _connparams  # type: ignore[method-assign]

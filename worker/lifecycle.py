@@ -26,8 +26,9 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import celery.apps.worker
 from celery import signals
@@ -61,6 +62,16 @@ class _Process:
 
 _process: _Process | None = None
 _lock = threading.Lock()
+Handler = TypeVar("Handler", bound=Callable[..., None])
+
+
+def on(signal: Any) -> Callable[[Handler], Handler]:
+    """`signal.connect`, typed (Celery ships no type hints)."""
+    def connect(handler: Handler) -> Handler:
+        signal.connect(handler)
+        return handler
+
+    return connect
 
 
 def get_context() -> WorkerContext:
@@ -75,16 +86,16 @@ def get_context() -> WorkerContext:
 
 
 # -- starting ------------------------------------------------------------------------------------
-@signals.celeryd_init.connect
+@on(signals.celeryd_init)
 def _log_early(**_: Any) -> None:
     """Configure logging before Celery writes its first line (the privileges warning, the banner)."""
     settings = get_settings()
     configure(settings.log_format, settings.log_level)
     if settings.log_format == "json":
-        celery.apps.worker.safe_say = _say_json  # type: ignore[assignment]
+        celery.apps.worker.safe_say = _say_json
 
 
-@signals.setup_logging.connect
+@on(signals.setup_logging)
 def _setup_logging(**_: Any) -> None:
     settings = get_settings()
     configure(settings.log_format, settings.log_level)
@@ -98,7 +109,7 @@ def _say_json(msg: str, f: Any = sys.__stderr__) -> None:
     print(json.dumps(line), file=f or sys.__stderr__, flush=True)
 
 
-@signals.celeryd_after_setup.connect
+@on(signals.celeryd_after_setup)
 def _after_setup(instance: Any = None, **_: Any) -> None:
     """Every worker also consumes qvq-callbacks, whatever -Q it was started with; with LOG_FORMAT=json,
     Celery's banner (plain text on stdout) becomes a log line."""
@@ -113,7 +124,7 @@ def _after_setup(instance: Any = None, **_: Any) -> None:
              queues=sorted(instance.app.amqp.queues.keys()))
 
 
-@signals.worker_init.connect
+@on(signals.worker_init)
 def _check_delivery(sender: Any = None, **_: Any) -> None:
     """Log the delivery settings, and refuse to start when they break the guarantees."""
     settings = get_settings()
@@ -132,7 +143,7 @@ def _check_delivery(sender: Any = None, **_: Any) -> None:
         raise SystemExit(2)  # bad settings, as the qvq command's exit codes say
 
 
-@signals.worker_ready.connect
+@on(signals.worker_ready)
 def _start(**_: Any) -> None:
     """Connect to Redis, the store and the model endpoint now (not on the first task), then start the
     process-wide loops."""
@@ -159,7 +170,7 @@ def _start(**_: Any) -> None:
 
 
 # -- stopping ------------------------------------------------------------------------------------
-@signals.worker_shutting_down.connect
+@on(signals.worker_shutting_down)
 def _shutting_down(sig: str = "", how: str = "", **_: Any) -> None:
     """Not ready any more; a warm shutdown (SIGTERM) lets running streams go on for QVQ_SHUTDOWN_GRACE_S,
     then stops them (nothing written) and frees their leases: each task's message goes back to the
@@ -182,7 +193,7 @@ def _shutting_down(sig: str = "", how: str = "", **_: Any) -> None:
     timer.start()
 
 
-@signals.worker_shutdown.connect
+@on(signals.worker_shutdown)
 def _stop(**_: Any) -> None:
     global _process
     with _lock:
@@ -196,7 +207,7 @@ def _stop(**_: Any) -> None:
 
 
 # -- tasks ---------------------------------------------------------------------------------------
-@signals.task_revoked.connect
+@on(signals.task_revoked)
 def _on_revoked(request: Any = None, expired: bool = False, **_: Any) -> None:
     """`celery control revoke TASK_ID`: the task is cancelled, like `qvq cancel`."""
     task_id = getattr(request, "id", None)
@@ -208,6 +219,6 @@ def _on_revoked(request: Any = None, expired: bool = False, **_: Any) -> None:
         log.warning("task.revoked", task_id=task_id, expired=expired)
 
 
-@signals.task_failure.connect
+@on(signals.task_failure)
 def _on_failure(task_id: str | None = None, exception: BaseException | None = None, **_: Any) -> None:
     log.info("celery.task_failure", task_id=task_id, error=str(exception), kind=type(exception).__name__)

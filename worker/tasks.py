@@ -14,7 +14,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from celery import Task
 from celery.exceptions import Reject
@@ -37,8 +38,16 @@ class TaskUnsuccessful(QvqError):
     """The task ended failed or cancelled (already persisted and published): Celery's FAILURE."""
 
 
-@app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
-          throws=(TaskUnsuccessful,))
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def task(**options: Any) -> Callable[[F], F]:
+    """`app.task(...)`, typed (Celery ships no type hints)."""
+    return cast(Callable[[F], F], app.task(**options))
+
+
+@task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+      throws=(TaskUnsuccessful,))
 def reason(self: Task, message: dict[str, Any]) -> str | None:
     ctx = get_context()
     task_id = message.get("task_id") if isinstance(message, dict) else None
@@ -56,6 +65,6 @@ def reason(self: Task, message: dict[str, Any]) -> str | None:
     return outcome
 
 
-@app.task(name=cb.TASK_NAME, acks_late=True, ignore_result=True)
+@task(name=cb.TASK_NAME, acks_late=True, ignore_result=True)
 def deliver_callback(event_id: str) -> str | None:
     return send(get_context(), event_id)

@@ -103,7 +103,7 @@ def _perform(client: redis.Redis, pubsub: redis.client.PubSub | None, state: Sub
         if action is SUBSCRIBE:
             if pubsub is not None:
                 pubsub.close()
-            pubsub = client.pubsub()
+            pubsub = client.pubsub()  # type: ignore[no-untyped-call]
             _subscribe(pubsub, keys.channel(state.task_id))
             state.subscribed()
         elif isinstance(action, ReadLog):

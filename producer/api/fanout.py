@@ -143,7 +143,7 @@ class FanoutHub:
             if self._pubsub is None:
                 pubsub = self.redis.pubsub()
                 try:
-                    await pubsub.connect()
+                    await pubsub.connect()  # type: ignore[no-untyped-call]
                 except BaseException:
                     await _close_quietly(pubsub)
                     raise

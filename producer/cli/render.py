@@ -26,8 +26,8 @@ from rich.text import Text
 
 from contracts import events as ev
 
-# C0 controls except tab and newline, DEL, and C1 controls (CSI and friends).
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0 controls except tab and newline, DEL, and C1 controls (CSI and friends) but NEL (U+0085, a line break).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x84\x86-\x9f]")
 
 
 def clean(value: Any) -> str:

@@ -135,6 +135,13 @@ class Core:
             return data
         raise error_from(status, data)
 
+    @classmethod
+    def opened(cls, status: int, body: bytes) -> None:
+        """An event stream answered other than 200: 204 means nothing more will come (the follow ends);
+        anything else raises its error."""
+        if status != 204:
+            cls.answer(status, body)
+
     @staticmethod
     def record(data: dict[str, Any]) -> HttpTaskRecord:
         values: dict[str, Any] = {f.name: data.get(f.name) for f in fields(HttpTaskRecord)}

@@ -84,10 +84,8 @@ class HttpClient:
         with self.http.stream(call.method, call.path, params=call.params, headers=call.headers,
                               timeout=state.timeout()) as response:
             if response.status_code != 200:
-                response.read()
-                if response.status_code == 204:
-                    return 204
-                self.core.answer(response.status_code, response.content)
+                self.core.opened(response.status_code, response.read())
+                return response.status_code
             for chunk in response.iter_bytes():
                 yield from state.feed(chunk)
         return 200

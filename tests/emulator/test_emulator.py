@@ -21,6 +21,7 @@ from contracts.catalog import MODELS
 from contracts.tokens import estimate_text_tokens
 from emulator.config import EmulatorConfig
 from emulator.server import EmulatorServer
+from tests.waiting import wait_until
 
 RED_PROMPT = "What colour is this?"
 MIME = {
@@ -86,13 +87,6 @@ def raw_events(server: EmulatorServer, body: dict[str, Any]) -> tuple[httpx.Resp
     ):
         lines = [line for line in r.iter_lines() if line]
     return r, lines
-
-
-def wait_for(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 # --- the stream -----------------------------------------------------------------------------------
@@ -318,7 +312,7 @@ def test_stall_makes_the_client_time_out_and_is_counted_as_a_disconnect(server: 
             for chunk in stream(c, [user("x [[emulator: fault=stall]]")]):
                 received.append(chunk)
     assert len(received) == 1
-    wait_for(lambda: server.stats["disconnects"] == before + 1)
+    wait_until(lambda: server.stats["disconnects"] == before + 1)
 
 
 def test_fault_applies_to_the_attempt_counted_by_identical_requests(client: openai.OpenAI) -> None:
@@ -360,7 +354,7 @@ def test_closing_the_stream_stops_generation(client: openai.OpenAI, server: Emul
         if n == 5:
             break
     chunks.close()
-    wait_for(lambda: server.stats["disconnects"] == before["disconnects"] + 1)
+    wait_until(lambda: server.stats["disconnects"] == before["disconnects"] + 1)
     assert server.stats["streams_active"] == 0
     streamed = server.stats["tokens_streamed"]
     time.sleep(0.1)

@@ -9,7 +9,6 @@ import json
 import logging
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from contracts.settings import Settings
 from producer.api import create_app
 from tests.imagegen import make_image
 from tests.reliability import directive
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -38,7 +38,7 @@ def test_every_worker_line_is_json_and_task_lines_carry_the_task_id(
                client.submit(images=[str(image)], prompt=f"{secret} {directive(fault='500@1')}")]
     assert all(h.result(timeout=60).status == "completed" for h in handles)
     ids = {h.task_id for h in handles}
-    _wait_until(lambda: all(f"{i}] succeeded" in worker.log() for i in ids))
+    wait_until(lambda: all(f"{i}] succeeded" in worker.log() for i in ids))
     worker.stop()
 
     lines = [line for line in worker.log().splitlines() if line.strip()]
@@ -56,13 +56,6 @@ def test_every_worker_line_is_json_and_task_lines_carry_the_task_id(
     assert {e["task_name"] for e in celery_lines} == {"qvq.reason"}
     assert {e["task_id"] for e in celery_lines} == ids
     assert secret not in worker.log()
-
-
-def _wait_until(condition: Any, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met"
-        time.sleep(0.05)
 
 
 @pytest.fixture()
@@ -107,7 +100,7 @@ def test_access_lines_are_fields_with_the_api_key_masked(json_logs: Any, redis_u
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        _wait_until(lambda: server.started)
+        wait_until(lambda: server.started)
         response = httpx.get(f"http://127.0.0.1:{port}/v1/tasks/nope/events?api_key=k-123-0123456789abcdef&x=1")
     finally:
         server.should_exit = True

@@ -17,6 +17,7 @@ from tests.imagegen import make_image
 from tests.ops import Scrape, free_port
 from tests.producer import ApiServer
 from tests.reliability import directive
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,10 +39,8 @@ def _scrape_until(url: str, done: Any, timeout: float = 15) -> Scrape:
 
 
 def _wait_for(handle: Any, type_: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(e["type"] == type_ for e in handle.client.bus.read_log(handle.task_id)):
-        assert time.monotonic() < deadline, f"no {type_} for {handle.task_id}"
-        time.sleep(0.02)
+    wait_until(lambda: any(e["type"] == type_ for e in handle.client.bus.read_log(handle.task_id)), timeout,
+               f"no {type_} for {handle.task_id}")
 
 
 def test_worker_metrics_count_completed_failed_retried_and_cancelled_tasks(

@@ -14,6 +14,7 @@ import pytest
 from contracts.errors import ConfigError
 from contracts.settings import Settings
 from tests.ops import free_port
+from tests.waiting import wait_until
 from worker.ops.health import Heartbeat
 
 pytestmark = pytest.mark.timeout(60)
@@ -23,7 +24,7 @@ def test_a_consuming_worker_serves_metrics_and_beats_until_it_stops(start_worker
     beat = tmp_path / "run" / "heartbeat"
     port = free_port()
     worker = start_worker(QVQ_METRICS_PORT=str(port), QVQ_HEARTBEAT_FILE=str(beat))
-    _wait_until(lambda: '"metrics.serving"' in worker.log())  # after the heartbeat, just after worker.ready
+    wait_until(lambda: worker.log_events("metrics.serving"))  # after the heartbeat, just after worker.ready
     assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 200
     assert beat.exists() and time.time() - beat.stat().st_mtime < 30
     worker.stop()
@@ -36,15 +37,8 @@ def test_a_metrics_port_in_use_is_logged_and_the_worker_runs_on(start_worker: An
         taken.listen()
         port = taken.getsockname()[1]
         worker = start_worker(QVQ_METRICS_PORT=str(port))
-        _wait_until(lambda: '"metrics.unavailable"' in worker.log())
+        wait_until(lambda: worker.log_events("metrics.unavailable"))
         assert worker.process is not None and worker.process.poll() is None
-
-
-def _wait_until(condition: Any, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met"
-        time.sleep(0.02)
 
 
 def test_heartbeat_touches_its_file_until_stopped(tmp_path: Path) -> None:

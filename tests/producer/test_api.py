@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -325,3 +328,15 @@ def test_sse_frames_are_single_line_json() -> None:
     frame = format_sse({"seq": 3, "type": ev.ANSWER_DELTA, "text": "line one\nline two\n\nend"})
     assert frame.endswith("\n\n") and frame.count("\n") == 4
     assert json.loads(frame.split("data: ", 1)[1])["text"] == "line one\nline two\n\nend"
+
+
+def test_the_viewer_page_listens_to_every_event_type(settings: Settings) -> None:
+    """The page gets its list of event types from contracts/events.py when the app is built."""
+    with ApiServer(settings) as api:
+        page = httpx.get(api.url + "/")
+    types = json.loads(re.search(r"const TYPES = (\[.*?\]);", page.text).group(1))  # type: ignore[union-attr]
+    assert types == list(ev.EVENT_TYPES) and ev.WAITING in types
+    policy = page.headers["content-security-policy"]
+    script = re.search(r"<script>(.*?)</script>", page.text, re.S).group(1)  # type: ignore[union-attr]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"'sha256-{digest}'" in policy  # the page as served is the one its policy allows

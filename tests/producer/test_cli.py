@@ -16,6 +16,7 @@ import pytest
 
 from producer.local.embedded import free_port
 from tests.imagegen import make_image
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -247,10 +248,8 @@ def test_a_worker_without_a_key_for_dashscope_refuses_to_start(qvq: Any) -> None
 
 def test_a_worker_warns_when_its_model_endpoint_does_not_answer(start_worker: Any) -> None:
     worker = start_worker(QVQ_BASE_URL=f"http://127.0.0.1:{free_port()}/v1")
-    deadline = time.monotonic() + 15
-    while "worker.model_endpoint_unusable" not in worker.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert "worker.model_endpoint_unusable" in worker.log()
+    (warning,) = wait_until(lambda: worker.log_events("worker.model_endpoint_unusable"), 15)
+    assert warning["level"] == "warning" and warning["problem"].startswith("unreachable")
 
 
 def test_an_unreachable_broker_says_which_setting_and_how_to_requeue(qvq: Any, image: str) -> None:
@@ -298,4 +297,4 @@ def test_the_demo_keeps_its_job_from_other_workers_on_the_same_redis(qvq: Any, s
     done = qvq("demo", "--prompt", "What shape is this?", env={"DASHSCOPE_API_KEY": None})
     assert "Answer" in done.stdout and "completed" in done.stdout
     assert "queue: qvq-demo-" in done.stdout
-    assert "qvq.reason" not in other.log()  # the job went to the demo's own worker, never to this one
+    assert not other.log_events(task_name="qvq.reason")  # the job went to the demo's own worker, never to this one

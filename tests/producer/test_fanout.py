@@ -25,6 +25,7 @@ from contracts.settings import Settings
 from contracts.store import Store
 from producer.local.embedded import EmbeddedRedis
 from tests.producer import ApiServer
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -68,13 +69,6 @@ async def _viewers(url: str, count: int, ready: Any, timeout: float = 120) -> li
     return received
 
 
-def _wait(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
-
-
 def _fan_out(count: int, redis_url: str, redis_client: redis.Redis, database_url: str,
              deltas: int = 40) -> list[float]:
     """`count` SSE viewers of one task on one API process; returns each event's added delay (s)."""
@@ -86,7 +80,7 @@ def _fan_out(count: int, redis_url: str, redis_client: redis.Redis, database_url
         hub = api.app.state.services.fanout
 
         def publish_when_all_are_live() -> None:
-            _wait(lambda: hub.viewers >= count, 120, f"only {hub.viewers} of {count} viewers subscribed")
+            wait_until(lambda: hub.viewers >= count, 120, f"only {hub.viewers} of {count} viewers subscribed")
             assert dict(redis_client.pubsub_numsub(keys.channel(task_id)))[keys.channel(task_id).encode()] == 1
             for i in range(deltas):
                 bus.publish(task_id, ev.ANSWER_DELTA, 1, text=f"{i} ")
@@ -94,7 +88,7 @@ def _fan_out(count: int, redis_url: str, redis_client: redis.Redis, database_url
             bus.publish(task_id, ev.COMPLETED, 1, answer="".join(f"{i} " for i in range(deltas)))
 
         received = asyncio.run(_viewers(f"{api.url}/v1/tasks/{task_id}/events", count, publish_when_all_are_live))
-        _wait(lambda: hub.channels == 0, 10, "the channel was not released with its last viewer")
+        wait_until(lambda: hub.channels == 0, 10, "the channel was not released with its last viewer")
     expected = list(range(1, deltas + 3))
     for events in received:
         assert [event["seq"] for event, _at in events] == expected
@@ -138,13 +132,13 @@ def test_the_hub_resubscribes_after_a_redis_restart_and_nothing_is_lost(
         hub = api.app.state.services.fanout
 
         def restart_midway() -> None:
-            _wait(lambda: hub.viewers >= count, 60, "viewers did not subscribe")
+            wait_until(lambda: hub.viewers >= count, 60, "viewers did not subscribe")
             for i in range(3):
                 bus.publish(task_id, ev.ANSWER_DELTA, 1, text=str(i))
-            _wait(lambda: all(len(r) >= 4 for r in received_so_far), 20, "the first events did not arrive")
+            wait_until(lambda: all(len(r) >= 4 for r in received_so_far), 20, "the first events did not arrive")
             own_redis.stop()
             own_redis.start()  # empty: the log and the counter are gone
-            _wait(lambda: hub.viewers >= count and hub.resubscriptions >= 1, 30, "viewers did not come back")
+            wait_until(lambda: hub.viewers >= count and hub.resubscriptions >= 1, 30, "viewers did not come back")
             for i in range(3, 6):
                 bus.publish(task_id, ev.ANSWER_DELTA, 1, seq_floor=4, text=str(i))
             bus.publish(task_id, ev.COMPLETED, 1, seq_floor=4)

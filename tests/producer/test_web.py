@@ -98,3 +98,19 @@ def test_the_page_clears_the_text_of_a_failed_attempt(
     assert element_text(dom, "answer") == "SECOND-<b>PARTIAL</b>"  # text, never markup
     assert "FIRST-" not in dom
     assert "partial text is void and was cleared" in dom and "model.timeout: too slow" in dom
+
+
+def test_the_page_shows_a_task_held_back_by_flow_control(
+        redis_url: str, redis_client: redis.Redis, sqlite_url: str, tmp_path: Path) -> None:
+    settings = Settings.from_env({"REDIS_URL": redis_url, "DATABASE_URL": sqlite_url})
+    store = Store.from_url(sqlite_url)
+    job = parse_job({"images": ["s3://photos/a.png"], "prompt": "hi"})
+    store.create_task(job)
+    store.dispose()
+    bus = EventBus(redis_client)
+    bus.publish(job.task_id, ev.QUEUED, 0, model="qvq-max", image_count=1)
+    bus.publish(job.task_id, ev.STARTED, 1, worker="w1")
+    bus.publish(job.task_id, ev.WAITING, 1, reason="model_quota", wait_s=2.5)
+    with ApiServer(settings) as api:
+        dom = chromium(f"{api.url}/?task={job.task_id}", tmp_path / "profile", "--dump-dom", budget_ms=3000)
+    assert "Waiting: model quota (about 2.5 s)" in dom and "held back, not failed" in dom

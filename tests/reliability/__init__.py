@@ -9,7 +9,6 @@ counters only count this stack's streams), a SQLite file, worker processes and a
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from producer.client import Client
 from producer.local.embedded import EmbeddedRedis
 from tests.imagegen import make_image
 from tests.services import WorkerProcess
+from tests.waiting import seconds_until, wait_until
 
 SLOW = os.environ.get("QVQ_SLOW") == "1"
 
@@ -102,30 +102,27 @@ class Stack:
 
     def wait_terminal(self, task_ids: list[str], timeout: float = 60) -> dict[str, TaskRecord]:
         """Every task's row once all are terminal (persisted), polling the store."""
-        deadline = time.monotonic() + timeout
         pending = set(task_ids)
         records: dict[str, TaskRecord] = {}
-        while pending:
+
+        def all_ended() -> bool:
             for record in self.client.store.list_tasks(limit=100_000):
                 if record.id in pending and record.status in TERMINAL:
                     records[record.id] = record
                     pending.discard(record.id)
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{len(pending)} task(s) not terminal after {timeout:g} s: {sorted(pending)[:5]}"
-                                     f"\n{self.worker_logs()[-3000:]}")
-            time.sleep(0.1)
+            return not pending
+
+        wait_until(all_ended, timeout, "tasks not terminal", poll_s=0.1,
+                   detail=lambda: f"{sorted(pending)[:5]}\n{self.worker_logs()[-3000:]}")
         return records
 
     def wait_events(self, task_id: str, predicate: Any, timeout: float = 20) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def matching() -> list[dict[str, Any]] | None:
             events = self.events(task_id)
-            if predicate(events):
-                return events
-            time.sleep(0.02)
-        raise AssertionError(f"condition not met for {task_id}: {[e['type'] for e in self.events(task_id)]}")
+            return events if predicate(events) else None
+
+        return wait_until(matching, timeout, f"condition not met for {task_id}",
+                          detail=lambda: str([e["type"] for e in self.events(task_id)]))
 
     def wait_for_terminal_event(self, task_id: str, timeout: float = 20) -> list[dict[str, Any]]:
         return self.wait_events(task_id, lambda es: any(ev.is_terminal(e) for e in es), timeout)
@@ -139,15 +136,15 @@ class Stack:
 
     def wait_no_active_streams(self, timeout: float = 5) -> float:
         """Seconds until the emulator has no open stream (AssertionError past the timeout)."""
-        start = time.monotonic()
-        while self.stats()["streams_active"]:
-            if time.monotonic() - start > timeout:
-                raise AssertionError(f"emulator streams still active: {self.stats()}")
-            time.sleep(0.01)
-        return time.monotonic() - start
+        return seconds_until(lambda: not self.stats()["streams_active"], timeout, "emulator streams still active",
+                             poll_s=0.01, detail=lambda: str(self.stats()))
 
     def worker_logs(self) -> str:
         return "\n".join(w.log() for w in self.workers)
+
+    def log_events(self, event: str | None = None, **fields: Any) -> list[dict[str, Any]]:
+        """Every worker's log lines as data (see WorkerProcess.log_events)."""
+        return [entry for worker in self.workers for entry in worker.log_events(event, **fields)]
 
 
 def text_of(events: list[dict[str, Any]], type_: str) -> str:

@@ -14,6 +14,7 @@ import pytest
 from contracts import events as ev
 from contracts.job import QUEUE
 from tests.reliability import Stack, terminal_events, text_of
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,10 +27,8 @@ def test_a_task_cancelled_while_queued_never_starts(make_stack: Any) -> None:
     assert stack.record(task_id).status == "cancelled"
 
     worker = stack.start_worker(concurrency=4)
-    deadline = time.monotonic() + 20
-    while "task.skipped" not in worker.log():  # the worker took the message and dropped it
-        assert time.monotonic() < deadline, worker.log()[-3000:]
-        time.sleep(0.05)
+    wait_until(lambda: worker.log_events("task.skipped", task_id=task_id), 20,  # it took the message, dropped it
+               "the worker did not drop the cancelled task's message", detail=lambda: worker.log()[-3000:])
     assert stack.redis.llen(QUEUE) == 0
     events = stack.events(task_id)
     assert [e["type"] for e in events] == [ev.QUEUED, ev.CANCELLED]

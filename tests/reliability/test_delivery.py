@@ -19,6 +19,7 @@ from contracts import events as ev
 from contracts.job import QUEUE, TASK_NAME
 from tests.reliability import SLOW, Stack, terminal_events, text_of
 from tests.services import REPO
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,12 +34,9 @@ def test_a_second_delivery_of_a_running_task_runs_nothing(stack: Stack) -> None:
     stack.client.celery.send_task(TASK_NAME, args=[record.request], task_id=task_id, queue=QUEUE)
 
     stack.wait_terminal([task_id], timeout=20)
-    deadline = time.monotonic() + 10
-    while "task.duplicate_delivery_dropped" not in stack.worker_logs():
-        assert time.monotonic() < deadline, stack.worker_logs()[-3000:]
-        time.sleep(0.05)
-    logs = [line for line in stack.worker_logs().splitlines() if task_id in line]
-    assert any("task.duplicate_delivery_waiting" in line for line in logs)
+    wait_until(lambda: stack.log_events("task.duplicate_delivery_dropped", task_id=task_id), 10,
+               "the second delivery was not dropped", detail=lambda: stack.worker_logs()[-3000:])
+    assert stack.log_events("task.duplicate_delivery_waiting", task_id=task_id)
 
     events = stack.events(task_id)
     assert [e["type"] for e in events].count(ev.STARTED) == 1

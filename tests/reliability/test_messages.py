@@ -5,7 +5,6 @@ states tell the truth: a failed task is a FAILURE; a revoked one is cancelled.""
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from typing import Any
 
@@ -15,6 +14,7 @@ from contracts import events as ev
 from contracts.job import QUEUE, TASK_NAME, parse_job
 from tests.imagegen import make_image
 from tests.reliability import Stack, terminal_events
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,22 +31,11 @@ def _send(stack: Stack, task_id: str, body: dict[str, Any]) -> None:
 
 
 def _log_lines(stack: Stack, event: str) -> list[dict[str, Any]]:
-    lines = []
-    for line in stack.worker_logs().splitlines():
-        if event in line and line.startswith("{"):
-            lines.append(json.loads(line))
-    return [entry for entry in lines if entry.get("event") == event]
+    return stack.log_events(event)
 
 
 def _drained(stack: Stack) -> bool:
     return not stack.redis.llen(QUEUE) and not stack.redis.hlen("unacked")
-
-
-def _wait(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 def test_a_message_that_does_not_match_its_row_is_refused_and_acknowledged(make_stack: Any) -> None:
@@ -63,13 +52,13 @@ def test_a_message_that_does_not_match_its_row_is_refused_and_acknowledged(make_
     _send(stack, other_images, crafted)
     _send(stack, no_row, {"version": 2, "task_id": no_row, "run": 0})
 
-    _wait(lambda: len(_log_lines(stack, "task.message_rejected")) == 3, 20, stack.worker_logs()[-3000:])
+    wait_until(lambda: len(_log_lines(stack, "task.message_rejected")) == 3, 20, stack.worker_logs()[-3000:])
     reasons = {entry["task_id"]: entry["reason"] for entry in _log_lines(stack, "task.message_rejected")}
     assert "run 3" in reasons[wrong_run] and "run 0" in reasons[wrong_run]
     assert "differs from the task row" in reasons[other_images]
     assert reasons[no_row] == "no task row"
     assert all(entry["level"] == "error" for entry in _log_lines(stack, "task.message_rejected"))
-    _wait(lambda: _drained(stack), 10, "the refused messages are acknowledged")
+    wait_until(lambda: _drained(stack), 10, "the refused messages are acknowledged")
     for task_id in (wrong_run, other_images):
         record = stack.record(task_id)
         assert record.status == "queued" and record.attempts == 0  # never run
@@ -104,11 +93,11 @@ def test_a_failed_task_is_a_failure_in_celery_and_is_acknowledged(make_stack: An
     completed = stack.submit()
     records = stack.wait_terminal([failed, completed], timeout=30)
     assert records[failed].status == "failed" and records[completed].status == "completed"
-    _wait(lambda: bool(_log_lines(stack, "celery.task_failure")), 10, "Celery saw the failure")
+    wait_until(lambda: bool(_log_lines(stack, "celery.task_failure")), 10, "Celery saw the failure")
     assert [entry["task_id"] for entry in _log_lines(stack, "celery.task_failure")] == [failed]
     assert "TaskUnsuccessful" in _log_lines(stack, "celery.task_failure")[0]["kind"]
     assert "raised unexpected" not in stack.worker_logs()  # an expected outcome, not a crash
-    _wait(lambda: _drained(stack), 10, "both messages are acknowledged")
+    wait_until(lambda: _drained(stack), 10, "both messages are acknowledged")
 
 
 def test_a_revoked_task_is_cancelled(make_stack: Any) -> None:

@@ -18,6 +18,7 @@ from contracts.job import QUEUE
 from contracts.keys import SWEEP_REPAIRED_UNTIL as REPAIRED_UNTIL_KEY
 from contracts.settings import Settings
 from tests.reliability import SLOW, Stack, terminal_events, text_of
+from tests.waiting import seconds_until
 from worker.recovery.sweep import REPAIR_SETTLE_S
 
 pytestmark = pytest.mark.timeout(240)
@@ -29,14 +30,9 @@ LEASE_TTL_S = Settings().lease_ttl_s
 
 
 def _wait(condition: Any, timeout: float, what: str, stack: Stack | None = None) -> float:
-    """Seconds until condition() is true (AssertionError past the timeout)."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            logs = stack.worker_logs()[-3000:] if stack else ""
-            raise AssertionError(f"{what}: not within {timeout:g} s\n{logs}")
-        time.sleep(0.05)
-    return time.monotonic() - start
+    """Seconds until condition() is true; past the timeout, the worker's log says why."""
+    return seconds_until(condition, timeout, what, poll_s=0.05,
+                         detail=(lambda: stack.worker_logs()[-3000:]) if stack else None)
 
 
 def _streaming(stack: Stack, task_id: str) -> bool:
@@ -68,7 +64,7 @@ def _sigkill_mid_stream_then_resume(stack: Stack, deadline_s: float) -> float:
     assert text_of(final, ev.REASONING_DELTA) == record.reasoning
     assert [b["attempt"] for b in stack.client.store.usage_rows(task_id)] == [2]  # one bill
     assert stack.stats()["streams_started"] - started_before == 1
-    assert "task.orphan_requeued" in stack.worker_logs()
+    assert stack.log_events("task.orphan_requeued", task_id=task_id)
     # The dead worker's reserved message is gone: the broker will not deliver it again in two hours.
     _wait(lambda: not stack.redis.hlen("unacked") and not stack.redis.llen(QUEUE), 5, "the broker is empty")
     return recovered_s
@@ -135,7 +131,7 @@ def test_a_queued_task_whose_message_was_purged_is_queued_again(make_stack: Any)
     stack.start_worker(concurrency=2)
     record = stack.wait_terminal([task_id], timeout=30)[task_id]
     assert record.status == "completed" and record.attempts == 1
-    assert "task.lost_message_requeued" in stack.worker_logs()
+    assert stack.log_events("task.lost_message_requeued")
     assert len(terminal_events(stack.events(task_id))) == 1
 
 
@@ -157,7 +153,7 @@ def test_a_terminal_row_whose_log_lost_its_end_gets_its_terminal_event(make_stac
     _wait(lambda: float(stack.redis.get(REPAIRED_UNTIL_KEY) or 0) > repaired_at - REPAIR_SETTLE_S + 1, 10,
           "more rounds")
     assert len(terminal_events(stack.events(task_id))) == 1
-    assert stack.worker_logs().count("task.terminal_event_repaired") == 1
+    assert len(stack.log_events("task.terminal_event_repaired")) == 1
 
 
 def test_a_sigtermed_worker_hands_its_streams_back_after_its_grace(make_stack: Any) -> None:
@@ -181,4 +177,4 @@ def test_a_sigtermed_worker_hands_its_streams_back_after_its_grace(make_stack: A
     bills = stack.client.store.usage_rows(task_id)
     assert [(b["attempt"], b["outcome"]) for b in bills][-1] == (2, "completed")
     assert [b["attempt"] for b in bills] in ([1, 2], [2])  # 1 only if it had streamed anything yet
-    assert "task.handed_back" in leaving.log()
+    assert leaving.log_events("task.handed_back")

@@ -3,8 +3,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Any
 
+from tests.waiting import wait_until
 from worker.stream.coalesce import DeltaCoalescer
 
 
@@ -73,13 +73,6 @@ def test_discard_drops_the_failed_attempts_text() -> None:
     assert sink.events == []
 
 
-def _wait(condition: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met"
-        time.sleep(0.002)
-
-
 def test_close_waits_for_a_background_flush_in_flight_and_nothing_follows_the_terminal_event() -> None:
     """The race of issue 10: the Flusher thread is inside emit (a slow publish) when the pipeline
     ends the run. close() must not return before that flush is in the log, and after it the
@@ -124,5 +117,5 @@ def test_close_flushes_buffered_text_and_cancels_its_scheduled_flush() -> None:
     # the closed one's deadline too.
     witness = Sink()
     DeltaCoalescer(witness, max_delay_s=0.06, max_chars=1000).add("answer.delta", "w")
-    _wait(lambda: bool(witness.events))
+    wait_until(lambda: bool(witness.events))
     assert [(k, t) for k, t, _ in sink.events] == [("answer.delta", "buffered"), ("task.completed", "")]

@@ -21,6 +21,7 @@ from contracts.store import CallbackRecord, Store
 from contracts.webhook import SIGNATURE_HEADER, verify
 from tests.imagegen import make_image
 from tests.producer import ApiServer
+from tests.waiting import wait_until
 from tests.worker.test_callback import Receiver, serve
 from worker.callbacks import deliveries, scheduler
 from worker.callbacks.post import Outcome
@@ -43,22 +44,12 @@ def receivers() -> Iterator[Callable[[list[int]], Receiver]]:
         server.server_close()
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 def final_delivery(store: Store, task_id: str) -> CallbackRecord:
     def done() -> CallbackRecord | None:
         record = store.task_callback(task_id)
         return record if record is not None and record.status != "pending" else None
 
-    return wait_for(done)  # type: ignore[no-any-return]
+    return wait_until(done)  # type: ignore[no-any-return]
 
 
 def test_a_receiver_that_fails_twice_gets_one_accepted_signed_delivery_and_the_tries_are_shown(
@@ -132,7 +123,7 @@ def test_qvq_callbacks_redeliver_sends_it_again(
         reset_settings()
     assert outcome.exit_code == 0, outcome.output
     assert missing.exit_code == 2 and missing.output.count("\n") == 1, missing.output
-    delivered = wait_for(lambda: (r := client.store.task_callback(handle.task_id)) and r.status == "delivered" and r)
+    delivered = wait_until(lambda: (r := client.store.task_callback(handle.task_id)) and r.status == "delivered" and r)
     assert delivered.attempts == 2 and len(receiver.received) == 2
 
 
@@ -185,7 +176,7 @@ def test_a_delivery_survives_its_worker_being_killed_between_tries(
     image.write_bytes(make_image("PNG"))
     handle = client.submit(images=[str(image)], prompt="hello",
                            callback_url=f"http://127.0.0.1:{receiver.server_address[1]}/later")
-    wait_for(lambda: (r := client.store.task_callback(handle.task_id)) and r.attempts >= 1)
+    wait_until(lambda: (r := client.store.task_callback(handle.task_id)) and r.attempts >= 1)
     first.kill()  # SIGKILL: nothing in its memory survives
     receiver.statuses.clear()  # the receiver is back
     start_worker(name="heir", QVQ_WEBHOOK_SECRET=SECRET, QVQ_CALLBACK_BACKOFF_S="1")

@@ -16,6 +16,7 @@ import redis
 
 from contracts import flow, keys
 from contracts.flow import ModelLimit
+from tests.waiting import wait_until
 from worker.flow.limiter import ModelLimiter
 
 SECOND_MS, MINUTE_MS = 100, 6_000
@@ -133,7 +134,7 @@ def test_waiters_of_one_tenant_go_first_come_first_served(redis_client: redis.Re
         thread = threading.Thread(target=lambda i=index: (_take(limiter), order.append(i)))
         thread.start()
         threads.append(thread)
-        _wait_until(lambda n=index + 1: redis_client.zcard(keys.waiters_key("qvq-max")) >= n)
+        wait_until(lambda n=index + 1: redis_client.zcard(keys.waiters_key("qvq-max")) >= n)
     for thread in threads:
         thread.join(30)
     assert order == list(range(6))
@@ -149,7 +150,7 @@ def test_tenants_take_turns_when_waiting_for_quota(redis_client: redis.Redis) ->
         thread = threading.Thread(target=lambda: (_take(limiter, tenant=tenant), order.append(tenant)))
         thread.start()
         threads.append(thread)
-        _wait_until(lambda: redis_client.zcard(keys.waiters_key("qvq-max")) >= count)
+        wait_until(lambda: redis_client.zcard(keys.waiters_key("qvq-max")) >= count)
 
     for n in range(1, 9):
         queue("a", n)  # a burst of 8 from tenant a
@@ -166,7 +167,7 @@ def test_a_429_holds_every_worker_back_for_its_retry_after(redis_client: redis.R
     assert not decision.go and 0.3 < decision.wait_s <= 0.5
     other.tighten(MODEL, 0.1)  # a shorter Retry-After never shortens the hold
     assert redis_client.pttl(keys.tightened_key("qvq-max")) > 200
-    _wait_until(lambda: other.acquire(MODEL, other.new_ticket(), tenant="a", tokens=0).go, timeout=3)
+    wait_until(lambda: other.acquire(MODEL, other.new_ticket(), tenant="a", tokens=0).go, timeout=3)
 
 
 def test_a_dead_waiter_does_not_block_the_queue(redis_client: redis.Redis) -> None:
@@ -188,11 +189,3 @@ def test_unknown_model_family_is_refused_by_settings() -> None:
 def _url(client: redis.Redis) -> str:
     kwargs = client.connection_pool.connection_kwargs
     return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
-
-
-def _wait_until(condition: Any, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met")
-        time.sleep(0.005)

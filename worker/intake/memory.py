@@ -55,7 +55,8 @@ decode_budget = MemoryBudget(DECODE_MEMORY_BUDGET)
 
 def _load_libc_trim() -> Callable[[int], int] | None:
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+        return trim
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
         return None
 

@@ -107,7 +107,7 @@ class CancelWatcher:
                 self._stopped.wait(retry.LOOP_ERROR_PAUSE_S)
 
     def _listen(self) -> None:
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         try:
             pubsub.subscribe(keys.CANCEL_CHANNEL)
             self._recheck_flags()  # a cancel published while we were not listening

@@ -123,5 +123,5 @@ class BatchingEventBus(EventBus):
         sha = self._publish.sha
         pipe = self.redis.pipeline(transaction=False)
         for item in batch:
-            pipe.execute_command("EVALSHA", sha, 3, *item.args)
+            pipe.execute_command("EVALSHA", sha, 3, *item.args)  # type: ignore[no-untyped-call]
         return list(pipe.execute(raise_on_error=False))
