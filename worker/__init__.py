@@ -12,5 +12,6 @@
     callbacks/     durable signed callbacks
     ops/           health endpoints, task metrics, the model endpoint probe
 
-Imports point down this list and into contracts/, never up and never into producer/.
+Nothing imports tasks.py; only tasks.py imports lifecycle.py (for the context); celery.py imports
+nothing of the worker; nothing here imports producer/ (tests/test_house.py checks all three).
 """

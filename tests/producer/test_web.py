@@ -111,6 +111,7 @@ def test_the_page_shows_a_task_held_back_by_flow_control(
     bus.publish(job.task_id, ev.QUEUED, 0, model="qvq-max", image_count=1)
     bus.publish(job.task_id, ev.STARTED, 1, worker="w1")
     bus.publish(job.task_id, ev.WAITING, 1, reason="model_quota", wait_s=2.5)
+    bus.publish(job.task_id, ev.CANCELLED, 1)  # ends the stream, so the headless page settles
     with ApiServer(settings) as api:
-        dom = chromium(f"{api.url}/?task={job.task_id}", tmp_path / "profile", "--dump-dom", budget_ms=3000)
+        dom = chromium(f"{api.url}/?task={job.task_id}", tmp_path / "profile", "--dump-dom")
     assert "Waiting: model quota (about 2.5 s)" in dom and "held back, not failed" in dom
