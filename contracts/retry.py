@@ -12,8 +12,9 @@ raises its last error):
     SSE_RECONNECT      6      0.1, 0.3, 1, 2, 3                 an HTTP event stream that dropped without progress
     ENQUEUE            3      0.2, 0.7 (kombu's retry_policy)   the broker refusing a task message
 
-Exponential schedules (`backoff.delay(n)`: base * 2^(n-1), capped, with jitter), for loops that must do
-something between tries and read their waits from here:
+Exponential schedules (`backoff.delay(n)`: base * 2^(n-1), capped, with jitter; declared in
+contracts/backoff.py, which the settings read their defaults from without loading this module's
+clients), for loops that must do something between tries and read their waits from here:
 
     backoff              base, cap (s)   jitter                 used by
     MODEL                1, 60           upper half; >= Retry-After   model calls (task.retrying between tries;
@@ -29,17 +30,16 @@ Waits go through `sleep` below, which tests replace.
 
 from __future__ import annotations
 
-import math
-import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis
 import sqlalchemy as sa
 import tenacity
 
+from contracts.backoff import CALLBACK_DELIVERY, MODEL, SUBSCRIBE_RECONNECT, Backoff
 from contracts.errors import QvqError
 from contracts.logging import get_logger
 
@@ -121,33 +121,7 @@ REQUEUE_PAUSE_S = 2.0
 EVENTS_COOLDOWN_S = 2.0
 LOOP_ERROR_PAUSE_S = 1.0
 
-
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential waits: `base_s * 2^(n-1)` capped at `max_s`, then a uniform draw in
-    [(1 - jitter) * wait, wait] (jitter 0.5 is "equal jitter": tries that failed together do not retry
-    together). `delay(n, retry_after_s)` never waits less than the server's Retry-After, even above the cap."""
-
-    name: str
-    base_s: float
-    max_s: float
-    jitter: float = 0.0
-
-    def with_limits(self, base_s: float, max_s: float) -> Backoff:
-        """The same schedule with the base and cap a setting gives."""
-        return replace(self, base_s=base_s, max_s=max_s)
-
-    def delay(self, attempt: int, retry_after_s: float | None = None) -> float:
-        """The wait after the `attempt`-th failed try (1, 2, ...)."""
-        ceiling = min(self.max_s, self.base_s * (2 ** (max(1, attempt) - 1)))
-        wait = float(ceiling)
-        if self.jitter:
-            wait = min(wait, round(random.uniform(wait * (1 - self.jitter), wait), 3))
-        if retry_after_s is not None and wait < retry_after_s:
-            wait = math.ceil(retry_after_s * 1000) / 1000
-        return wait
-
-
-MODEL = Backoff("model", base_s=1.0, max_s=60.0, jitter=0.5)
-CALLBACK_DELIVERY = Backoff("callback_delivery", base_s=5.0, max_s=3_600.0, jitter=0.2)
-SUBSCRIBE_RECONNECT = Backoff("subscribe_reconnect", base_s=0.1, max_s=2.0)
+__all__ = ["CALLBACK", "CALLBACK_DELIVERY", "DATABASE", "ENQUEUE", "EVENTS_COOLDOWN_S", "FETCH", "IMPORTANT_PUBLISH",
+           "LOOP_ERROR_PAUSE_S", "MODEL", "OBJECT_STORE_ATTEMPTS", "REQUEUE_PAUSE_S", "SSE_RECONNECT",
+           "SUBSCRIBE_RECONNECT", "TERMINAL_PUBLISH", "TRANSIENT_DB_ERRORS", "TRANSIENT_REDIS_ERRORS", "Backoff",
+           "Policy", "sleep"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Any
 
-from contracts import retry
+from contracts import backoff
 from contracts.catalog import MODELS
 from contracts.errors import ConfigError
 from contracts.flow import (
@@ -126,8 +126,8 @@ class Settings:
     coalesce_ms: float = setting("QVQ_COALESCE_MS", 50.0, float)
     coalesce_chars: int = setting("QVQ_COALESCE_CHARS", 256, _positive_int)
     max_attempts: int = setting("QVQ_MAX_ATTEMPTS", 4, _positive_int)
-    retry_base_s: float = setting("QVQ_RETRY_BASE_S", retry.MODEL.base_s, float)
-    retry_max_s: float = setting("QVQ_RETRY_MAX_S", retry.MODEL.max_s, _positive_float)
+    retry_base_s: float = setting("QVQ_RETRY_BASE_S", backoff.MODEL.base_s, float)
+    retry_max_s: float = setting("QVQ_RETRY_MAX_S", backoff.MODEL.max_s, _positive_float)
     stall_timeout_s: float = setting("QVQ_STALL_TIMEOUT_S", 60.0, _positive_float)
     task_timeout_s: float = setting("QVQ_TASK_TIMEOUT_S", 1800.0, _positive_float)
     visibility_timeout_s: int = setting("QVQ_VISIBILITY_TIMEOUT_S", 7200, _positive_int)
@@ -144,8 +144,8 @@ class Settings:
     decode_memory_mb: int = setting("QVQ_DECODE_MEMORY_MB", 1024, _positive_int)  # decoded pixels held at once
     triggers: str = setting("QVQ_TRIGGERS", "")  # inline JSON or @/path/to/file.json (contracts/triggers.py)
     callback_max_age_s: float = setting("QVQ_CALLBACK_MAX_AGE_S", 86_400.0, _positive_float)
-    callback_backoff_s: float = setting("QVQ_CALLBACK_BACKOFF_S", retry.CALLBACK_DELIVERY.base_s, _positive_float)
-    callback_backoff_max_s: float = setting("QVQ_CALLBACK_BACKOFF_MAX_S", retry.CALLBACK_DELIVERY.max_s,
+    callback_backoff_s: float = setting("QVQ_CALLBACK_BACKOFF_S", backoff.CALLBACK_DELIVERY.base_s, _positive_float)
+    callback_backoff_max_s: float = setting("QVQ_CALLBACK_BACKOFF_MAX_S", backoff.CALLBACK_DELIVERY.max_s,
                                             _positive_float)
     api_url: str = setting("QVQ_API_URL", "")  # clients talk HTTP to this API instead of Redis and the database
     api_key: str = setting("QVQ_API_KEY", "", secret=True)

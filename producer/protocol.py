@@ -13,9 +13,10 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from contracts.store import TaskRecord
+if TYPE_CHECKING:
+    from contracts.store import TaskRecord
 
 
 class QueueView(Protocol):

@@ -10,9 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import click
-import redis
-import sqlalchemy as sa
-from kombu.exceptions import OperationalError
 
 from contracts.errors import ConfigError, ImageError, QvqError
 
@@ -62,7 +59,11 @@ def _task_part(message: str) -> str:
     return f"task {task} is marked failed: `qvq retry {task}` queues it again" if task != head else head
 
 
+# The translators import the libraries whose errors they read when an error is explained, not when the
+# command starts (`qvq --help` loads none of them).
 def _redis(exc: BaseException) -> Problem | None:
+    import redis
+
     if isinstance(exc, redis.AuthenticationError | redis.exceptions.AuthenticationWrongNumberOfArgsError):
         return Problem("Redis refused the credentials (check the password in REDIS_URL)", EXIT_USAGE)
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
@@ -72,6 +73,8 @@ def _redis(exc: BaseException) -> Problem | None:
 
 
 def _broker(exc: BaseException) -> Problem | None:
+    from kombu.exceptions import OperationalError
+
     if isinstance(exc, OperationalError):
         return Problem(f"cannot reach the Celery broker: {_reason(exc)} (check CELERY_BROKER_URL, or REDIS_URL "
                        "when it is unset)", EXIT_USAGE)
@@ -79,6 +82,8 @@ def _broker(exc: BaseException) -> Problem | None:
 
 
 def _database(exc: BaseException) -> Problem | None:
+    import sqlalchemy as sa
+
     if isinstance(exc, sa.exc.NoSuchModuleError | sa.exc.ArgumentError):
         return Problem("DATABASE_URL is not a database URL this install can open: use sqlite:///path.db or "
                        "postgresql://user@host/db", EXIT_USAGE)

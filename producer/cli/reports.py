@@ -8,11 +8,8 @@ import sys
 
 import click
 
-from contracts.store.usage import USAGE_COUNTS
 from producer.cli.common import client, friendly_errors, moment, print_rows
 from producer.cli.render import money
-
-USAGE_COLUMNS = (*USAGE_COUNTS, "cost_cny")
 
 
 @click.command()
@@ -28,16 +25,17 @@ def usage(by: str, since: str | None, until: str | None, tenant: str | None, as_
     with client() as tasks:
         report = tasks.usage(by, since=moment("--since", since), until=moment("--until", until), tenant=tenant)
     rows = [*report["rows"], {by: "total", **report["total"]}]
+    columns = list(report["total"])  # the counts, then cost_cny: the report's own order
     if as_json:
         click.echo(json.dumps(report, indent=2))
     elif as_csv:
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow((by, *USAGE_COLUMNS))
+        writer.writerow((by, *columns))
         for row in rows:
-            writer.writerow((row[by] or "", *(row[name] for name in USAGE_COLUMNS)))
+            writer.writerow((row[by] or "", *(row[name] for name in columns)))
     else:
         print_rows((by, "calls", "estimated", "prompt tokens", "completion tokens", "total tokens", "cost (CNY)"),
-                   [(str(row[by]), *(str(row[name]) for name in USAGE_COUNTS), money(row["cost_cny"], ""))
+                   [(str(row[by]), *(str(row[name]) for name in columns[:-1]), money(row["cost_cny"], ""))
                     for row in rows])
 
 

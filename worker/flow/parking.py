@@ -18,12 +18,11 @@ from typing import Any
 
 import redis
 
-from contracts import keys
+from contracts import keys, retry
 from contracts.logging import get_logger
 
 log = get_logger(__name__)
 MOVER_PERIOD_S = 0.2
-RETRY_DELAY_S = 1.0  # a message the mover could not send is parked again this long
 Send = Callable[[dict[str, Any]], None]
 
 # KEYS: parked, payloads. ARGV: task id. The one mover that removes it gets the message.
@@ -72,7 +71,7 @@ class ParkingLot:
                 moved += 1
             except Exception as exc:  # keep it parked; the next pass tries again
                 log.warning("flow.unpark_failed", task_id=task_id, error=str(exc))
-                self.park(task_id, json.loads(raw), RETRY_DELAY_S)
+                self.park(task_id, json.loads(raw), retry.LOOP_ERROR_PAUSE_S)
         return moved
 
     def _move_loop(self, send: Send) -> None:
