@@ -63,11 +63,10 @@ class Store(TaskStore, UsageStore, CallbackStore, UploadStore):
         self.engine = engine
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, migrate: bool = True) -> Store:
-        """A store on `url`; `migrate` brings the schema to the newest migration first."""
+    def from_url(cls, url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Store:
+        """A store on `url`, its schema brought to the newest migration first."""
         store = cls(make_engine(url, timeout_s))
-        if migrate:
-            store.create_schema()
+        store.create_schema()
         return store
 
     def create_schema(self) -> None:

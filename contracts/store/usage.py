@@ -20,7 +20,6 @@ from contracts.store.tables import now, tasks, usage
 _INSERT_USAGE = usage.insert()
 #: The report's counted columns (summed per group and in the total); cost_cny follows them.
 USAGE_COUNTS = ("calls", "estimated_calls", "prompt_tokens", "completion_tokens", "total_tokens")
-USAGE_GROUPS = ("model", "tenant", "day")
 
 
 def has_usage(conn: sa.Connection, task_id: str, attempt: int) -> bool:
