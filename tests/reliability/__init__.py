@@ -8,6 +8,7 @@ counters only count this stack's streams), a SQLite file, worker processes and a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -28,6 +29,7 @@ from tests.services import WorkerProcess
 from tests.waiting import seconds_until, wait_until
 
 SLOW = os.environ.get("QVQ_SLOW") == "1"
+LOG_SETTLE_S = 5.0  # how long a terminal row may wait for its terminal event in the log
 
 BASE_ENV = {
     "QVQ_ALLOW_LOCAL_FILES": "1",
@@ -114,6 +116,10 @@ class Stack:
 
         wait_until(all_ended, timeout, "tasks not terminal", poll_s=0.1,
                    detail=lambda: f"{sorted(pending)[:5]}\n{self.worker_logs()[-3000:]}")
+        # The worker writes the row, then publishes the terminal event: give the log a moment to catch up
+        # (a test of a lost terminal event asserts on the log itself, so its absence is not an error here).
+        with contextlib.suppress(AssertionError, redis.RedisError):  # Redis may be down on purpose
+            wait_until(lambda: all(any(ev.is_terminal(e) for e in self.events(i)) for i in task_ids), LOG_SETTLE_S)
         return records
 
     def wait_events(self, task_id: str, predicate: Any, timeout: float = 20) -> list[dict[str, Any]]:
