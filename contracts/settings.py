@@ -132,7 +132,9 @@ class Settings:
     task_timeout_s: float = setting("QVQ_TASK_TIMEOUT_S", 1800.0, _positive_float)
     visibility_timeout_s: int = setting("QVQ_VISIBILITY_TIMEOUT_S", 7200, _positive_int)
     lease_ttl_s: float = setting("QVQ_LEASE_TTL_S", 30.0, _positive_float)
-    fetch_timeout_s: float = setting("QVQ_FETCH_TIMEOUT_S", 20.0, _positive_float)
+    fetch_timeout_s: float = setting("QVQ_FETCH_TIMEOUT_S", 20.0, _positive_float)  # one image fetch, in total
+    connect_timeout_s: float = setting("QVQ_CONNECT_TIMEOUT_S", 30.0, _positive_float)  # model call, to its headers
+    callback_timeout_s: float = setting("QVQ_CALLBACK_TIMEOUT_S", 10.0, _positive_float)  # one callback POST, in total
     max_image_bytes: int = MAX_IMAGE_BYTES  # the vendor's limit: not a setting
     queue: str = setting("QVQ_QUEUE", QUEUE, _queue_name)  # the Celery queue producers send to and workers consume
     metrics_port: int = setting("QVQ_METRICS_PORT", 9808, _port)  # a worker's Prometheus endpoint; 0: off

@@ -5,6 +5,7 @@ production. Integration tests use the real things (tests/reliability/)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import threading
@@ -53,6 +54,15 @@ class MemoryBus:
             self.logs[task_id].append(json.loads(json.dumps(event)))  # as it would come back from Redis
         return seq
 
+    def publish_soon(self, task_id: str, type_: str, attempt: int, *, seq_floor: int = 0,
+                     **fields: Any) -> asyncio.Future[int]:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        try:
+            future.set_result(self.publish(task_id, type_, attempt, seq_floor=seq_floor, **fields))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
     def read_log(self, task_id: str, after_seq: int = 0) -> list[dict[str, Any]]:
         with self._lock:
             return [event for event in self.logs[task_id] if event["seq"] > after_seq]
@@ -77,10 +87,10 @@ class ScriptedModel:
         self.steps = list(steps)
         self.calls: list[dict[str, Any]] = []
 
-    def stream(self, *, model: str, messages: list[dict[str, Any]], high_resolution: bool, attempt: int,
-               on_text: Callable[[str, str], None], should_stop: Callable[[], bool] = lambda: False,
-               on_open: Callable[[Any], None] | None = None,
-               prompt_tokens_estimate: int | None = None) -> StreamResult:
+    async def stream(self, *, model: str, messages: list[dict[str, Any]], high_resolution: bool, attempt: int,
+                     on_text: Callable[[str, str], None], should_stop: Callable[[], bool] = lambda: False,
+                     on_open: Callable[[Any], None] | None = None,
+                     prompt_tokens_estimate: int | None = None) -> StreamResult:
         self.calls.append({"model": model, "messages": messages, "attempt": attempt})
         step = self.steps.pop(0)
         if isinstance(step, BaseException):
@@ -91,6 +101,7 @@ class ScriptedModel:
         for piece in step:
             if callable(piece):
                 piece()
+                await asyncio.sleep(0)  # a cancel arriving mid-stream reaches the loop
             else:
                 kind, text = piece
                 result.add(kind, text)

@@ -1,7 +1,7 @@
 """The outside systems of one worker process, built once (after any fork) and passed to every step.
 
 `WorkerContext.build` connects nothing it does not need yet and starts no thread; `start()` starts the
-context's own loops (lease renewals, the cancel watcher, the flow mover) and `close()` stops them and
+context's own loops (the event loop of worker/loop.py, lease renewals, the cancel watcher, the flow mover) and `close()` stops them and
 closes every client. worker/lifecycle.py decides when (and starts the process-wide loops itself).
 """
 
@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
+import redis.asyncio as aioredis
 
 from contracts.bus import EventBus
 from contracts.sender import TaskSender, producer_app
@@ -21,10 +22,11 @@ from contracts.store import Store
 from worker.flow.control import FlowControl
 from worker.intake.fetch import ImageFetcher
 from worker.intake.memory import decode_budget
+from worker.loop import WorkerLoop
 from worker.recovery.cancel import CancelWatcher
 from worker.recovery.lease import LeaseKeeper
 from worker.stream.model import QvqModel
-from worker.stream.publisher import BatchingEventBus
+from worker.stream.publisher import LoopEventBus
 
 IMAGE_THREADS = 16
 
@@ -43,6 +45,8 @@ class WorkerContext:
     leases: LeaseKeeper
     sender: TaskSender
     flow: FlowControl | None = None  # flow control (worker/flow/); built by `build`
+    loop: WorkerLoop = field(default_factory=WorkerLoop)  # owns every wait (worker/loop.py)
+    aredis: aioredis.Redis | None = None  # the loop's Redis client (event publishing)
 
     @classmethod
     def build(cls, settings: Settings, sender: TaskSender | None = None) -> WorkerContext:
@@ -54,10 +58,13 @@ class WorkerContext:
         name = f"{socket.gethostname()}:{os.getpid()}"
         decode_budget.resize(settings.decode_memory_mb << 20)
         store = Store.from_url(settings.database_url, timeout_s=settings.db_timeout_s)
+        loop = WorkerLoop()
+        aclient = aioredis.Redis.from_url(settings.redis_url, health_check_interval=30, socket_keepalive=True,
+                                          socket_connect_timeout=5, socket_timeout=10)
         return cls(
             settings=settings,
             redis=client,
-            bus=BatchingEventBus(client, ttl_s=settings.event_ttl_s),  # group-committed publishes
+            bus=LoopEventBus(client, aclient, loop, ttl_s=settings.event_ttl_s),  # group-committed on the loop
             store=store,
             fetcher=ImageFetcher(settings),
             model=QvqModel(settings),
@@ -67,10 +74,14 @@ class WorkerContext:
             leases=LeaseKeeper(client, ttl_s=settings.lease_ttl_s, owner=name),
             sender=sender or TaskSender(producer_app(settings), settings.queue),
             flow=FlowControl(settings, client, store),
+            loop=loop,
+            aredis=aclient,
         )
 
     def start(self) -> WorkerContext:
-        """Start the context's loops: lease renewals, the cancel watcher, the mover of parked tasks."""
+        """Start the context's loops: the event loop, lease renewals, the cancel watcher, the mover of
+        parked tasks."""
+        self.loop.start()
         self.leases.start()
         self.cancels.start()
         if self.flow is not None:
@@ -83,7 +94,13 @@ class WorkerContext:
         self.cancels.stop()
         self.leases.stop()
         self.image_pool.shutdown(wait=False, cancel_futures=True)
-        self.model.close()
+        self.loop.run(self._close_async())
+        self.loop.stop()
         self.fetcher.close()
         self.store.dispose()
         self.redis.close()
+
+    async def _close_async(self) -> None:
+        await self.model.aclose()
+        if self.aredis is not None:
+            await self.aredis.aclose()

@@ -4,6 +4,9 @@
     -> stream (retrying the model) -> persist (DATABASE policy) -> publish the terminal event
     (TERMINAL_PUBLISH policy) -> callback
 
+The Celery task's thread runs the short steps; every wait (the model stream, a quota or rate wait, a
+retry's backoff) runs on the worker's event loop (worker/loop.py) while the thread parks on a future.
+
 Plain code, testable without a broker; the Celery task only calls `run_task`.
 
 Reliability rules (README, Guarantees):
@@ -19,6 +22,7 @@ Reliability rules (README, Guarantees):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import time
@@ -41,7 +45,7 @@ from worker.flow.control import ModelCall
 from worker.intake.images import PreparedImage, prepare_images
 from worker.intake.message import load_record
 from worker.intake.prompt import build_messages, check_token_budget
-from worker.recovery.cancel import RunWatch, sleep_unless_stopped
+from worker.recovery.cancel import RunWatch, wait_unless_stopped
 from worker.recovery.lease import Lease
 from worker.stream.coalesce import DeltaCoalescer
 from worker.stream.model import StreamResult
@@ -93,6 +97,7 @@ class TaskRun:
         self._events_down_until = 0.0
         self._waited_since: float | None = None  # when this delivery began waiting for another's lease
         self.input_tokens = 0  # the counted input of the model call (check_token_budget), for flow control
+        self._deltas_in_flight: set[asyncio.Future[int]] = set()  # queued on the loop, not yet in Redis
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> str | None:
@@ -216,42 +221,59 @@ class TaskRun:
     def _stream(self, messages: list[dict[str, Any]], estimate: int, watch: RunWatch) -> StreamResult:
         """Stream the answer; a retryable model error publishes task.retrying, waits, and tries again
         (delays from contracts/retry.MODEL); the text of a failed attempt is void."""
-        settings = self.ctx.settings
         while True:
-            coalescer = DeltaCoalescer(self._emit_delta, max_delay_s=settings.coalesce_ms / 1000,
-                                       max_chars=settings.coalesce_chars)
             try:
-                result = self._call_model(messages, estimate, coalescer, watch)
-                coalescer.flush()
-                return result
-            except StreamStopped:
-                coalescer.flush()
-                raise
+                return self._call_model(messages, estimate, watch)
             except ModelError as error:
-                coalescer.discard()
                 self._before_retry(error, watch)
-            finally:
-                coalescer.close()  # nothing of this attempt may follow a terminal event (any exit)
 
-    def _call_model(self, messages: list[dict[str, Any]], estimate: int, coalescer: DeltaCoalescer,
-                    watch: RunWatch) -> StreamResult:
+    def _call_model(self, messages: list[dict[str, Any]], estimate: int, watch: RunWatch) -> StreamResult:
         """The one call site of the model, inside flow control (worker/flow/): the budget reservation,
         tenant rate and model quota before the call (may wait, publishing task.waiting; BudgetError: no
-        call); the ledger row and the settlements after it, whatever the outcome."""
+        call); the ledger row and the settlements after it, whatever the outcome. The call itself runs
+        on the worker's loop; this thread waits for it without doing anything."""
         with self._model_call(watch) as call:
-            result = self.ctx.model.stream(
+            result = self.ctx.loop.run(self._attempt(messages, estimate, call, watch))
+            call.finished(result)
+        return result
+
+    async def _attempt(self, messages: list[dict[str, Any]], estimate: int, call: ModelCall,
+                       watch: RunWatch) -> StreamResult:
+        """One model call, on the loop: its text coalesced into deltas (loop timers) and published without
+        waiting (group commit); every delta is in Redis (or given up) before this returns, and nothing of
+        this attempt follows (the coalescer is closed on any exit)."""
+        settings = self.ctx.settings
+        coalescer = DeltaCoalescer(self._emit_delta, max_delay_s=settings.coalesce_ms / 1000,
+                                   max_chars=settings.coalesce_chars)
+        try:
+            result = await self.ctx.model.stream(
                 model=self.job.model, messages=messages, high_resolution=self.job.high_resolution,
                 attempt=self.attempt, on_text=call.tap(_delta_sink(coalescer)), should_stop=watch.should_stop,
                 on_open=call.on_open(watch.attach), prompt_tokens_estimate=estimate,
             )
-            call.finished(result)
-        return result
+            coalescer.flush()
+            return result
+        except StreamStopped:
+            coalescer.flush()
+            raise
+        except ModelError:
+            coalescer.discard()
+            raise
+        finally:
+            coalescer.close()
+            if self._deltas_in_flight:
+                await asyncio.wait(list(self._deltas_in_flight))
 
     def _model_call(self, watch: RunWatch) -> contextlib.AbstractContextManager[ModelCall]:
         """Flow control around one model call (hook 2); a pass-through when there is none."""
         if self.ctx.flow is None:
             return contextlib.nullcontext(ModelCall(self.input_tokens))
-        return self.ctx.flow.model_call(self.job, self.attempt, self.input_tokens, watch.should_stop, self._publish)
+        return self.ctx.flow.model_call(self.job, self.attempt, self.input_tokens, watch.should_stop, self._publish,
+                                        sleep=lambda seconds: self._wait(seconds, watch))
+
+    def _wait(self, seconds: float, watch: RunWatch) -> None:
+        """Wait on the loop (this thread parks on a future); StreamStopped when the run is stopped."""
+        self.ctx.loop.run(wait_unless_stopped(seconds, watch))
 
     def _before_retry(self, error: ModelError, watch: RunWatch) -> None:
         """Publish task.retrying and wait, or re-raise when the error is final."""
@@ -270,7 +292,7 @@ class TaskRun:
         log.warning("model.retrying", code=error.code, error=error.message, delay_s=delay, attempt=next_attempt)
         self._publish(ev.RETRYING, important=True, error={"code": error.code, "message": error.message},
                       delay_s=delay)
-        sleep_unless_stopped(delay, watch.should_stop)
+        self._wait(delay, watch)
 
     # -- the terminal states: persist, then publish ----------------------------------------------
     def _complete(self, result: StreamResult) -> str:
@@ -389,7 +411,23 @@ class TaskRun:
         return seq
 
     def _emit_delta(self, type_: str, text: str) -> None:
-        self._publish(type_, text=text)
+        """A delta, from the coalescer on the loop: queued, not waited for (as `_publish`, a failure is
+        logged and the deltas skipped for a cooldown)."""
+        if time.monotonic() < self._events_down_until:
+            return
+        future = self.ctx.bus.publish_soon(self.task_id, type_, self.attempt,
+                                           seq_floor=max(self.seq_floor, self.last_seq), text=text)
+        self._deltas_in_flight.add(future)
+        future.add_done_callback(self._delta_sent)
+
+    def _delta_sent(self, future: asyncio.Future[int]) -> None:
+        self._deltas_in_flight.discard(future)
+        error = None if future.cancelled() else future.exception()
+        if error is None and not future.cancelled():
+            self.last_seq = max(self.last_seq, future.result())
+        elif time.monotonic() >= self._events_down_until:
+            self._events_down_until = time.monotonic() + retry.EVENTS_COOLDOWN_S
+            log.warning("event.publish_skipped", type="delta", error=str(error))
 
     # -- helpers -------------------------------------------------------------------------------
     def _summaries(self) -> list[dict[str, Any]]:

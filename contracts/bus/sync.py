@@ -5,6 +5,7 @@ live, deduplicated by seq) that every sync viewer uses. Each subscription's deci
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -46,6 +47,17 @@ class EventBus:
         """Append one event to the log and the channel; returns its seq (above `seq_floor`, always)."""
         script_keys, event = publish_args(task_id, type_, attempt, fields)
         return int(self._publish(keys=script_keys, args=[event, self.ttl_s, int(seq_floor)]))
+
+    def publish_soon(self, task_id: str, type_: str, attempt: int, *, seq_floor: int = 0,
+                     **fields: Any) -> asyncio.Future[int]:
+        """`publish` for code on an event loop: a future of the seq. Here it publishes at once (one
+        blocking round trip); the worker's bus (worker/stream/publisher.py) queues and group-commits."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        try:
+            future.set_result(self.publish(task_id, type_, attempt, seq_floor=seq_floor, **fields))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
 
     def read_log(self, task_id: str, after_seq: int = 0) -> list[dict[str, Any]]:
         """Every logged event with seq > after_seq, in log order."""

@@ -1,8 +1,10 @@
-"""worker.sse (the lean stream reader) through QvqModel against the emulator over HTTP, and the SSE
-framing cases the emulator does not produce, on a mock transport."""
+"""worker/stream/chunks.py (the lean stream reader) through QvqModel against the emulator over HTTP, and
+the SSE framing cases the emulator does not produce, on a mock transport. Both run on an event loop, as
+on the worker's."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -21,19 +23,22 @@ def _model(url: str, **overrides: Any) -> QvqModel:
     return QvqModel(Settings(base_url=url, worker_concurrency=4, **overrides))
 
 
-def _stream(model: QvqModel, prompt: str) -> Any:
+def _stream(model: QvqModel, prompt: str, **options: Any) -> Any:
     parts: list[tuple[str, str]] = []
-    result = model.stream(model="qvq-max", messages=[{"role": "user", "content": prompt}], high_resolution=False,
-                          attempt=1, on_text=lambda kind, text: parts.append((kind, text)))
-    return result, parts
+
+    async def call() -> Any:
+        try:
+            return await model.stream(model="qvq-max", messages=[{"role": "user", "content": prompt}],
+                                      high_resolution=False, attempt=1,
+                                      on_text=lambda kind, text: parts.append((kind, text)), **options)
+        finally:
+            await model.aclose()
+
+    return asyncio.run(call()), parts
 
 
 def test_streams_text_and_usage_like_the_sdk(emulator: Any) -> None:
-    model = _model(emulator.url)
-    try:
-        result, parts = _stream(model, "[[emulator: reasoning_tokens=30 answer_tokens=10]] Hello there.")
-    finally:
-        model.close()
+    result, parts = _stream(_model(emulator.url), "[[emulator: reasoning_tokens=30 answer_tokens=10]] Hello there.")
     assert result.finish_reason == "stop"
     assert result.reasoning == "".join(t for k, t in parts if k == "reasoning") and result.reasoning
     assert result.answer == "".join(t for k, t in parts if k == "answer") and result.answer
@@ -46,22 +51,28 @@ def test_streams_text_and_usage_like_the_sdk(emulator: Any) -> None:
     ("cut:5", "model.stream_broken", True),
 ])
 def test_errors_map_as_with_the_sdk_stream(emulator: Any, fault: str, code: str, retryable: bool) -> None:
-    model = _model(emulator.url)
-    try:
-        with pytest.raises(ModelError) as caught:
-            _stream(model, f"[[emulator: fault={fault}]] Fail please.")
-    finally:
-        model.close()
+    with pytest.raises(ModelError) as caught:
+        _stream(_model(emulator.url), f"[[emulator: fault={fault}]] Fail please.")
     assert caught.value.code == code and caught.value.retryable is retryable
 
 
-def _chunk_stream(body: bytes, status: int = 200) -> ChunkStream:
+def _mock_client(body: bytes, status: int = 200) -> openai.AsyncOpenAI:
     transport = httpx.MockTransport(lambda request: httpx.Response(
         status, content=body, headers={"content-type": "text/event-stream"}))
-    client = openai.OpenAI(api_key="x", base_url="http://test/v1", max_retries=0,
-                           http_client=httpx.Client(transport=transport))
-    return ChunkStream(client.chat.completions.with_streaming_response.create(
-        model="qvq-max", stream=True, messages=[{"role": "user", "content": "hi"}]))
+    return openai.AsyncOpenAI(api_key="x", base_url="http://test/v1", max_retries=0,
+                              http_client=httpx.AsyncClient(transport=transport))
+
+
+def _chunks(body: bytes, status: int = 200) -> list[Any]:
+    """Every chunk ChunkStream reads of this response body (or the error it raises)."""
+    async def read() -> list[Any]:
+        client = _mock_client(body, status)
+        stream = ChunkStream(client.chat.completions.with_streaming_response.create(
+            model="qvq-max", stream=True, messages=[{"role": "user", "content": "hi"}]))
+        async with stream:
+            return [chunk async for chunk in stream]
+
+    return asyncio.run(read())
 
 
 def test_framing_comments_multiline_data_and_done() -> None:
@@ -72,8 +83,7 @@ def test_framing_comments_multiline_data_and_done() -> None:
             b'"completion_tokens_details":{"reasoning_tokens":1,"audio_tokens":null}}}\n\n'
             b"data: [DONE]\n\n"
             b'data: {"choices":[{"index":0,"delta":{"content":"after done"}}]}\n\n')
-    with _chunk_stream(body) as stream:
-        chunks = list(stream)
+    chunks = _chunks(body)
     assert [c.choices[0].delta.reasoning_content for c in chunks[:1]] == ["a"]
     assert chunks[1].choices[0].delta.content == "b" and chunks[1].choices[0].finish_reason == "stop"
     assert chunks[2].usage.model_dump(exclude_none=True) == {
@@ -85,13 +95,13 @@ def test_framing_comments_multiline_data_and_done() -> None:
 def test_an_error_event_mid_stream_raises_api_error() -> None:
     body = (b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
             b'data: {"error":{"message":"overloaded","code":"x"}}\n\n')
-    with _chunk_stream(body) as stream, pytest.raises(openai.APIError, match="overloaded"):
-        list(stream)
+    with pytest.raises(openai.APIError, match="overloaded"):
+        _chunks(body)
 
 
 def test_an_http_error_status_raises_before_any_chunk() -> None:
     with pytest.raises(openai.RateLimitError):
-        _chunk_stream(b'{"error":{"message":"slow down"}}', status=429)
+        _chunks(b'{"error":{"message":"slow down"}}', status=429)
 
 
 # -- the line rules of the standard: CR, LF or CRLF, nothing else ----------------------------------
@@ -101,11 +111,7 @@ EXOTIC = "line\u2028sep para\u2029sep next\u0085line bom\ufeffmid lone\rcr vt\x0
 def test_model_text_with_unicode_line_breaks_arrives_exact(emulator: Any) -> None:
     """The emulator echoes the prompt in its thinking and answer; its JSON holds U+2028, U+0085 and
     U+FEFF raw (only the CR is escaped, as JSON requires)."""
-    model = _model(emulator.url)
-    try:
-        result, parts = _stream(model, f"[[emulator: reasoning_tokens=5 answer_tokens=5]] {EXOTIC}")
-    finally:
-        model.close()
+    result, parts = _stream(_model(emulator.url), f"[[emulator: reasoning_tokens=5 answer_tokens=5]] {EXOTIC}")
     assert result.finish_reason == "stop" and EXOTIC in result.answer and EXOTIC in result.reasoning
     assert result.answer == "".join(t for k, t in parts if k == "answer")
 
@@ -148,20 +154,13 @@ def test_a_chunk_with_raw_unicode_breaks_is_decoded_whole() -> None:
     chunk = json.dumps({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]},
                        ensure_ascii=False)
     body = f"data: {chunk}\n\ndata: [DONE]\n\n".encode()
-    with _chunk_stream(body) as stream:
-        chunks = list(stream)
+    chunks = _chunks(body)
     assert [c.choices[0].delta.content for c in chunks] == [text]
 
 
 # -- a server that ignores include_usage ------------------------------------------------------------
 def test_a_stream_without_usage_completes_with_an_estimate(emulator: Any) -> None:
-    model = _model(emulator.url)
-    try:
-        result = model.stream(model="qvq-max", messages=[{"role": "user", "content": "[[emulator: no_usage=1]] Hi"}],
-                              high_resolution=False, attempt=1, on_text=lambda kind, text: None,
-                              prompt_tokens_estimate=321)
-    finally:
-        model.close()
+    result, _ = _stream(_model(emulator.url), "[[emulator: no_usage=1]] Hi", prompt_tokens_estimate=321)
     assert result.usage is not None and result.usage["estimated"] is True
     assert result.usage["prompt_tokens"] == 321
     assert result.usage["completion_tokens"] == estimate_text_tokens(result.reasoning + result.answer) > 0
@@ -172,11 +171,8 @@ def test_a_stream_without_finish_reason_is_broken_even_with_usage() -> None:
     body = (b'data: {"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}\n\n'
             b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\n'
             b"data: [DONE]\n\n")
-    transport = httpx.MockTransport(lambda request: httpx.Response(
-        200, content=body, headers={"content-type": "text/event-stream"}))
     model = _model("http://test/v1")
-    model.client = openai.OpenAI(api_key="x", base_url="http://test/v1", max_retries=0,
-                                 http_client=httpx.Client(transport=transport))
+    model._client = _mock_client(body)
     with pytest.raises(ModelError) as caught:
         _stream(model, "hi")
     assert caught.value.code == "model.stream_broken"

@@ -43,6 +43,7 @@ log = get_logger(__name__)
 PARK_DELAY_S = 1.0
 DEFAULT_429_HOLD_S = 1.0
 Publish = Callable[..., Any]  # TaskRun._publish(type_, **fields)
+Sleep = Callable[[float], None]  # wait this long; StreamStopped when the run is stopped meanwhile
 
 
 class ModelCall:
@@ -128,18 +129,23 @@ class FlowControl:
     # -- hook 2: around each model call ----------------------------------------------------------
     @contextlib.contextmanager
     def model_call(self, job: JobRequest, attempt: int, input_tokens: int, should_stop: Callable[[], bool],
-                   publish: Publish) -> Iterator[ModelCall]:
+                   publish: Publish, sleep: Sleep | None = None) -> Iterator[ModelCall]:
         """Budget, tenant rate and model quota before the call; the ledger and settlements after.
 
-        Raises BudgetError (no call made) when the tenant's budget cannot cover the worst case, and
-        StreamStopped when the task is cancelled while it waits."""
+        `sleep(seconds)` waits (the pipeline's waits on the worker's loop, raising StreamStopped when the
+        run is stopped). Raises BudgetError (no call made) when the tenant's budget cannot cover the
+        worst case, and StreamStopped when the task is cancelled while it waits."""
+        def sleep_here(seconds: float) -> None:
+            sleep_unless_stopped(seconds, should_stop)
+
+        wait = sleep or sleep_here
         reservation = self._reserve(job, attempt, input_tokens)
         call = ModelCall(input_tokens)
         ticket = None
         try:
             try:
-                self._wait_tenant_rate(job, should_stop, publish)
-                ticket = self._wait_model_quota(job, input_tokens, should_stop, publish)
+                self._wait_tenant_rate(job, wait, publish)
+                ticket = self._wait_model_quota(job, input_tokens, should_stop, publish, wait)
             except redis.RedisError as exc:  # fail open, like the tenant slot
                 log.warning("flow.unavailable", step="rate", error=str(exc))
             self._clear_waiting(job.task_id)
@@ -166,16 +172,16 @@ class FlowControl:
             raise InternalError("the tenant's budget could not be checked (Redis is unreachable); nothing was "
                                 "sent to the model: retry the task", retryable=True) from exc
 
-    def _wait_tenant_rate(self, job: JobRequest, should_stop: Callable[[], bool], publish: Publish) -> None:
+    def _wait_tenant_rate(self, job: JobRequest, sleep: Sleep, publish: Publish) -> None:
         told = False
         while (wait_s := self.gate.try_rate(job.tenant)) > 0:
             if not told:
                 self._mark_waiting(job.task_id, "tenant_rate", wait_s, publish)
                 told = True
-            sleep_unless_stopped(wait_s, should_stop)
+            sleep(wait_s)
 
     def _wait_model_quota(self, job: JobRequest, tokens: int, should_stop: Callable[[], bool],
-                          publish: Publish) -> str | None:
+                          publish: Publish, sleep: Sleep) -> str | None:
         if self.limiter is None:
             return None
 
@@ -183,7 +189,7 @@ class FlowControl:
             self._mark_waiting(job.task_id, decision.reason, decision.wait_s, publish)
 
         ticket = self.limiter.wait_for_capacity(job.model, tenant=job.tenant, tokens=tokens,
-                                                should_stop=should_stop, on_wait=on_wait)
+                                                should_stop=should_stop, on_wait=on_wait, sleep=sleep)
         if ticket is None:
             raise StreamStopped(StreamResult())
         return ticket

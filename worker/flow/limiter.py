@@ -28,6 +28,7 @@ import redis
 
 from contracts import flow, keys
 from contracts.catalog import model_info
+from contracts.errors import StreamStopped
 from contracts.flow import ModelLimit
 
 TICKET_TTL_MS = 5_000
@@ -227,7 +228,11 @@ class ModelLimiter:
             if should_stop():
                 self.leave(model, ticket)
                 return None
-            sleep(_poll_s(decision, self.limit(model)))
+            try:
+                sleep(_poll_s(decision, self.limit(model)))
+            except StreamStopped:  # the run was stopped while it waited
+                self.leave(model, ticket)
+                return None
 
 
 def _poll_s(decision: Decision, limit: ModelLimit) -> float:

@@ -1,10 +1,12 @@
 """Cancellation and the per-task time limit: one thread per worker process watches the cancel channel
-and the deadlines of running streams, and closes a stream's HTTP response so the model stops
-generating (and billing) at once, even when the stream is stalled. (Asking for a cancel is
+and the deadlines of running streams, and closes what a run is waiting on (its model stream, or a wait
+for quota or a retry, all on the worker's loop) so the model stops generating (and billing) at once,
+even when the stream is stalled. (Asking for a cancel is
 contracts/cancel.py; this is how a worker hears it.)"""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +18,7 @@ from celery.worker.state import revoked
 from contracts import keys, retry
 from contracts.errors import StreamStopped
 from contracts.logging import get_logger
+from worker.loop import TaskCloser, uncancel_current
 
 log = get_logger(__name__)
 
@@ -50,6 +53,12 @@ class RunWatch:
             self._stream = stream
         if self.should_stop():
             self.close_stream()
+
+    def detach(self, stream: Any) -> None:
+        """Forget `stream` (its wait or its call is over), unless another was attached since."""
+        with self._lock:
+            if self._stream is stream:
+                self._stream = None
 
     def close_stream(self) -> None:
         with self._lock:
@@ -152,9 +161,32 @@ class CancelWatcher:
 
 
 def sleep_unless_stopped(seconds: float, should_stop: Callable[[], bool], tick_s: float = 0.1) -> None:
-    """Wait `seconds`, looking at `should_stop` every tick; StreamStopped as soon as it says so."""
+    """Wait `seconds` in this thread, looking at `should_stop` every tick; StreamStopped as soon as it
+    says so. For threads that have no run to watch (tests, tools); a run waits with `wait_unless_stopped`."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if should_stop():
             raise StreamStopped()
         time.sleep(min(tick_s, max(0.0, deadline - time.monotonic())))
+
+
+async def wait_unless_stopped(seconds: float, watch: RunWatch) -> None:
+    """Wait `seconds` on the loop; StreamStopped at once when the run is cancelled, times out or is
+    superseded (the watcher closes the wait as it would close a stream). No polling: one timer."""
+    if watch.should_stop():
+        raise StreamStopped()
+    closer = TaskCloser.current()
+    watch.attach(closer)
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        closer.disarm()
+        if not closer.fired:
+            raise
+        uncancel_current()
+        raise StreamStopped() from None
+    finally:
+        closer.disarm()
+        watch.detach(closer)
+    if watch.should_stop():
+        raise StreamStopped()

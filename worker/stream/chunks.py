@@ -9,7 +9,7 @@ only `json.loads`-ed into slotted objects that offer what `worker.model` reads o
 
 An `{"error": ...}` event mid-stream raises `openai.APIError`, as the SDK's stream does; transport
 errors surface as httpx exceptions, which `worker.model.map_error` maps like the SDK's wrappers.
-`close()` may be called from another thread (cancel, time limit) and ends the read at once.
+It runs on the worker's event loop (worker/loop.py): a cancel or time limit cancels the reading coroutine.
 
 Lines are split by `EventStreamDecoder` (contracts/bus/sse.py), from bytes, as the standard says (CR, LF
 or CRLF only), so text holding U+2028, U+0085 and the like reaches the JSON decoder whole.
@@ -18,7 +18,7 @@ or CRLF only), so text holding U+2028, U+0085 and the like reaches the JSON deco
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
@@ -67,27 +67,32 @@ class Chunk:
 
 
 class ChunkStream:
-    """Iterate the chunks of one streamed chat completion opened with `with_streaming_response`.
+    """Iterate the chunks of one streamed chat completion opened with `with_streaming_response`
+    (AsyncOpenAI): `async with ChunkStream(manager) as stream: async for chunk in stream`.
 
-    Entering the SDK's response manager sends the request; a non-2xx status raises the SDK's
-    `APIStatusError` there, before any chunk, as `chat.completions.create(stream=True)` does.
+    Entering sends the request; a non-2xx status raises the SDK's `APIStatusError` there, before any
+    chunk, as `chat.completions.create(stream=True)` does.
     """
 
     def __init__(self, manager: Any) -> None:
         self._manager = manager
-        self._response = manager.__enter__()
-        self.http_response = self._response.http_response
+        self.http_response: Any = None
 
-    def __iter__(self) -> Iterator[Chunk]:
+    async def __aenter__(self) -> ChunkStream:
+        response = await self._manager.__aenter__()
+        self.http_response = response.http_response
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._manager.__aexit__(None, None, None)
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
         decoder = EventStreamDecoder()
-        try:
-            for data in self.http_response.iter_bytes():
-                for payload in decoder.feed(data):
-                    if payload == "[DONE]":
-                        return
-                    yield self._chunk(payload)
-        finally:
-            self.close()
+        async for data in self.http_response.aiter_bytes():
+            for payload in decoder.feed(data):
+                if payload == "[DONE]":
+                    return
+                yield self._chunk(payload)
 
     def _chunk(self, payload: str) -> Chunk:
         raw = json.loads(payload)
@@ -97,12 +102,3 @@ class ChunkStream:
             raise openai.APIError(message if isinstance(message, str) and message else
                                   "An error occurred during streaming", self.http_response.request, body=error)
         return Chunk(raw)
-
-    def close(self) -> None:
-        self.http_response.close()
-
-    def __enter__(self) -> ChunkStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._manager.__exit__(None, None, None)

@@ -2,10 +2,16 @@
 
 The SDK's own retries are off (max_retries=0): the pipeline owns the retry policy, so a quota 429 is
 never retried blindly and every retry is visible as a task.retrying event.
+
+The call is a coroutine on the worker's event loop (worker/loop.py): AsyncOpenAI builds the request,
+its auth and its status errors; worker/stream/chunks.py reads the events. Opening the stream (up to the
+response headers) has a total deadline, QVQ_CONNECT_TIMEOUT_S; after that, each read may wait
+QVQ_STALL_TIMEOUT_S, and the task's time limit bounds the whole (the cancel watcher closes it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +23,7 @@ import openai
 from contracts.errors import ModelError, StreamStopped
 from contracts.settings import Settings
 from contracts.tokens import estimate_text_tokens
+from worker.loop import TaskCloser, uncancel_current
 from worker.stream.chunks import ChunkStream
 
 OnText = Callable[[str, str], None]  # ("reasoning" | "answer", text)
@@ -53,32 +60,45 @@ class StreamResult:
 
 
 class QvqModel:
-    """One per worker process: an openai client with a connection pool sized for the concurrency."""
+    """One per worker process: an AsyncOpenAI client with a connection pool sized for the concurrency.
+    Used only on the worker's loop (the httpx.AsyncClient belongs to that loop)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        timeout = httpx.Timeout(connect=10.0, read=settings.stall_timeout_s, write=60.0, pool=30.0)
-        limits = httpx.Limits(max_connections=settings.worker_concurrency + 10,
-                              max_keepalive_connections=settings.worker_concurrency + 10)
-        # Recent openai releases type their client against the `httpx2` fork; a plain httpx.Client
-        # works with every release (tested), and keeps transport errors in the httpx tree map_error knows.
-        self.client = openai.OpenAI(
-            api_key=settings.dashscope_api_key or "not-needed-for-the-emulator",
-            base_url=settings.base_url,
-            max_retries=0,
-            timeout=timeout,  # type: ignore[arg-type]
-            http_client=httpx.Client(timeout=timeout, limits=limits),  # type: ignore[arg-type]
-        )
+        self._client: openai.AsyncOpenAI | None = None
 
-    def close(self) -> None:
-        self.client.close()
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        if self._client is None:
+            settings = self.settings
+            timeout = httpx.Timeout(connect=min(10.0, settings.connect_timeout_s), read=settings.stall_timeout_s,
+                                    write=60.0, pool=30.0)
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=settings.worker_concurrency + 10)
+            # Recent openai releases type their client against the `httpx2` fork; a plain httpx.AsyncClient
+            # works with every release (tested), and keeps transport errors in the httpx tree map_error knows.
+            self._client = openai.AsyncOpenAI(
+                api_key=settings.dashscope_api_key or "not-needed-for-the-emulator",
+                base_url=settings.base_url,
+                max_retries=0,
+                timeout=timeout,  # type: ignore[arg-type]
+                http_client=httpx.AsyncClient(timeout=timeout, limits=limits),  # type: ignore[arg-type]
+            )
+        return self._client
 
-    def stream(
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    async def stream(
         self, *, model: str, messages: list[dict[str, Any]], high_resolution: bool, attempt: int,
         on_text: OnText, should_stop: Callable[[], bool] = lambda: False,
         on_open: Callable[[Any], None] | None = None, prompt_tokens_estimate: int | None = None,
     ) -> StreamResult:
         """Stream one completion, calling on_text for every piece of text as it arrives.
+
+        `on_open` receives a handle whose `close()` (any thread) stops the stream at once; after a
+        close, or whenever `should_stop()` says so, StreamStopped carries the text so far.
 
         A stream that ends without `finish_reason` is broken (model.stream_broken). One that ends
         properly without a usage chunk (a server that ignores include_usage) completes, with usage
@@ -86,30 +106,19 @@ class QvqModel:
         the request) and an estimate of the text received.
         """
         result = StreamResult()
-        try:
-            stream = ChunkStream(self.client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
-                model=model, messages=messages, stream=True,
-                stream_options={"include_usage": True},
-                extra_body={"vl_high_resolution_images": True} if high_resolution else None,
-                extra_headers={"X-Qvq-Attempt": str(attempt)},
-            ))
-        except openai.OpenAIError as exc:
-            raise map_error(exc, started=False) from exc
+        closer = TaskCloser.current()
         if on_open:
-            on_open(stream)
+            on_open(closer)
         try:
-            with stream:
-                for chunk in stream:
-                    result.chunks += 1
-                    _read_chunk(chunk, result, on_text)
-                    if should_stop():
-                        raise StreamStopped(result.finish())
-        except StreamStopped:
-            raise
-        except (openai.OpenAIError, httpx.HTTPError) as exc:
-            if should_stop():
-                raise StreamStopped(result.finish()) from exc
-            raise map_error(exc, started=True) from exc
+            await self._read(model, messages, high_resolution, attempt, on_text, should_stop, result)
+        except asyncio.CancelledError:
+            closer.disarm()
+            if not closer.fired:
+                raise
+            uncancel_current()
+            raise StreamStopped(result.finish()) from None
+        finally:
+            closer.disarm()
         if should_stop():
             raise StreamStopped(result.finish())
         if result.finish_reason is None:
@@ -118,6 +127,38 @@ class QvqModel:
         if result.usage is None:
             result.usage = estimated_usage(result, messages, prompt_tokens_estimate)
         return result
+
+    async def _read(self, model: str, messages: list[dict[str, Any]], high_resolution: bool, attempt: int,
+                    on_text: OnText, should_stop: Callable[[], bool], result: StreamResult) -> None:
+        manager = self.client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
+            model=model, messages=messages, stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"vl_high_resolution_images": True} if high_resolution else None,
+            extra_headers={"X-Qvq-Attempt": str(attempt)},
+        )
+        stream = ChunkStream(manager)
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                await stream.__aenter__()
+        except TimeoutError as exc:
+            raise ModelError(f"the model service did not answer within {self.settings.connect_timeout_s:g} s "
+                             "(QVQ_CONNECT_TIMEOUT_S)", code="model.timeout") from exc
+        except openai.OpenAIError as exc:
+            raise map_error(exc, started=False) from exc
+        try:
+            async for chunk in stream:
+                result.chunks += 1
+                _read_chunk(chunk, result, on_text)
+                if should_stop():
+                    raise StreamStopped(result.finish())
+        except StreamStopped:
+            raise
+        except (openai.OpenAIError, httpx.HTTPError) as exc:
+            if should_stop():
+                raise StreamStopped(result.finish()) from exc
+            raise map_error(exc, started=True) from exc
+        finally:
+            await asyncio.shield(stream.__aexit__())
 
 
 def estimated_usage(result: StreamResult, messages: list[dict[str, Any]],

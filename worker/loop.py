@@ -1,0 +1,159 @@
+"""The worker process's event loop: one asyncio loop, on its own thread, owns every wait of the process.
+
+A model stream, its delta coalescing and the group-committed event publishing, a wait for model quota
+or tenant rate, a retry's backoff, and every callback POST run here as coroutines. Celery stays the
+engine (delivery, acks, revoke, the lease and the sweep): a task thread does the short steps of its run
+(the row, the lease, the images, the terminal write) and hands the waiting to this loop with `run`,
+waiting on a future that costs no CPU while the loop serves every other stream.
+
+Why a thread and not asyncio everywhere: Celery's threads pool calls tasks synchronously, and its
+acknowledgement (acks_late) must follow the run's end. Admission is therefore still bounded by Celery's
+concurrency (QVQ_WORKER_CONCURRENCY, default 200): a parked task thread holds ~50 KB and no CPU
+(bench/RESULTS.md), so the default is high and the loop, not the thread count, sets the cost of a stream.
+
+The loop starts when first used (or with `start()` at worker_ready) and `stop()` cancels what still
+runs on it and joins its thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from contracts.logging import get_logger
+
+log = get_logger(__name__)
+T = TypeVar("T")
+STOP_TIMEOUT_S = 5.0
+
+
+class WorkerLoop:
+    """An asyncio loop on a daemon thread; `run` (from another thread) waits for a coroutine's result."""
+
+    def __init__(self, name: str = "qvq-loop") -> None:
+        self._name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._background: set[concurrent.futures.Future[Any]] = set()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop (started on first use)."""
+        with self._lock:
+            if self._loop is None or self._loop.is_closed():
+                self._start_locked()
+            assert self._loop is not None
+            return self._loop
+
+    def start(self) -> WorkerLoop:
+        _ = self.loop
+        return self
+
+    def in_loop(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the loop and wait for its result (its exception is raised here)."""
+        if self.in_loop():
+            coro.close()
+            raise RuntimeError("WorkerLoop.run called from the loop's own thread (await the coroutine instead)")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
+        """Run a coroutine on the loop without waiting; an exception it raises is logged."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        self._background.add(future)
+        future.add_done_callback(self._spawned_done)
+        return future
+
+    def _spawned_done(self, future: concurrent.futures.Future[Any]) -> None:
+        self._background.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            error = future.exception()
+            log.error("loop.task_failed", error=f"{type(error).__name__}: {error}")
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Cancel what still runs on the loop, stop it and join its thread."""
+        with self._lock:
+            loop, thread = self._loop, self._thread
+            self._loop = self._thread = None
+        if loop is None or thread is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # already stopping
+            asyncio.run_coroutine_threadsafe(_cancel_all(), loop).result(timeout_s)
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout_s)
+
+    def _start_locked(self) -> None:
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        thread = threading.Thread(target=self._serve, args=(loop, ready), name=self._name, daemon=True)
+        self._loop, self._thread = loop, thread
+        thread.start()
+        ready.wait()
+
+    @staticmethod
+    def _serve(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+
+async def _cancel_all() -> None:
+    me = asyncio.current_task()
+    tasks = [task for task in asyncio.all_tasks() if task is not me]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S)
+
+
+def uncancel_current() -> None:
+    """Forget a cancel this task asked for itself (a stream closed on purpose), so later awaits and
+    asyncio.timeout blocks of the same task behave."""
+    task = asyncio.current_task()
+    if task is not None:
+        while task.cancelling():
+            task.uncancel()
+
+
+class TaskCloser:
+    """Stops a coroutine from any thread while it is armed: what a RunWatch closes on cancel, time limit or
+    hand-back. The model call arms it for the life of its HTTP stream only, so a close that arrives later
+    (the text is being published, the run is ending) interrupts nothing."""
+
+    def __init__(self, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop) -> None:
+        self._task = task
+        self._loop = loop
+        self.armed = True
+        self.fired = False
+
+    @classmethod
+    def current(cls) -> TaskCloser:
+        task = asyncio.current_task()
+        assert task is not None, "TaskCloser.current() outside a task"
+        return cls(task, asyncio.get_running_loop())
+
+    def close(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to stop
+            self._loop.call_soon_threadsafe(self._fire)
+
+    def disarm(self) -> None:
+        """Called on the loop once the stream is over."""
+        self.armed = False
+
+    def _fire(self) -> None:
+        if self.armed and not self.fired:
+            self.fired = True
+            self._task.cancel()
