@@ -164,6 +164,14 @@ class UrlGuard:
         return str(addresses[0])
 
 
+def guarded_async_client(*, timeout: httpx.Timeout, limits: httpx.Limits | None = None,
+                         transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+    """`guarded_client` for an event loop: no proxy from the environment, no redirect followed."""
+    options: dict[str, Any] = {"limits": limits} if limits is not None else {}
+    return httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False, transport=transport,
+                             **options)
+
+
 def guarded_client(*, timeout: httpx.Timeout, verify: ssl.SSLContext | bool = True,
                    limits: httpx.Limits | None = None, headers: dict[str, str] | None = None,
                    transport: httpx.BaseTransport | None = None) -> httpx.Client:

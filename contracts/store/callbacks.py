@@ -33,16 +33,19 @@ class CallbackStore:
         return True
 
     def claim_callback(self, event_id: str, lease_s: float) -> CallbackRecord | None:
-        """Take a due pending delivery for one try: its next_attempt_at moves `lease_s` ahead, so
-        no other sender takes it meanwhile and a sender that dies leaves it due again. None when it
-        is not due, not pending, or another sender won."""
+        """Take a due pending delivery for one try: it is claimed for `lease_s` (longer than a try can
+        take), so no other sender takes it meanwhile, a redelivery does not either (it leaves the claim
+        alone), and a sender that dies leaves it due again when the claim ends. None when it is not due,
+        not pending, claimed by a try in flight, or another sender won."""
         moment = now()
+        until = moment + dt.timedelta(seconds=lease_s)
         with self.engine.begin() as conn:
             won = conn.execute(
                 callbacks.update()
                 .where(callbacks.c.event_id == event_id, callbacks.c.status == CALLBACK_PENDING,
-                       callbacks.c.next_attempt_at <= moment)
-                .values(next_attempt_at=moment + dt.timedelta(seconds=lease_s))).rowcount
+                       callbacks.c.next_attempt_at <= moment,
+                       sa.or_(callbacks.c.claimed_until.is_(None), callbacks.c.claimed_until <= moment))
+                .values(next_attempt_at=until, claimed_until=until)).rowcount
         return self.get_callback(event_id) if won else None
 
     def record_callback_attempt(self, event_id: str, *, status: str, attempt: dict[str, Any],
@@ -53,6 +56,7 @@ class CallbackStore:
             return
         values: dict[str, Any] = {
             "status": status, "attempts": record.attempts + 1, "next_attempt_at": next_attempt_at,
+            "claimed_until": None,
             "last_status_code": attempt.get("status_code"), "last_error": attempt.get("error"),
             "attempt_log": [*record.attempt_log, attempt][-ATTEMPT_LOG_SIZE:]}
         if status == CALLBACK_DELIVERED:
@@ -81,7 +85,8 @@ class CallbackStore:
             return [(row.event_id, row.next_attempt_at) for row in conn.execute(query)]
 
     def redeliver_callback(self, task_id: str) -> CallbackRecord | None:
-        """Make the task's latest delivery pending and due now, with a fresh retry window."""
+        """Make the task's latest delivery pending and due now, with a fresh retry window. A try in
+        flight keeps its claim: no second POST starts before it is recorded."""
         record = self.task_callback(task_id)
         if record is None:
             return None

@@ -121,6 +121,7 @@ class CallbackRecord:
     next_attempt_at: dt.datetime | None
     created_at: dt.datetime
     delivered_at: dt.datetime | None
+    claimed_until: dt.datetime | None = None  # a try is in flight until then
 
     def to_dict(self) -> dict[str, Any]:
         """What GET /v1/tasks/{id} shows as `callback` (the URL without its query: it may hold a token)."""

@@ -117,6 +117,7 @@ callbacks = sa.Table(
     sa.Column("next_attempt_at", UtcDateTime(), index=True),
     sa.Column("created_at", UtcDateTime(), nullable=False),
     sa.Column("delivered_at", UtcDateTime()),
+    sa.Column("claimed_until", UtcDateTime()),  # a try is in flight until then (single flight)
     sa.UniqueConstraint("task_id", "run", name="uq_qvq_callbacks_task_run"),
 )
 

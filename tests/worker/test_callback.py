@@ -12,7 +12,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -92,7 +92,7 @@ class Spy:
         self.statuses = statuses or []
         self.lookups: list[tuple[str, int]] = []
         self.requests: list[httpx.Request] = []
-        self.client = httpx.Client(transport=httpx.MockTransport(self._send))
+        self.transport = httpx.MockTransport(self._send)
 
     def resolve(self, host: str, port: int) -> list[str]:
         self.lookups.append((host, port))
@@ -165,41 +165,68 @@ def test_410_gone_is_not_retried(receiver: Receiver, waits: list[float]) -> None
 ])
 def test_post_once_says_what_to_do_next(statuses: list[int], outcome: Outcome) -> None:
     spy = Spy(statuses=statuses)
-    assert post_once("https://hook.example/h", EVENT, secret="k", guard=spy.guard(), client=spy.client) == outcome
+    assert post_once("https://hook.example/h", EVENT, secret="k", guard=spy.guard(), transport=spy.transport) == outcome
     assert len(spy.requests) == 1  # a redirect is not followed
 
 
 def test_the_receivers_reply_is_read_only_so_far() -> None:
     served = [0]
 
-    def endless() -> Iterator[bytes]:
+    async def endless() -> AsyncIterator[bytes]:
         while True:
             served[0] += 1024
             yield b"x" * 1024
 
-    client = httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(200, content=endless())))
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=endless()))
     guard = UrlGuard(resolver=lambda host, port: [PUBLIC_V4])
-    assert post_once("https://hook.example/h", EVENT, secret="k", guard=guard, client=client) == Outcome.DELIVERED
+    assert post_once("https://hook.example/h", EVENT, secret="k", guard=guard, transport=transport) == Outcome.DELIVERED
     assert served[0] <= callback.MAX_RESPONSE_BYTES + 1024
 
 
-def test_a_receiver_that_never_answers_times_out(monkeypatch: pytest.MonkeyPatch, waits: list[float]) -> None:
-    monkeypatch.setattr(callback, "TIMEOUT", httpx.Timeout(0.2))
+def test_a_receiver_that_never_answers_times_out(waits: list[float]) -> None:
     with socket.socket() as silent:  # accepts connections (the backlog) and never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/hook"
         with capture_logs() as logs:
-            assert not deliver(url, EVENT, secret="k", allow_private=True)
+            assert not deliver(url, EVENT, secret="k", allow_private=True, timeout_s=0.2)
     errors = [e["error"] for e in logs if e["event"] == "callback.failed"]
-    assert len(errors) == 3 and all(error.startswith("ReadTimeout") for error in errors)
+    assert errors == ["no full answer within 0.2 s"] * 3
+
+
+def test_a_trickling_receiver_is_cut_off_at_the_total_deadline(waits: list[float]) -> None:
+    """One byte every 0.2 s keeps every read alive: only the try's total deadline ends it."""
+    stop = threading.Event()
+
+    def trickle(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+            while not stop.wait(0.2):
+                try:
+                    conn.sendall(b"x")
+                except OSError:
+                    return
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        threading.Thread(target=lambda: trickle(server.accept()[0]), daemon=True).start()
+        guard = UrlGuard(allow_private=True, https_only=False)
+        started = time.monotonic()
+        try:
+            outcome = post_once(f"http://127.0.0.1:{server.getsockname()[1]}/hook", EVENT, secret="k", guard=guard,
+                                timeout_s=1.0)
+        finally:
+            stop.set()
+    assert outcome == Outcome.RETRY and time.monotonic() - started < 5
 
 
 def test_deliver_never_raises(waits: list[float]) -> None:
     spy = Spy()
     with capture_logs() as logs:
         assert not deliver("https://hook.example/h", {**EVENT, "answer": object()}, secret="k",
-                           allow_private=False, client=spy.client, guard=spy.guard())
+                           allow_private=False, transport=spy.transport, guard=spy.guard())
     assert [e["event"] for e in logs] == ["callback.error"] and spy.requests == []
 
 
@@ -254,7 +281,7 @@ def test_rebinding_to_loopback_between_tries_is_refused_and_never_connected(wait
     spy = Spy(answers=[[PUBLIC_V4], ["127.0.0.1"]], statuses=[503])
     with capture_logs() as logs:
         assert not deliver("https://hook.example/h", EVENT, secret="k", allow_private=False,
-                           client=spy.client, guard=spy.guard())
+                           transport=spy.transport, guard=spy.guard())
     assert spy.lookups == [("hook.example", 443), ("hook.example", 443)]
     assert spy.connected_to() == [PUBLIC_V4]
     request = spy.requests[0]
@@ -271,7 +298,7 @@ def test_rebinding_to_loopback_between_tries_is_refused_and_never_connected(wait
 def test_special_addresses_are_refused_and_nothing_is_connected(address: str, waits: list[float]) -> None:
     spy = Spy(answers=[[PUBLIC_V4, address]])
     assert not deliver("https://hook.example/h", EVENT, secret="k", allow_private=False,
-                       client=spy.client, guard=spy.guard())
+                       transport=spy.transport, guard=spy.guard())
     assert spy.requests == [] and waits == []
 
 
@@ -282,7 +309,7 @@ def test_special_addresses_are_refused_and_nothing_is_connected(address: str, wa
 def test_a_bad_callback_url_is_logged_and_nothing_is_looked_up_or_sent(url: str, waits: list[float]) -> None:
     spy = Spy()
     with capture_logs() as logs:
-        assert not deliver(url, EVENT, secret="k", allow_private=True, client=spy.client, guard=spy.guard())
+        assert not deliver(url, EVENT, secret="k", allow_private=True, transport=spy.transport, guard=spy.guard())
     assert spy.lookups == [] and spy.requests == [] and waits == []
     assert [e["event"] for e in logs] == ["callback.refused", "callback.undelivered"]
     assert all("pw" not in str(e) for e in logs)
@@ -294,7 +321,7 @@ def test_an_unresolvable_host_is_retried(waits: list[float]) -> None:
 
     spy = Spy()
     guard = UrlGuard(resolver=unresolvable)
-    assert not deliver("https://hook.example/h", EVENT, secret="k", allow_private=False, client=spy.client,
+    assert not deliver("https://hook.example/h", EVENT, secret="k", allow_private=False, transport=spy.transport,
                        guard=guard)
     assert spy.requests == [] and waits == [0.5, 2.0]
 

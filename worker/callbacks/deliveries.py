@@ -12,9 +12,14 @@ the truth (status, next_attempt_at), and a due time is only a wake-up:
   set `qvq:callbacks:due` (score: the unix time it is due);
 - a small thread in every worker process polls the set (scheduler.py); whoever ZREMs a due id sends
   `qvq.callback` (one winner per due item);
-- a try starts by claiming the row (an UPDATE that only succeeds while it is pending and due, moving
-  next_attempt_at a lease ahead): two messages for one delivery never make two POSTs at once, and a
-  worker killed mid-try leaves the row due again when the lease ends;
+- a try starts by claiming the row (an UPDATE that only succeeds while it is pending, due and not
+  claimed: `claimed_until` a lease ahead, QVQ_CALLBACK_TIMEOUT_S + CLAIM_MARGIN_S): two messages for one
+  delivery, or a redelivery asked while a try is in flight, never make two POSTs at once, and a worker
+  killed mid-try leaves the row due again when the claim ends;
+- the Celery task only claims: the POST runs on the worker's event loop (worker/loop.py), at most
+  CALLBACK_SLOTS at once per process, each within its total deadline, so a slow receiver never holds a
+  worker thread and receivers can never take a stream's place; a try that waited for a slot so long that
+  it could outlive its claim is not made (the row comes due again);
 - every SWEEP_S the scheduler re-adds pending rows overdue by SWEEP_GRACE_S to the set, so deliveries
   survive a Redis restart, a lost message or a killed worker.
 
@@ -24,8 +29,10 @@ at once; anything else: tried again until QVQ_CALLBACK_MAX_AGE_S has passed, the
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-import threading
+import time
+import weakref
 from typing import Any
 
 import httpx
@@ -46,7 +53,8 @@ from worker.callbacks import post
 from worker.context import WorkerContext
 
 log = get_logger(__name__)
-CLAIM_LEASE_S = 60.0  # longer than one try can take (post.TIMEOUT), so a live try is never doubled
+CLAIM_MARGIN_S = 30.0  # a claim outlives the longest try (QVQ_CALLBACK_TIMEOUT_S) by this much
+CALLBACK_SLOTS = 256  # tries in flight at once per worker process (each a coroutine and a socket)
 _FINAL = {post.Outcome.DELIVERED: CALLBACK_DELIVERED, post.Outcome.GONE: CALLBACK_GONE,
           post.Outcome.REFUSED: CALLBACK_FAILED}
 
@@ -77,15 +85,38 @@ def enqueue(ctx: WorkerContext, event_id: str) -> None:
 
 
 # -- one try -------------------------------------------------------------------------------------
+def claim_lease_s(settings: Settings) -> float:
+    return settings.callback_timeout_s + CLAIM_MARGIN_S
+
+
 def send(ctx: WorkerContext, event_id: str) -> str | None:
-    """Make one try of a due delivery and record it; None when it was not due (or another sender won)."""
-    record = ctx.store.claim_callback(event_id, CLAIM_LEASE_S)
+    """Claim a due delivery and start its try on the loop; "sending", or None when it was not due (or
+    another sender won, or a try is in flight)."""
+    record = ctx.store.claim_callback(event_id, claim_lease_s(ctx.settings))
     if record is None:
         return None
+    ctx.loop.spawn(try_delivery(ctx, record, claimed_at=time.monotonic()))
+    return "sending"
+
+
+async def try_delivery(ctx: WorkerContext, record: CallbackRecord, *, claimed_at: float) -> str | None:
+    """Make one try of a claimed delivery and record it; its status, or None when the try was not made."""
     settings = ctx.settings
-    secret = settings.tenant_webhook_secrets.get(record.tenant or "", settings.webhook_secret)
-    tried = post.attempt(record.url, record.event, secret=secret, guard=_guard(settings), client=_client())
+    async with _slots():
+        if time.monotonic() - claimed_at > CLAIM_MARGIN_S:  # the try could outlive the claim: not now
+            log.warning("callback.try_skipped", event_id=record.event_id, reason="waited too long for a slot")
+            return None
+        secret = settings.tenant_webhook_secrets.get(record.tenant or "", settings.webhook_secret)
+        tried = await post.attempt(record.url, record.event, secret=secret, guard=_guard(settings),
+                                   client=_client(), timeout_s=settings.callback_timeout_s)
     status, next_at = next_state(settings, record, tried.outcome)
+    await asyncio.to_thread(_record, ctx, record, tried, status, next_at)
+    return status
+
+
+def _record(ctx: WorkerContext, record: CallbackRecord, tried: post.Attempt, status: str,
+            next_at: dt.datetime | None) -> None:
+    event_id = record.event_id
     ctx.store.record_callback_attempt(event_id, status=status, next_attempt_at=next_at, attempt={
         "at": dt.datetime.now(dt.UTC).isoformat(), "outcome": str(tried.outcome),
         "status_code": tried.status_code, "error": tried.error})
@@ -93,7 +124,6 @@ def send(ctx: WorkerContext, event_id: str) -> str | None:
         ctx.redis.zadd(keys.CALLBACKS_DUE, {event_id: next_at.timestamp()})
     log.info("callback.attempt", event_id=event_id, attempt=record.attempts + 1, outcome=str(tried.outcome),
              status_code=tried.status_code, delivery=status)
-    return status
 
 
 def next_state(settings: Settings, record: CallbackRecord, outcome: post.Outcome) -> tuple[str, dt.datetime | None]:
@@ -107,21 +137,28 @@ def next_state(settings: Settings, record: CallbackRecord, outcome: post.Outcome
     return CALLBACK_PENDING, due
 
 
-_http: httpx.Client | None = None
+# One client and one semaphore per event loop (both belong to the loop that made them).
+_per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, asyncio.Semaphore]] = (
+    weakref.WeakKeyDictionary())
 _guards: dict[bool, UrlGuard] = {}
-_lock = threading.Lock()
 
 
-def _client() -> httpx.Client:
-    global _http
-    with _lock:
-        if _http is None:
-            _http = post.make_client()
-        return _http
+def _loop_parts() -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+    loop = asyncio.get_running_loop()
+    if loop not in _per_loop:
+        _per_loop[loop] = (post.make_client(), asyncio.Semaphore(CALLBACK_SLOTS))
+    return _per_loop[loop]
+
+
+def _client() -> httpx.AsyncClient:
+    return _loop_parts()[0]
+
+
+def _slots() -> asyncio.Semaphore:
+    return _loop_parts()[1]
 
 
 def _guard(settings: Settings) -> UrlGuard:
-    with _lock:
-        if settings.allow_private_urls not in _guards:
-            _guards[settings.allow_private_urls] = post.make_guard(settings.allow_private_urls)
-        return _guards[settings.allow_private_urls]
+    if settings.allow_private_urls not in _guards:
+        _guards[settings.allow_private_urls] = post.make_guard(settings.allow_private_urls)
+    return _guards[settings.allow_private_urls]

@@ -1,14 +1,19 @@
 """One signed POST of a task's terminal event to the job's callback_url (contracts/webhook.py signs it).
 
-Durable deliveries (deliveries.py) make their tries through `attempt`. The URL goes through the SSRF guard (contracts/ssrf.py) like an image URL: the
-host is resolved once and every address checked, the POST goes to the checked address, no proxy from
-the environment, no redirect followed. `post_once` makes one try and says what to do next; `deliver`
-makes the tries of contracts/retry.CALLBACK and never raises. A caller making its own tries (a Celery
-task) calls `post_once` with `make_guard(...)` and `make_client()`.
+`attempt` is the one implementation: a coroutine for the worker's event loop (worker/loop.py), so a
+receiver that answers slowly, or trickles its reply, holds no thread. Its whole try (the DNS lookup, the
+connection, the request and the reply) has a total deadline, QVQ_CALLBACK_TIMEOUT_S: a receiver that
+sends one byte every few seconds is cut off at the deadline, not kept alive by each byte.
+
+The URL goes through the SSRF guard (contracts/ssrf.py) like an image URL: the host is resolved once and
+every address checked, the POST goes to the checked address, no proxy from the environment, no redirect
+followed. Durable deliveries (deliveries.py) make their tries through `attempt`; `post_once` and
+`deliver` (the quick tries of contracts/retry.CALLBACK, never raising) run it for a caller without a loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from enum import StrEnum
@@ -20,11 +25,12 @@ import httpx
 from contracts.errors import UnsafeURL
 from contracts.logging import get_logger
 from contracts.retry import CALLBACK, RETRY_OUTCOME
-from contracts.ssrf import UrlGuard, guarded_client
+from contracts.ssrf import UrlGuard, guarded_async_client
 from contracts.webhook import SIGNATURE_HEADER, sign
 
 log = get_logger(__name__)
-TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+TIMEOUT_S = 10.0  # QVQ_CALLBACK_TIMEOUT_S's default: one try, in total
+CONNECT_TIMEOUT_S = 5.0
 MAX_RESPONSE_BYTES = 64 * 1024  # a receiver's reply is read this far, then dropped
 
 
@@ -36,18 +42,16 @@ class Outcome(StrEnum):
 
 
 def deliver(url: str, event: dict[str, Any], *, secret: str, allow_private: bool,
-            client: httpx.Client | None = None, guard: UrlGuard | None = None) -> bool:
+            transport: httpx.AsyncBaseTransport | None = None, guard: UrlGuard | None = None,
+            timeout_s: float = TIMEOUT_S) -> bool:
     """True when the receiver answered 2xx; never raises. ``guard`` (tests) replaces allow_private."""
     guard = guard or make_guard(allow_private)
-    http = client or make_client()
     try:
-        outcome = CALLBACK.call(post_once, url, event, secret=secret, guard=guard, client=http)
+        outcome = CALLBACK.call(post_once, url, event, secret=secret, guard=guard, transport=transport,
+                                timeout_s=timeout_s)
     except Exception as exc:  # the task's result is already persisted: a bug here must not fail it
         log.error("callback.error", url=_shown(url), error=f"{type(exc).__name__}: {exc}")
         return False
-    finally:
-        if client is None:
-            http.close()
     if outcome is not Outcome.DELIVERED:
         log.warning("callback.undelivered", url=_shown(url), outcome=str(outcome))
     return outcome is Outcome.DELIVERED
@@ -58,8 +62,10 @@ def make_guard(allow_private: bool) -> UrlGuard:
     return UrlGuard(allow_private=allow_private, https_only=False)
 
 
-def make_client() -> httpx.Client:
-    return guarded_client(timeout=TIMEOUT)
+def make_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+    """The callbacks' client (one per loop); the total deadline is `attempt`'s, these are its parts."""
+    return guarded_async_client(timeout=httpx.Timeout(TIMEOUT_S, connect=CONNECT_TIMEOUT_S), transport=transport,
+                                limits=httpx.Limits(max_connections=None, max_keepalive_connections=20))
 
 
 @dataclass(frozen=True)
@@ -71,15 +77,32 @@ class Attempt:
     error: str | None = None
 
 
-def post_once(url: str, event: dict[str, Any], *, secret: str, guard: UrlGuard, client: httpx.Client) -> Outcome:
-    """One signed POST of the event, to the address the guard checked; never raises httpx errors."""
-    return attempt(url, event, secret=secret, guard=guard, client=client).outcome
+def post_once(url: str, event: dict[str, Any], *, secret: str, guard: UrlGuard,
+              transport: httpx.AsyncBaseTransport | None = None, timeout_s: float = TIMEOUT_S) -> Outcome:
+    """One try, for a caller without an event loop: what to do next; never raises httpx errors."""
+    async def once() -> Outcome:
+        async with make_client(transport) as client:
+            return (await attempt(url, event, secret=secret, guard=guard, client=client,
+                                  timeout_s=timeout_s)).outcome
+
+    return asyncio.run(once())
 
 
-def attempt(url: str, event: dict[str, Any], *, secret: str, guard: UrlGuard, client: httpx.Client) -> Attempt:
-    """As post_once, telling also the status code and the error (for a delivery's record)."""
+async def attempt(url: str, event: dict[str, Any], *, secret: str, guard: UrlGuard, client: httpx.AsyncClient,
+                  timeout_s: float = TIMEOUT_S) -> Attempt:
+    """One signed POST of the event to the address the guard checked, within `timeout_s` in all."""
     try:
-        pinned = guard.pin(url, credentials=False)
+        async with asyncio.timeout(timeout_s):
+            return await _attempt(url, event, secret, guard, client)
+    except TimeoutError:
+        log.warning("callback.failed", url=_shown(url), error=f"no full answer within {timeout_s:g} s")
+        return Attempt(Outcome.RETRY, error=f"timeout ({timeout_s:g} s)")
+
+
+async def _attempt(url: str, event: dict[str, Any], secret: str, guard: UrlGuard,
+                   client: httpx.AsyncClient) -> Attempt:
+    try:
+        pinned = await asyncio.to_thread(guard.pin, url, credentials=False)  # DNS blocks: not on the loop
     except UnsafeURL as exc:
         retry = exc.reason in ("unresolved", "not_found")  # DNS may answer later; a bad address will not
         log.warning("callback.failed" if retry else "callback.refused", url=_shown(url), reason=exc.reason,
@@ -87,9 +110,9 @@ def attempt(url: str, event: dict[str, Any], *, secret: str, guard: UrlGuard, cl
         return Attempt(Outcome.RETRY if retry else Outcome.REFUSED, error=exc.message)
     body = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
     try:
-        with client.stream("POST", pinned.url, content=body, headers={**_headers(event, body, secret),
-                           **pinned.headers}, extensions=pinned.extensions) as response:
-            _drain(response)
+        async with client.stream("POST", pinned.url, content=body, headers={**_headers(event, body, secret),
+                                 **pinned.headers}, extensions=pinned.extensions) as response:
+            await _drain(response)
     except httpx.HTTPError as exc:
         log.warning("callback.failed", url=_shown(url), error=f"{type(exc).__name__}: {exc}")
         return Attempt(Outcome.RETRY, error=type(exc).__name__)
@@ -112,11 +135,11 @@ def _headers(event: dict[str, Any], body: bytes, secret: str) -> dict[str, Any]:
     return headers
 
 
-def _drain(response: httpx.Response) -> None:
+async def _drain(response: httpx.Response) -> None:
     if response.is_stream_consumed:  # a reply already held in memory (an in-process transport)
         return
     read = 0
-    for chunk in response.iter_raw():
+    async for chunk in response.aiter_raw():
         read += len(chunk)
         if read >= MAX_RESPONSE_BYTES:
             break
