@@ -6,9 +6,9 @@ and every background loop started and stopped.
     celeryd_after_setup   the banner becomes a log line (LOG_FORMAT=json); qvq-callbacks is consumed too
     worker_init           the delivery settings are checked: the worker refuses to start when they break
                           the guarantees, or when DashScope is named without a key
-    worker_ready          the context is built and its loops started (leases, cancel watcher, flow mover),
-                          the model endpoint probed, then the health endpoints, the recovery sweep and the
-                          callback scheduler start
+    worker_ready          the context is built and its loops started (the event loop, leases, cancel
+                          watcher, flow mover), the model endpoint probed on the loop (not waited for),
+                          then the health endpoints, the recovery sweep and the callback scheduler start
     worker_shutting_down  the heartbeat stops (not ready), the sweep stops; on a warm shutdown the running
                           streams are handed back after QVQ_SHUTDOWN_GRACE_S
     worker_shutdown       every loop stops, the context closes
@@ -42,7 +42,8 @@ from worker.callbacks.scheduler import DueScheduler
 from worker.celery import app, delivery_problems
 from worker.context import WorkerContext
 from worker.ops.health import Heartbeat, serve_metrics
-from worker.ops.probe import missing_key, probe
+from worker.ops.probe import missing_key
+from worker.ops.probe import report as report_probe
 from worker.recovery.sweep import Sweep
 
 log = get_logger(__name__)
@@ -62,6 +63,7 @@ class _Process:
 
 _process: _Process | None = None
 _lock = threading.Lock()
+_pool_size: int | None = None  # the pool's real size (-c on the command line wins over QVQ_WORKER_CONCURRENCY)
 Handler = TypeVar("Handler", bound=Callable[..., None])
 
 
@@ -80,6 +82,8 @@ def get_context() -> WorkerContext:
     with _lock:
         if _process is None or _process.pid != os.getpid():
             settings = get_settings()
+            if _pool_size and _pool_size != settings.worker_concurrency:
+                settings = settings.with_overrides(worker_concurrency=_pool_size)
             context = WorkerContext.build(settings, TaskSender(app, settings.queue)).start()
             _process = _Process(context, os.getpid())
         return _process.context
@@ -113,8 +117,10 @@ def _say_json(msg: str, f: Any = sys.__stderr__) -> None:
 def _after_setup(instance: Any = None, **_: Any) -> None:
     """Every worker also consumes qvq-callbacks, whatever -Q it was started with; with LOG_FORMAT=json,
     Celery's banner (plain text on stdout) becomes a log line."""
+    global _pool_size
     if instance is None:
         return
+    _pool_size = getattr(instance, "concurrency", None) or None
     instance.app.amqp.queues.select_add(cb.QUEUE)
     if get_settings().log_format != "json":
         return
@@ -151,10 +157,7 @@ def _start(**_: Any) -> None:
     settings = context.settings
     log.info("worker.ready", visibility_timeout_s=settings.visibility_timeout_s, task_timeout_s=settings.task_timeout_s,
              model_endpoint=settings.base_url, real_service=settings.uses_real_service, queue=settings.queue)
-    problem = probe(settings)
-    if problem:
-        log.warning("worker.model_endpoint_unusable", model_endpoint=settings.base_url, problem=problem,
-                    hint="tasks fail or retry until the endpoint answers GET /models")
+    context.loop.spawn(report_probe(settings))  # not waited for: consuming does not depend on it
     assert _process is not None
     if settings.heartbeat_file and _process.heartbeat is None:
         _process.heartbeat = Heartbeat(settings.heartbeat_file).start()

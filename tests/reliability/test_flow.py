@@ -160,6 +160,25 @@ def test_one_tenants_burst_neither_exceeds_its_slots_nor_delays_another_tenant(m
     assert waiting[0]["reason"] == "tenant_concurrency" and waiting[0]["wait_s"] > 0
 
 
+def test_a_tenants_burst_at_60_rpm_delays_another_tenants_single_job_by_about_one_call(make_stack: Any) -> None:
+    """No tenant limits at all: tenant a queues 40 jobs at the vendor's 60 rpm on a 10-thread worker, then b
+    submits one. a's runs beyond its share of the threads are parked (not held waiting for quota), so b's
+    job reaches a thread at once and the limiter's fair queue gives it the next call or the one after."""
+    stack = _rate_limited_stack(make_stack, 60, 10_000_000)
+    stack.start_worker(concurrency=10, name="w0")
+    a_ids = _submit_all(stack, 40, tenant="a")
+    stack.wait_events(a_ids[12], lambda es: any(e["type"] == WAITING for e in es), timeout=60)  # past 10 threads
+    submitted = time.monotonic()
+    b_id = _submit_all(stack, 1, tenant="b")[0]
+    stack.wait_events(b_id, lambda es: any(e["type"] in (ev.REASONING_DELTA, ev.ANSWER_DELTA) for e in es),
+                      timeout=60)
+    b_reached = time.monotonic() - submitted
+    a_done = sum(1 for task_id in a_ids if stack.client.store.get(task_id).status == "completed")
+    print(f"\nflow burst vs one job: b reached the model {b_reached:.2f} s after submit ({a_done} of a's done)")
+    assert b_reached < 6.0  # one call is 1 s at 60 rpm; a's 40 jobs would be 40 s
+    assert a_done < 25  # b did not wait behind a's queue
+
+
 def test_concurrent_tasks_never_spend_more_than_the_budget(make_stack: Any, database_url: str) -> None:
     worst = worst_case_cost("qvq-max", 0)
     budget = (worst * Decimal("10.5")).quantize(Decimal("0.01"))  # fits 10 worst cases, not 11

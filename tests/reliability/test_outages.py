@@ -5,6 +5,7 @@ and past that the message goes back to the queue and the task resumes later."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -123,6 +124,14 @@ class FailingBus:
             self.terminal_failures -= 1
             raise redis.ConnectionError("Redis is gone (test)")
         return int(self.bus.publish(task_id, type_, attempt, **fields))
+
+    def publish_soon(self, task_id: str, type_: str, attempt: int, **fields: Any) -> Any:
+        self.calls.append(type_)
+        if self.everything or (self.deltas and type_ in ev.DELTA_TYPES):
+            failed = asyncio.get_running_loop().create_future()
+            failed.set_exception(redis.ConnectionError("Redis is gone (test)"))
+            return failed
+        return self.bus.publish_soon(task_id, type_, attempt, **fields)
 
 
 class FailingStore:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -41,6 +42,7 @@ from worker.stream.model import StreamResult
 
 log = get_logger(__name__)
 PARK_DELAY_S = 1.0
+QUOTA_SHARE = 4  # a tenant may have 1/QUOTA_SHARE of a process's runs waiting for model quota
 DEFAULT_429_HOLD_S = 1.0
 Publish = Callable[..., Any]  # TaskRun._publish(type_, **fields)
 Sleep = Callable[[float], None]  # wait this long; StreamStopped when the run is stopped meanwhile
@@ -82,6 +84,30 @@ class ModelCall:
         return self.input_tokens, estimate_text_tokens("".join(self.chars)), True
 
 
+class RunsByTenant:
+    """Task ids per tenant, thread-safe (the runs of one process)."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, tenant: str | None, task_id: str) -> None:
+        with self._lock:
+            self._runs.setdefault(tenant or "", set()).add(task_id)
+
+    def discard(self, tenant: str | None, task_id: str) -> None:
+        with self._lock:
+            runs = self._runs.get(tenant or "")
+            if runs is not None:
+                runs.discard(task_id)
+                if not runs:
+                    del self._runs[tenant or ""]
+
+    def count(self, tenant: str | None) -> int:
+        with self._lock:
+            return len(self._runs.get(tenant or "", ()))
+
+
 class FlowControl:
     """One per worker process (worker/context.py)."""
 
@@ -96,31 +122,57 @@ class FlowControl:
         self.budget = BudgetKeeper(client, store, settings.tenant_limits,
                                    reservation_ttl_s=settings.task_timeout_s + 60)
         self.parking = ParkingLot(client)
+        # runs admitted and not yet granted model quota, per tenant; a tenant may hold this many
+        self._quota_waiters = RunsByTenant()
+        self.quota_share = max(1, settings.worker_concurrency // QUOTA_SHARE)
 
     # -- hook 1: around the run ------------------------------------------------------------------
     @contextlib.contextmanager
     def admitted(self, job: JobRequest, payload: dict[str, Any], publish: Publish) -> Iterator[bool]:
         """True while this delivery holds a tenant slot (or the tenant has no limit); False when the
-        task was parked instead (the caller returns, and the message is acknowledged)."""
+        task was parked instead (the caller returns, and the message is acknowledged).
+
+        A task is also parked when its tenant already has its share of this process's runs waiting for
+        model quota (QUOTA_SHARE) while the quota has a queue: one tenant's burst then cannot take every
+        worker thread, and another tenant's job reaches a thread, and the limiter's fair queue, at once."""
         try:
             holder = self.gate.try_slot(job.tenant, job.task_id)
             parked = holder is None and not self.client.exists(keys.cancel_key(job.task_id))
         except redis.RedisError as exc:  # fail open: the service's own 429s still hold the line
             log.warning("flow.unavailable", step="tenant_slot", error=str(exc))
             holder, parked = "", False
+        reason = "tenant_concurrency"
+        if not parked and holder is not None and self._over_quota_share(job):
+            parked, reason = True, "model_quota"
+            if holder:
+                self.gate.release(job.tenant, holder)
         if parked:
-            self._mark_waiting(job.task_id, "tenant_concurrency", PARK_DELAY_S, publish,
-                               ttl_s=PARK_DELAY_S * 3 + 5)
-            self.parking.park(job.task_id, payload, PARK_DELAY_S)
-            log.info("flow.parked", tenant=job.tenant, concurrency=self.gate.limit(job.tenant).concurrency,
-                     due_in_s=PARK_DELAY_S)
+            self._park(job, payload, publish, reason)
             yield False
             return
+        self._quota_waiters.add(job.tenant, job.task_id)
         try:
             yield True
         finally:
+            self._quota_waiters.discard(job.tenant, job.task_id)
             if holder:
                 self.gate.release(job.tenant, holder)
+
+    def _park(self, job: JobRequest, payload: dict[str, Any], publish: Publish, reason: str) -> None:
+        self._mark_waiting(job.task_id, reason, PARK_DELAY_S, publish, ttl_s=PARK_DELAY_S * 3 + 5)
+        self.parking.park(job.task_id, payload, PARK_DELAY_S)
+        log.info("flow.parked", tenant=job.tenant, reason=reason, due_in_s=PARK_DELAY_S,
+                 concurrency=self.gate.limit(job.tenant).concurrency)
+
+    def _over_quota_share(self, job: JobRequest) -> bool:
+        """The tenant holds its share of this process's runs not yet past the model quota, and the
+        quota has a queue (so this run would only wait in a thread)."""
+        if self.limiter is None or self._quota_waiters.count(job.tenant) < self.quota_share:
+            return False
+        try:
+            return self.limiter.backlogged(job.model)
+        except redis.RedisError:
+            return False
 
     def stop(self) -> None:
         self.parking.stop()
@@ -190,6 +242,7 @@ class FlowControl:
 
         ticket = self.limiter.wait_for_capacity(job.model, tenant=job.tenant, tokens=tokens,
                                                 should_stop=should_stop, on_wait=on_wait, sleep=sleep)
+        self._quota_waiters.discard(job.tenant, job.task_id)
         if ticket is None:
             raise StreamStopped(StreamResult())
         return ticket

@@ -196,6 +196,10 @@ class ModelLimiter:
         if output_tokens > 0 or replaced:
             self._settle(keys=[keys.tokens_key(family)], args=[member, self.windows_ms[1], replaced])
 
+    def backlogged(self, model: str) -> bool:
+        """Whether calls of this model's family are queued for quota now (a new one would wait)."""
+        return bool(self.client.zcard(keys.waiters_key(self.family(model))))
+
     def leave(self, model: str, ticket: str) -> None:
         """Stop waiting (the task was cancelled while queued for quota)."""
         family = self.family(model)

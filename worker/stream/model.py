@@ -97,8 +97,9 @@ class QvqModel:
     ) -> StreamResult:
         """Stream one completion, calling on_text for every piece of text as it arrives.
 
-        `on_open` receives a handle whose `close()` (any thread) stops the stream at once; after a
-        close, or whenever `should_stop()` says so, StreamStopped carries the text so far.
+        `on_open`, called once the service accepted the call, receives a handle whose `close()` (any
+        thread) stops the stream at once; after a close, or whenever `should_stop()` says so,
+        StreamStopped carries the text so far.
 
         A stream that ends without `finish_reason` is broken (model.stream_broken). One that ends
         properly without a usage chunk (a server that ignores include_usage) completes, with usage
@@ -107,10 +108,9 @@ class QvqModel:
         """
         result = StreamResult()
         closer = TaskCloser.current()
-        if on_open:
-            on_open(closer)
         try:
-            await self._read(model, messages, high_resolution, attempt, on_text, should_stop, result)
+            await self._read(model, messages, high_resolution, attempt, on_text, should_stop, result,
+                             lambda: on_open(closer) if on_open else None)
         except asyncio.CancelledError:
             closer.disarm()
             if not closer.fired:
@@ -129,7 +129,8 @@ class QvqModel:
         return result
 
     async def _read(self, model: str, messages: list[dict[str, Any]], high_resolution: bool, attempt: int,
-                    on_text: OnText, should_stop: Callable[[], bool], result: StreamResult) -> None:
+                    on_text: OnText, should_stop: Callable[[], bool], result: StreamResult,
+                    opened: Callable[[], None]) -> None:
         manager = self.client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
             model=model, messages=messages, stream=True,
             stream_options={"include_usage": True},
@@ -146,6 +147,7 @@ class QvqModel:
         except openai.OpenAIError as exc:
             raise map_error(exc, started=False) from exc
         try:
+            opened()  # the service accepted the call (it may bill it): the stream can be closed from now on
             async for chunk in stream:
                 result.chunks += 1
                 _read_chunk(chunk, result, on_text)
