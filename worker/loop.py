@@ -8,8 +8,9 @@ waiting on a future that costs no CPU while the loop serves every other stream.
 
 Why a thread and not asyncio everywhere: Celery's threads pool calls tasks synchronously, and its
 acknowledgement (acks_late) must follow the run's end. Admission is therefore still bounded by Celery's
-concurrency (QVQ_WORKER_CONCURRENCY, default 200): a parked task thread holds ~50 KB and no CPU
-(bench/RESULTS.md), so the default is high and the loop, not the thread count, sets the cost of a stream.
+concurrency (QVQ_WORKER_CONCURRENCY, default 200): a parked task thread uses no CPU (100 live streams
+grew the worker's RSS by 29 MB in all, bench/RESULTS.md), so the default is high and the loop, not the
+thread count, sets the cost of a stream.
 
 The loop starts when first used (or with `start()` at worker_ready) and `stop()` cancels what still
 runs on it and joins its thread.
