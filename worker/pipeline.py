@@ -97,7 +97,7 @@ class TaskRun:
         self._events_down_until = 0.0
         self._waited_since: float | None = None  # when this delivery began waiting for another's lease
         self.input_tokens = 0  # the counted input of the model call (check_token_budget), for flow control
-        self._deltas_in_flight: set[asyncio.Future[int]] = set()  # queued on the loop, not yet in Redis
+        self._last_delta: asyncio.Future[int] | None = None  # the latest delta queued on the loop
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> str | None:
@@ -261,8 +261,7 @@ class TaskRun:
             raise
         finally:
             coalescer.close()
-            if self._deltas_in_flight:
-                await asyncio.wait(list(self._deltas_in_flight))
+            await self._deltas_sent()
 
     def _model_call(self, watch: RunWatch) -> contextlib.AbstractContextManager[ModelCall]:
         """Flow control around one model call (hook 2); a pass-through when there is none."""
@@ -412,16 +411,24 @@ class TaskRun:
 
     def _emit_delta(self, type_: str, text: str) -> None:
         """A delta, from the coalescer on the loop: queued, not waited for (as `_publish`, a failure is
-        logged and the deltas skipped for a cooldown)."""
+        logged and the deltas skipped for a cooldown). The publisher keeps one queue in order, so only
+        the latest delta's future is kept: once it is done, every earlier one is."""
+        last = self._last_delta
+        if last is not None and last.done():
+            self._delta_done(last)
         if time.monotonic() < self._events_down_until:
             return
-        future = self.ctx.bus.publish_soon(self.task_id, type_, self.attempt,
-                                           seq_floor=max(self.seq_floor, self.last_seq), text=text)
-        self._deltas_in_flight.add(future)
-        future.add_done_callback(self._delta_sent)
+        self._last_delta = self.ctx.bus.publish_soon(self.task_id, type_, self.attempt,
+                                                     seq_floor=max(self.seq_floor, self.last_seq), text=text)
 
-    def _delta_sent(self, future: asyncio.Future[int]) -> None:
-        self._deltas_in_flight.discard(future)
+    async def _deltas_sent(self) -> None:
+        """Wait until every delta of this attempt is in Redis (or given up)."""
+        last, self._last_delta = self._last_delta, None
+        if last is not None:
+            await asyncio.wait([last])
+            self._delta_done(last)
+
+    def _delta_done(self, future: asyncio.Future[int]) -> None:
         error = None if future.cancelled() else future.exception()
         if error is None and not future.cancelled():
             self.last_seq = max(self.last_seq, future.result())

@@ -4,7 +4,8 @@ The SDK's own retries are off (max_retries=0): the pipeline owns the retry polic
 never retried blindly and every retry is visible as a task.retrying event.
 
 The call is a coroutine on the worker's event loop (worker/loop.py): AsyncOpenAI builds the request,
-its auth and its status errors; worker/stream/chunks.py reads the events. Opening the stream (up to the
+its auth and its status errors; worker/stream/chunks.py reads the events, and worker/stream/transport.py
+carries the bytes (httpx and httpcore over plain asyncio transports). Opening the stream (up to the
 response headers) has a total deadline, QVQ_CONNECT_TIMEOUT_S; after that, each read may wait
 QVQ_STALL_TIMEOUT_S, and the task's time limit bounds the whole (the cancel watcher closes it).
 """
@@ -25,6 +26,7 @@ from contracts.settings import Settings
 from contracts.tokens import estimate_text_tokens
 from worker.loop import TaskCloser, uncancel_current
 from worker.stream.chunks import ChunkStream
+from worker.stream.transport import model_transport
 
 OnText = Callable[[str, str], None]  # ("reasoning" | "answer", text)
 
@@ -81,7 +83,8 @@ class QvqModel:
                 base_url=settings.base_url,
                 max_retries=0,
                 timeout=timeout,  # type: ignore[arg-type]
-                http_client=httpx.AsyncClient(timeout=timeout, limits=limits),  # type: ignore[arg-type]
+                http_client=httpx.AsyncClient(timeout=timeout, limits=limits,  # type: ignore[arg-type]
+                                              transport=model_transport(limits)),
             )
         return self._client
 

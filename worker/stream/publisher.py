@@ -1,9 +1,11 @@
 """Group-committed event publishing on the worker's event loop, for a process with thousands of streams.
 
-Every event of the process goes through one queue on the loop (worker/loop.py): whatever was queued
-while the previous pipeline was in flight goes out as the next one (the publish Lua script, EVALSHA per
-event, over redis.asyncio). Under load a round trip carries tens to hundreds of events; alone, an event
-waits for nothing but its own round trip. One queue keeps a run's events in the order it made them,
+Every event of the process goes through one queue on the loop (worker/loop.py): the first event queued
+opens a window of WINDOW_S, then everything queued goes out in one pipeline (the publish Lua script,
+EVALSHA per event, over redis.asyncio), and whatever was queued while a pipeline was in flight goes out
+as the next one. Each wake-up of the loop costs tens of µs of CPU on a virtual machine (bench/RESULTS.md),
+so the window trades at most WINDOW_S of delay for one send and one reply per window instead of one
+per event. One queue keeps a run's events in the order it made them,
 whichever thread made them.
 
 - `publish_soon` (on the loop; the stream's deltas): queue the event, get a future of its seq.
@@ -30,6 +32,7 @@ from worker.ops.metrics import EVENT_METRICS, EventMetrics
 log = get_logger(__name__)
 
 MAX_BATCH = 512
+WINDOW_S = 0.002
 _Item = tuple[tuple[Any, ...], "asyncio.Future[int]", str]  # (script args, seq future, event type)
 
 
@@ -66,8 +69,11 @@ class LoopEventBus(EventBus):
         self._queue.append(((*script_keys, event, self.ttl_s, int(seq_floor)), future, type_))
         if not self._sending:
             self._sending = True
-            loop.create_task(self._send_all())
+            loop.call_later(WINDOW_S, self._start_sending, loop)
         return future
+
+    def _start_sending(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.create_task(self._send_all())
 
     def _observe(self, task_id: str, type_: str, fields: dict[str, Any]) -> None:
         try:
@@ -96,6 +102,7 @@ class LoopEventBus(EventBus):
                 continue
             if isinstance(result, BaseException):
                 future.set_exception(result)
+                future.exception()  # retrieved: whoever queued it handles it; asyncio need not log it
             else:
                 future.set_result(int(result))
                 self.metrics.published(type_)
