@@ -172,14 +172,15 @@ def run_worker(url: str, redis_url: str, n: int, chunks: int, rate: float, tmp: 
             events = bus.read_log(task_id)
             deltas = [e for e in events if e["type"] in (ev.REASONING_DELTA, ev.ANSWER_DELTA)]
             record = client.store.get(task_id)
-            if deltas and len(deltas) > 1:
-                paces.append(min(1.0, (chunks / rate) / max(1e-6, deltas[-1]["ts"] - deltas[0]["ts"] + 1 / rate)))
+            sent = int((record.usage or {}).get("completion_tokens", 0)) if record is not None else 0  # one per chunk
+            if deltas and len(deltas) > 1 and sent:
+                paces.append(min(1.0, (sent / rate) / max(1e-6, deltas[-1]["ts"] - deltas[0]["ts"] + 1 / rate)))
             answer = "".join(e["text"] for e in deltas if e["type"] == ev.ANSWER_DELTA)
             reasoning = "".join(e["text"] for e in deltas if e["type"] == ev.REASONING_DELTA)
             if record is not None and record.status == "completed" and record.answer == answer and \
                     record.reasoning == reasoning and len(answer) > 0 and len(reasoning) > 0:
                 exact += 1
-            delivered += chunks if record is not None and record.status == "completed" else 0
+            delivered += sent if record is not None and record.status == "completed" else 0
         client.close()
     return {"chunks": delivered, "cpu_s": summary["cpu_s"], "wall_s": summary.get("wall_s"),
             "rss_mb": summary["peak_rss_mb"], "rss_growth_mb": round(summary["peak_rss_mb"] - base_rss / 2**20, 1),
