@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from worker.stream.transport import model_transport
+from worker.stream.transport import BodyFeed, model_transport
 
 LIMITS = httpx.Limits(max_connections=10, max_keepalive_connections=10)
 
@@ -92,3 +92,43 @@ def test_tls_is_verified_and_works(tmp_path: Path) -> None:
     assert asyncio.run(scenario(trusted)) == b"secret"
     with pytest.raises(httpx.ConnectError):  # not trusted: refused, as by httpx's own backend
         asyncio.run(scenario(True))
+
+
+# -- the model's body, decoded where it arrives --------------------------------------------------------
+def _feed(pieces: list[bytes], **framing: object) -> tuple[bytes, list[BaseException | None]]:
+    got: list[bytes] = []
+    ends: list[BaseException | None] = []
+    feed = BodyFeed(got.append, ends.append, **framing)  # type: ignore[arg-type]
+    for piece in pieces:
+        feed.feed(piece)
+    return b"".join(got), ends
+
+
+CHUNKED = b"5\r\nhello\r\n1;ext=1\r\n \r\nB\r\nworld, done\r\n0\r\nX-Trailer: 1\r\n\r\n"
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, len(CHUNKED)])
+def test_a_chunked_body_split_anywhere_decodes_whole(size: int) -> None:
+    pieces = [CHUNKED[i:i + size] for i in range(0, len(CHUNKED), size)]
+    body, ends = _feed(pieces, chunked=True, length=None)
+    assert body == b"hello world, done" and ends == [None]
+
+
+def test_a_length_body_ends_at_its_length_and_a_close_body_at_the_close() -> None:
+    body, ends = _feed([b"abc", b"defXYZ"], chunked=False, length=6)
+    assert body == b"abcdef" and ends == [None]
+    got: list[bytes] = []
+    ends = []
+    feed = BodyFeed(got.append, ends.append, chunked=False, length=None)
+    feed.feed(b"all of it")
+    feed.lost(None)
+    assert got == [b"all of it"] and ends == [None]
+
+
+def test_a_bad_or_cut_chunked_body_ends_with_a_protocol_error() -> None:
+    _, ends = _feed([b"zz\r\nhello\r\n"], chunked=True, length=None)
+    assert len(ends) == 1 and isinstance(ends[0], httpx.RemoteProtocolError)
+    feed = BodyFeed(lambda data: None, ends.append, chunked=True, length=None)
+    feed.feed(b"5\r\nhel")
+    feed.lost(None)
+    assert isinstance(ends[-1], httpx.RemoteProtocolError) and len(ends) == 2

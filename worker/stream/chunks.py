@@ -17,13 +17,18 @@ or CRLF only), so text holding U+2028, U+0085 and the like reaches the JSON deco
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 import openai
 
 from contracts.bus.sse import EventStreamDecoder
+from worker.stream.transport import BodyFeed, LoopStream
+
+OnChunk = Callable[["Chunk"], bool]  # True: stop reading
 
 
 def _drop_none(value: Any) -> Any:
@@ -93,6 +98,58 @@ class ChunkStream:
                 if payload == "[DONE]":
                     return
                 yield self._chunk(payload)
+
+    async def each(self, on_chunk: OnChunk, *, stall_s: float) -> None:
+        """Call `on_chunk` for every chunk until [DONE], the end of the body, or it returns True. On the
+        worker's own connections (worker/stream/transport.py) the body is decoded where its bytes
+        arrive, with no await per chunk; anywhere else (a mock transport, a proxy), through httpx."""
+        network = self.http_response.extensions.get("network_stream")
+        encoding = self.http_response.headers.get("content-encoding", "identity").lower()
+        if not isinstance(network, LoopStream) or encoding != "identity":
+            async for chunk in self:
+                if on_chunk(chunk):
+                    return
+            return
+        await self._direct(network, on_chunk, stall_s)
+
+    async def _direct(self, network: LoopStream, on_chunk: OnChunk, stall_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        decoder = EventStreamDecoder()
+        last = [loop.time()]
+
+        def end(error: BaseException | None) -> None:
+            if not done.done():
+                done.set_exception(error) if error is not None else done.set_result(None)
+
+        def on_data(data: bytes) -> None:
+            last[0] = loop.time()
+            try:
+                for payload in decoder.feed(data):
+                    if payload == "[DONE]" or on_chunk(self._chunk(payload)):
+                        feed.end(None)
+                        return
+            except BaseException as exc:  # StreamStopped, a bad chunk, an error event: the read ends with it
+                feed.end(exc)
+
+        def stalled() -> None:
+            quiet = loop.time() - last[0]
+            if quiet >= stall_s:
+                feed.end(httpx.ReadTimeout(f"no data for {stall_s:g} s"))
+            elif not done.done():
+                timer[0] = loop.call_later(stall_s - quiet, stalled)
+
+        length = self.http_response.headers.get("content-length")
+        chunked = "chunked" in self.http_response.headers.get("transfer-encoding", "").lower()
+        feed = BodyFeed(on_data, end, chunked=chunked,
+                        length=int(length) if length and length.isdigit() and not chunked else None)
+        timer = [loop.call_later(stall_s, stalled)]
+        try:
+            network.feed_body(feed)
+            await done
+        finally:
+            feed.ended = True  # a cancel: later bytes are dropped (the connection is closed on exit)
+            timer[0].cancel()
 
     def _chunk(self, payload: str) -> Chunk:
         raw = json.loads(payload)

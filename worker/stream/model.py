@@ -25,7 +25,7 @@ from contracts.errors import ModelError, StreamStopped
 from contracts.settings import Settings
 from contracts.tokens import estimate_text_tokens
 from worker.loop import TaskCloser, uncancel_current
-from worker.stream.chunks import ChunkStream
+from worker.stream.chunks import Chunk, ChunkStream
 from worker.stream.transport import model_transport
 
 OnText = Callable[[str, str], None]  # ("reasoning" | "answer", text)
@@ -149,13 +149,16 @@ class QvqModel:
                              "(QVQ_CONNECT_TIMEOUT_S)", code="model.timeout") from exc
         except openai.OpenAIError as exc:
             raise map_error(exc, started=False) from exc
+        def take(chunk: Chunk) -> bool:
+            result.chunks += 1
+            _read_chunk(chunk, result, on_text)
+            if should_stop():
+                raise StreamStopped(result.finish())
+            return False
+
         try:
             opened()  # the service accepted the call (it may bill it): the stream can be closed from now on
-            async for chunk in stream:
-                result.chunks += 1
-                _read_chunk(chunk, result, on_text)
-                if should_stop():
-                    raise StreamStopped(result.finish())
+            await stream.each(take, stall_s=self.settings.stall_timeout_s)
         except StreamStopped:
             raise
         except (openai.OpenAIError, httpx.HTTPError) as exc:

@@ -10,6 +10,10 @@ AsyncHTTPTransport whose connection pool is given this backend.
 
 Errors are httpcore's (ConnectError, ConnectTimeout, ReadError, ReadTimeout, WriteError), which httpx
 maps to its own as with any backend.
+
+The model's stream goes further (worker/stream/chunks.py): h11 reads only the response's head, and the
+body is decoded by `BodyFeed` right where the bytes arrive (`data_received`), so a chunk costs no await,
+no async generator and no timer of its own.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import httpcore
@@ -36,11 +40,15 @@ class _Protocol(asyncio.Protocol):
         self.paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
         self.writing_paused = False
+        self.sink: BodyFeed | None = None  # the body goes straight here (LoopStream.feed_body)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink.feed(data)
+            return
         self.buffer += data
         if len(self.buffer) > HIGH_WATER and self.transport is not None and not self.paused:
             self.paused = True
@@ -56,6 +64,8 @@ class _Protocol(asyncio.Protocol):
         self.eof = True
         self.error = exc
         self._wake()
+        if self.sink is not None:
+            self.sink.lost(exc)
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_result(None)
 
@@ -80,15 +90,132 @@ class _Protocol(asyncio.Protocol):
             self.waiter.set_result(None)
 
 
+class BodyFeed:
+    """A response body decoded as its bytes arrive, with no await per piece: chunked transfer coding,
+    a Content-Length, or up to the connection's close. `on_data` gets the body's bytes; `on_end` once,
+    with None (the body ended) or the httpx error that ended it."""
+
+    MAX_SIZE_LINE = 1024
+
+    def __init__(self, on_data: Callable[[bytes], None], on_end: Callable[[BaseException | None], None], *,
+                 chunked: bool, length: int | None) -> None:
+        self._on_data = on_data
+        self._on_end = on_end
+        self._chunked = chunked
+        self._left = length  # bytes of the body (or of the current chunk, when chunked)
+        self._state = "size" if chunked else "data"
+        self._buffer = bytearray()
+        self.ended = False
+
+    def feed(self, data: bytes) -> None:
+        if self.ended:
+            return
+        if not self._chunked:
+            self._feed_plain(data)
+            return
+        self._buffer += data
+        try:
+            self._decode_chunked()
+        except ValueError as exc:
+            self.end(httpx.RemoteProtocolError(f"bad chunked body: {exc}"))
+
+    def lost(self, exc: BaseException | None) -> None:
+        if self._chunked or self._left is not None:
+            self.end(httpx.RemoteProtocolError("the connection closed before the body ended"))
+        else:
+            self.end(httpx.ReadError(str(exc)) if exc else None)
+
+    def end(self, error: BaseException | None) -> None:
+        if not self.ended:
+            self.ended = True
+            self._on_end(error)
+
+    def _feed_plain(self, data: bytes) -> None:
+        if self._left is not None:
+            data = data[:self._left]
+            self._left -= len(data)
+        if data:
+            self._on_data(data)
+        if self._left == 0:
+            self.end(None)
+
+    def _decode_chunked(self) -> None:
+        steps = {"size": self._size_line, "data": self._data, "crlf": self._crlf, "trailer": self._trailer}
+        while not self.ended and steps[self._state]():
+            pass
+
+    def _size_line(self) -> bool:
+        end = self._buffer.find(b"\r\n")
+        if end < 0:
+            if len(self._buffer) > self.MAX_SIZE_LINE:
+                raise ValueError("chunk size line too long")
+            return False
+        size = int(bytes(self._buffer[:end]).split(b";", 1)[0].strip(), 16)
+        del self._buffer[:end + 2]
+        self._left, self._state = size, ("data" if size else "trailer")
+        return True
+
+    def _data(self) -> bool:
+        if not self._buffer:
+            return False
+        left = self._left or 0
+        piece = bytes(self._buffer[:left])
+        del self._buffer[:left]
+        self._left = left - len(piece)
+        if self._left == 0:
+            self._state = "crlf"
+        self._on_data(piece)
+        return True
+
+    def _crlf(self) -> bool:
+        if len(self._buffer) < 2:
+            return False
+        if self._buffer[:2] != b"\r\n":
+            raise ValueError("no CRLF after a chunk")
+        del self._buffer[:2]
+        self._state = "size"
+        return True
+
+    def _trailer(self) -> bool:
+        end = self._buffer.find(b"\r\n")
+        if end < 0:
+            return False
+        line = bytes(self._buffer[:end])
+        del self._buffer[:end + 2]
+        if not line:
+            self.end(None)
+        return True
+
+
 def _timed_out(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(httpcore.ReadTimeout("no data within the read timeout"))
 
 
 class LoopStream(httpcore.AsyncNetworkStream):
+    """One connection. While a response's head is awaited (from a request's write on), a read returns
+    no byte past the blank line that ends the head: the body stays here, so `feed_body` can take it
+    over from h11 (the model's stream), or h11 reads it as usual (everything else)."""
+
     def __init__(self, transport: asyncio.Transport, protocol: _Protocol) -> None:
         self._transport = transport
         self._protocol = protocol
+        self._head = False
+
+    def feed_body(self, sink: BodyFeed) -> None:
+        """From now on the connection's bytes go to `sink` as they arrive (what was buffered first);
+        the connection is not reused afterwards (h11 never saw the body)."""
+        protocol = self._protocol
+        protocol.sink = sink
+        if protocol.paused and protocol.transport is not None:
+            protocol.paused = False
+            protocol.transport.resume_reading()
+        if protocol.buffer:
+            data = bytes(protocol.buffer)
+            protocol.buffer.clear()
+            sink.feed(data)
+        if protocol.eof:
+            sink.lost(protocol.error)
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         protocol = self._protocol
@@ -103,6 +230,11 @@ class LoopStream(httpcore.AsyncNetworkStream):
                 if timer is not None:
                     timer.cancel()
         if protocol.buffer:
+            if self._head:
+                end = protocol.buffer.find(b"\r\n\r\n")
+                if end >= 0 and end + 4 <= max_bytes:
+                    self._head = False
+                    return protocol.take(end + 4)
             return protocol.take(max_bytes)
         if protocol.error is not None:
             raise httpcore.ReadError(str(protocol.error)) from protocol.error
@@ -113,6 +245,7 @@ class LoopStream(httpcore.AsyncNetworkStream):
             return
         if self._transport.is_closing():
             raise httpcore.WriteError("the connection is closed")
+        self._head = True  # a request: its response's head comes next
         self._transport.write(buffer)
         protocol = self._protocol
         if protocol.writing_paused:
