@@ -13,7 +13,9 @@ maps to its own as with any backend.
 
 The model's stream goes further (worker/stream/chunks.py): h11 reads only the response's head, and the
 body is decoded by `BodyFeed` right where the bytes arrive (`data_received`), so a chunk costs no await,
-no async generator and no timer of its own.
+no async generator and no timer of its own. Such a connection is closed after its stream (h11 never
+saw the body, so it cannot be reused): one connection (and TLS handshake) per model call, next to a
+stream of seconds to minutes.
 """
 
 from __future__ import annotations
