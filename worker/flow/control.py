@@ -24,7 +24,7 @@ from typing import Any
 import redis
 
 from contracts import events as ev
-from contracts import flow, keys
+from contracts import flow, keys, retry
 from contracts.catalog import cost_decimal, worst_case_cost
 from contracts.errors import InternalError, ModelError, StreamStopped
 from contracts.job import JobRequest
@@ -255,7 +255,8 @@ class FlowControl:
         prompt, completion, estimated = billed if billed else (call.input_tokens, 0, True)
         steps: list[tuple[str, Callable[[], Any]]] = []
         if billed is not None:
-            steps.append(("ledger", lambda: self.store.record_usage(
+            steps.append(("ledger", lambda: retry.DATABASE.call(  # a bill is never dropped for a busy database
+                self.store.record_usage,
                 job.task_id, attempt, model=job.model, tenant=job.tenant, prompt_tokens=prompt,
                 completion_tokens=completion, estimated=estimated, outcome=outcome)))
         if ticket is not None and self.limiter is not None:
