@@ -77,17 +77,20 @@ class UsageStore:
         """One ledger row for a billed attempt (failed and cancelled ones too), priced exactly;
         False when the attempt already has its row (a redelivery never bills twice)."""
         exact = cost_decimal(model, prompt_tokens, completion_tokens)
-        with self.engine.begin() as conn:
+        # The reads go first, in a transaction of their own: on SQLite a transaction that reads and then
+        # writes fails at once ("database is locked") when another writer came in between, where one that
+        # starts by writing waits its turn (the busy timeout).
+        with self.engine.connect() as conn:
             if has_usage(conn, task_id, attempt):
                 return False
-            try:
-                with conn.begin_nested():
-                    conn.execute(_INSERT_USAGE, _ledger_row(
-                        conn, task_id, attempt, model=model, tenant=tenant, prompt=prompt_tokens,
-                        completion=completion_tokens, total=prompt_tokens + completion_tokens, costs=exact,
-                        outcome=outcome, estimated=estimated))
-            except sa.exc.IntegrityError:  # the same attempt recorded concurrently
-                return False
+            row = _ledger_row(conn, task_id, attempt, model=model, tenant=tenant, prompt=prompt_tokens,
+                              completion=completion_tokens, total=prompt_tokens + completion_tokens, costs=exact,
+                              outcome=outcome, estimated=estimated)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(_INSERT_USAGE, row)
+        except sa.exc.IntegrityError:  # the same attempt recorded concurrently
+            return False
         return True
 
     def spent_since(self, tenant: str | None, since: dt.datetime) -> Decimal:
