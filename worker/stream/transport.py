@@ -108,6 +108,7 @@ class BodyFeed:
         self._state = "size" if chunked else "data"
         self._buffer = bytearray()
         self.ended = False
+        self._steps = {"size": self._size_line, "data": self._data, "crlf": self._crlf, "trailer": self._trailer}
 
     def feed(self, data: bytes) -> None:
         if self.ended:
@@ -142,8 +143,7 @@ class BodyFeed:
             self.end(None)
 
     def _decode_chunked(self) -> None:
-        steps = {"size": self._size_line, "data": self._data, "crlf": self._crlf, "trailer": self._trailer}
-        while not self.ended and steps[self._state]():
+        while not self.ended and self._steps[self._state]():
             pass
 
     def _size_line(self) -> bool:
