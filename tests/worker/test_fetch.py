@@ -132,6 +132,17 @@ def _drip(h: Handler, q: Any, n: int) -> None:
         time.sleep(0.1)  # 14 s for the whole body
 
 
+def _drip_head(h: Handler, q: Any, n: int) -> None:
+    h.wfile.write(b"HTTP/1.1 200 OK\r\n")
+    for _ in range(140):  # a header of 140 bytes, one every 0.1 s: no read ever waits a whole timeout
+        try:
+            h.wfile.write(b"X")
+            h.wfile.flush()
+        except OSError:
+            return
+        time.sleep(0.1)
+
+
 def _chain(h: Handler, q: Any, n: int) -> None:
     left = int(q["n"][0])
     h.redirect(f"/chain?n={left - 1}" if left > 0 else "/ok.png")
@@ -148,6 +159,7 @@ ROUTES: dict[str, Callable[[Handler, Any, int], None]] = {
     "/flaky": lambda h, q, n: h._send(503, b"busy", "text/plain") if n < 3 else h._send(200, PNG),
     "/slow": _slow,
     "/drip": _drip,
+    "/drip-head": _drip_head,
     "/big-declared": _big_declared,
     "/big-undeclared": _big_undeclared,
     "/redirect": lambda h, q, n: h.redirect(q["to"][0]),
@@ -271,6 +283,15 @@ def test_http_timeout_is_retryable_fetch_failed(make_fetcher: Any, public: Local
 def test_a_server_dripping_bytes_is_cut_off(make_fetcher: Any, public: LocalServer) -> None:
     started = time.perf_counter()
     error = fetch_error(make_fetcher(allow_private_urls=True, fetch_timeout_s=0.2), public.url("/drip"))
+    assert (error.code, error.retryable) == ("image.fetch_failed", True)
+    assert "not finished" in error.message
+    assert time.perf_counter() - started < 12  # three attempts of 0.6 s, not three of 14 s
+
+
+def test_a_server_dripping_its_headers_is_cut_off_at_the_total_deadline(make_fetcher: Any,
+                                                                         public: LocalServer) -> None:
+    started = time.perf_counter()
+    error = fetch_error(make_fetcher(allow_private_urls=True, fetch_timeout_s=0.2), public.url("/drip-head"))
     assert (error.code, error.retryable) == ("image.fetch_failed", True)
     assert "not finished" in error.message
     assert time.perf_counter() - started < 12  # three attempts of 0.6 s, not three of 14 s

@@ -2,8 +2,11 @@
 
 The host is resolved once, every address is checked, and the connection goes to the checked address
 (with the original Host header and TLS server name). Redirects are followed by hand and each hop is
-checked again; the size is capped while reading (identity encoding: no gzip bomb is inflated), and a
-download that drips bytes is cut after DOWNLOAD_TIME_FACTOR fetch timeouts. Tries follow
+checked again; the size is capped while reading (identity encoding: no gzip bomb is inflated). Each try
+has a total deadline of DOWNLOAD_TIME_FACTOR fetch timeouts, head and body: a server that drips bytes
+(even in its headers, where every read stays under the read timeout) is cut off by shutting the
+request's socket down from the one watchdog thread (`Deadlines`), which wakes the blocked read. Each
+request gets its own connection (no keep-alive), so the watchdog always knows its socket. Tries follow
 contracts/retry.FETCH.
 
     404/410 -> image.not_found; 401/403 and refused addresses -> image.access_denied; 5xx, 408, 429,
@@ -12,9 +15,15 @@ contracts/retry.FETCH.
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
+import socket
 import ssl
+import threading
 import time
 from collections.abc import Collection
+from typing import Any
 from urllib.parse import urljoin
 
 import httpx
@@ -47,7 +56,7 @@ class WebSource:
         self._http = guarded_client(
             timeout=httpx.Timeout(settings.fetch_timeout_s),
             verify=ssl_context if ssl_context is not None else True,
-            limits=httpx.Limits(max_connections=POOL_CONNECTIONS, max_keepalive_connections=POOL_CONNECTIONS),
+            limits=httpx.Limits(max_connections=POOL_CONNECTIONS, max_keepalive_connections=0),
             # identity: the size cap then counts the bytes on the wire, and no gzip bomb is inflated
             headers={"User-Agent": USER_AGENT, "Accept": "image/*", "Accept-Encoding": "identity"},
         )
@@ -72,9 +81,11 @@ class WebSource:
 
     def _get_once(self, url: str, ref: str) -> bytes | str:
         pinned = self._pin(url, ref)
+        budget_s = self.settings.fetch_timeout_s * DOWNLOAD_TIME_FACTOR
+        deadline = DEADLINES.start(budget_s)
         try:
             with self._http.stream("GET", pinned.url, headers=pinned.headers,
-                                   extensions=pinned.extensions) as response:
+                                   extensions={**pinned.extensions, "trace": deadline.trace}) as response:
                 if response.is_redirect:
                     location = str(response.headers.get("location") or "")
                     if not location:
@@ -87,9 +98,14 @@ class WebSource:
             raise ImageError(f"timed out fetching {url} ({type(exc).__name__})", code="image.fetch_failed",
                              ref=ref) from exc
         except httpx.TransportError as exc:
+            if deadline.fired:
+                raise ImageError(f"download not finished after {budget_s:g}s", code="image.fetch_failed",
+                                 ref=ref) from exc
             tls = "CERTIFICATE_VERIFY_FAILED" in str(exc)  # a bad certificate will not heal on retry
             raise ImageError(f"cannot fetch {url} ({type(exc).__name__}: {exc})", code="image.fetch_failed",
                              retryable=not tls, ref=ref) from exc
+        finally:
+            deadline.cancel()
 
     def _read_capped(self, response: httpx.Response, ref: str) -> bytes:
         declared = response.headers.get("content-length")
@@ -110,6 +126,76 @@ class WebSource:
             chunks.append(chunk)
         return b"".join(chunks)
 
+
+
+class Deadline:
+    """One request's total deadline: when it passes, the request's socket is shut down."""
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.fired = False
+        self.cancelled = False
+        self._socket: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def trace(self, name: str, info: dict[str, Any]) -> None:
+        """httpcore's trace hook: note the socket of the connection the request made."""
+        if name == "connection.connect_tcp.complete" and info.get("return_value") is not None:
+            with self._lock:
+                self._socket = info["return_value"].get_extra_info("socket")
+                fired = self.fired
+            if fired:
+                self.fire()
+
+    def fire(self) -> None:
+        with self._lock:
+            if self.cancelled:
+                return
+            self.fired = True
+            sock = self._socket
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a read blocked in it (close() would not)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+
+
+class Deadlines:
+    """One daemon thread for every fetch deadline of the process (a heap; it sleeps until the next)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Deadline]] = []
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def start(self, seconds: float) -> Deadline:
+        deadline = Deadline(time.monotonic() + seconds)
+        with self._cond:
+            heapq.heappush(self._heap, (deadline.at, next(self._order), deadline))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="qvq-fetch-deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return deadline
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                at, _, deadline = self._heap[0]
+                if at > time.monotonic():
+                    self._cond.wait(at - time.monotonic())
+                    continue
+                heapq.heappop(self._heap)
+            if not deadline.cancelled:
+                deadline.fire()
+
+
+DEADLINES = Deadlines()
 
 
 def _check_status(status: int, url: str, ref: str) -> None:
