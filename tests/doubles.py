@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.pool import StaticPool
 
+from contracts.bus import EventBus
 from contracts.errors import ModelError, StreamStopped
 from contracts.settings import Settings
 from contracts.store import Store
@@ -54,14 +55,7 @@ class MemoryBus:
             self.logs[task_id].append(json.loads(json.dumps(event)))  # as it would come back from Redis
         return seq
 
-    def publish_soon(self, task_id: str, type_: str, attempt: int, *, seq_floor: int = 0,
-                     **fields: Any) -> asyncio.Future[int]:
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        try:
-            future.set_result(self.publish(task_id, type_, attempt, seq_floor=seq_floor, **fields))
-        except Exception as exc:
-            future.set_exception(exc)
-        return future
+    publish_soon = EventBus.publish_soon  # publishes at once, as the sync bus does on a loop
 
     def read_log(self, task_id: str, after_seq: int = 0) -> list[dict[str, Any]]:
         with self._lock:

@@ -76,10 +76,6 @@ class DeltaCoalescer:
             self._closed = True
             self.discard()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def discard(self) -> None:
         """Drop buffered text (its attempt failed)."""
         self._parts, self._size, self._kind = [], 0, None

@@ -123,6 +123,3 @@ class LoopEventBus(EventBus):
         for args, _, _ in batch:
             pipe.execute_command("EVALSHA", self._sha, 3, *args)
         return list(await pipe.execute(raise_on_error=False))
-
-    def close(self) -> None:
-        """Nothing to stop: the loop owns the queue (worker/loop.py stops it)."""
