@@ -5,12 +5,14 @@
     |   +-- ConflictError       the task is not in a state that allows this (HTTP 409)
     |   |   +-- TaskIdTaken         a caller-chosen task id that exists
     |   +-- NotificationError   a webhook body that is no object-store notification
+    +-- JsonTooDeep         a JSON body nested deeper than its limit (also a ValueError; HTTP 400)
     +-- UnsafeURL           a URL the SSRF guard refuses (reason: invalid | refused | not_found | unresolved)
     +-- ImageError          image.*, images.token_budget_exceeded (caught in the worker, before the model)
     +-- ModelError          model.* (the QVQ call)
     +-- BudgetError         budget.exceeded
     +-- InternalError       internal
     +-- StreamStopped       not a failure: a run was told to stop (cancel, time limit, lease lost)
+    +-- StoreRejected       store.rejected: the database refused a result for good; the task fails once
     +-- StoreUnavailable    the database could not be reached: nothing terminal was written, run it later
     +-- EnqueueError        the queue could not take a task (Redis or the broker is down); nothing was lost
     +-- WaitTimeout         a follower or result wait ran out of time (also a TimeoutError)
@@ -51,6 +53,7 @@ ERROR_CODES: dict[str, bool] = {
     "budget.exceeded": False,
     "conversation.not_found": False,
     "internal": False,
+    "store.rejected": False,
     # HTTP only: what the API answers, mapped back by the HTTP client
     "auth.required": False,
     "auth.invalid": False,
@@ -108,6 +111,10 @@ class NotificationError(RequestError):
     """The body is not a notification in any format this service reads."""
 
 
+class JsonTooDeep(QvqError, ValueError):
+    default_code = "request.invalid"
+
+
 class UnsafeURL(QvqError, ValueError):
     """A URL the SSRF guard will not request. reason: invalid | refused | not_found | unresolved."""
 
@@ -155,6 +162,12 @@ class StreamStopped(QvqError):
     def __init__(self, result: Any = None) -> None:
         super().__init__("stream stopped")
         self.result = result
+
+
+class StoreRejected(QvqError):
+    """The database refused a result for good (a value it cannot hold): retrying would only bill again."""
+
+    default_code = "store.rejected"
 
 
 class StoreUnavailable(QvqError):

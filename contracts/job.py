@@ -12,8 +12,10 @@ from urllib.parse import urlparse
 
 from contracts.catalog import MODELS, REFUSED_MODELS
 from contracts.errors import RequestError, UnsafeURL
+from contracts.json_shape import nesting_depth
 from contracts.ssrf import MAX_URL_CHARS, parse_url
 from contracts.tenants import SAFE_ID_RULE, is_safe_id
+from contracts.text import check_json_text, check_text
 
 PAYLOAD_VERSION = 1
 #: The queue message (`{"version": 2, "task_id", "run"}`): which task and run; the worker reads the
@@ -137,6 +139,7 @@ def _image_ref(ref: Any, index: int) -> str:
     name = f"images[{index}]"
     if not isinstance(ref, str) or not ref.strip():
         raise RequestError("must be a non-empty string", field=name)
+    check_text(ref, name)
     parsed = urlparse(ref)
     scheme = parsed.scheme.lower()
     if scheme in {"s3", "oss"} and (not parsed.netloc or not parsed.path.strip("/")):
@@ -154,7 +157,7 @@ def _prompt(value: Any) -> str:
         raise RequestError("a non-empty question is required", field="prompt")
     if len(value) > MAX_PROMPT_CHARS:
         raise RequestError(f"at most {MAX_PROMPT_CHARS} characters", field="prompt")
-    return value
+    return check_text(value, "prompt")
 
 
 def _optional_id(raw: dict[str, Any], name: str) -> str | None:
@@ -186,6 +189,7 @@ def _callback(value: Any) -> str | None:
         return None
     if not isinstance(value, str):
         raise RequestError("must be an http(s) URL", field="callback_url")
+    check_text(value, "callback_url")
     _check_url(value, field="callback_url", credentials=False, max_chars=MAX_CALLBACK_URL_CHARS)
     return value
 
@@ -203,25 +207,13 @@ def _metadata(value: Any) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise RequestError("must be a JSON object", field="metadata")
-    if _depth(value) > MAX_METADATA_DEPTH:
+    if nesting_depth(value, MAX_METADATA_DEPTH) > MAX_METADATA_DEPTH:
         raise RequestError(f"nested deeper than {MAX_METADATA_DEPTH} levels", field="metadata")
+    check_json_text(value, "metadata")
     size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
     if size > MAX_METADATA_BYTES:
         raise RequestError(f"{size:,} bytes as JSON, over the limit of {MAX_METADATA_BYTES:,}", field="metadata")
     return value
-
-
-def _depth(value: Any) -> int:
-    """Nesting depth of a JSON value, without recursion (a hostile value may be nested very deeply)."""
-    deepest, pending = 0, [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, depth)
-            if depth > MAX_METADATA_DEPTH:
-                return depth
-            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
 
 
 def message_for(task_id: str, run: int) -> dict[str, Any]:

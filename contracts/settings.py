@@ -117,6 +117,7 @@ class Settings:
     api_keys: tuple[str, ...] = setting("QVQ_API_KEYS", (), _list, secret=True)
     api_insecure: bool = setting("QVQ_API_INSECURE", False, _bool)
     max_request_bytes: int = setting("QVQ_MAX_REQUEST_BYTES", 1024 * 1024, _positive_int)
+    max_notification_records: int = setting("QVQ_MAX_NOTIFICATION_RECORDS", 1000, _positive_int)
     upload_url: str = setting("QVQ_UPLOAD_URL", "")  # s3://bucket/prefix or a directory; empty: <tmp>/qvq-uploads
     upload_ttl_s: int = setting("QVQ_UPLOAD_TTL_S", 86_400, _positive_int)
     cors_origins: tuple[str, ...] = setting("QVQ_CORS_ORIGINS", (), _list)

@@ -7,13 +7,18 @@ in the store (`qvq_uploads`), checked when a job names it, and the object is del
 
 from __future__ import annotations
 
+import re
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from contracts.settings import Settings
 
 DEFAULT_DIR_NAME = "qvq-uploads"
+#: The name every stored upload has (`uuid4().hex`); nothing else in the location is ever touched.
+UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class UploadStorage:
@@ -51,6 +56,23 @@ class UploadStorage:
             (self.directory / upload_id).unlink(missing_ok=True)
             return
         self._client().delete_object(Bucket=self.bucket, Key=self._key(upload_id))
+
+    def stored_ids(self, older_than_s: float) -> Iterator[str]:
+        """The ids of the uploads kept here longer than `older_than_s` (the sweeper's candidates for orphans)."""
+        cutoff = time.time() - older_than_s
+        if self.directory is not None:
+            if not self.directory.is_dir():
+                return
+            for path in self.directory.iterdir():
+                if UPLOAD_ID.fullmatch(path.name) and path.stat().st_mtime < cutoff:
+                    yield path.name
+            return
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        for page in self._client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for item in page.get("Contents", ()):
+                name = item["Key"][len(prefix):]
+                if UPLOAD_ID.fullmatch(name) and item["LastModified"].timestamp() < cutoff:
+                    yield name
 
     def _key(self, upload_id: str) -> str:
         return f"{self.prefix}/{upload_id}" if self.prefix else upload_id

@@ -29,12 +29,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import sqlalchemy as sa
 import structlog
 
 from contracts import events as ev
 from contracts import retry
 from contracts.catalog import cost
-from contracts.errors import InternalError, ModelError, QvqError, StoreUnavailable, StreamStopped
+from contracts.errors import (
+    InternalError,
+    ModelError,
+    QvqError,
+    StoreRejected,
+    StoreUnavailable,
+    StreamStopped,
+)
 from contracts.job import JobRequest
 from contracts.logging import get_logger
 from contracts.retry import TRANSIENT_DB_ERRORS, TRANSIENT_REDIS_ERRORS
@@ -300,16 +308,27 @@ class TaskRun:
         timings = self._timings(result)
         outcome = self._outcome(COMPLETED, reasoning=result.reasoning, answer=result.answer,
                                 images=self._summaries(), usage=usage, cost=bill, timings=timings)
-        if self._persist(outcome):
+        try:
+            claimed = self._persist(outcome)
+        except StoreRejected as error:  # the answer was billed: the failed row keeps its bill
+            return self._fail(error, usage=usage, cost=bill)
+        if claimed:
             self._publish_terminal(ev.COMPLETED, reasoning=result.reasoning, answer=result.answer, usage=usage,
                                    cost=bill, timings=timings, metadata=self.job.metadata)
         return COMPLETED
 
-    def _fail(self, error: QvqError) -> str:
+    def _fail(self, error: QvqError, **bill: Any) -> str:
+        """End the run failed; `bill` (usage, cost) when the failed attempt was a billed answer."""
         log.warning("task.failed", code=error.code, error=error.message)
         outcome = self._outcome(FAILED, error_code=error.code, error_message=error.message,
-                                images=self._summaries() or None, timings=self._timings(None))
-        if self._persist(outcome):
+                                images=self._summaries() or None, timings=self._timings(None), **bill)
+        try:
+            claimed = self._persist(outcome)
+        except StoreRejected as rejected:  # even the failure's fields: keep only the code and the reason
+            error = rejected
+            claimed = self._persist(self._outcome(FAILED, error_code=error.code, error_message=error.message,
+                                                  **bill))
+        if claimed:
             self._publish_terminal(ev.FAILED, error=error.to_dict())
         return FAILED
 
@@ -323,7 +342,11 @@ class TaskRun:
             outcome = self._outcome(CANCELLED, reasoning=self.partial.finish().reasoning,
                                     answer=self.partial.answer, images=self._summaries() or None,
                                     timings=self._timings(self.partial))
-            if self._persist(outcome):
+            try:
+                claimed = self._persist(outcome)
+            except StoreRejected:  # the partial text could not be kept: cancelled without it
+                claimed = self._persist(self._outcome(CANCELLED, timings=self._timings(self.partial)))
+            if claimed:
                 self._publish_terminal(ev.CANCELLED)
             return CANCELLED
         limit = self.ctx.settings.task_timeout_s
@@ -336,7 +359,8 @@ class TaskRun:
     # -- step: persist -------------------------------------------------------------------------
     def _persist(self, outcome: Outcome) -> bool:
         """The terminal claim, retried through a short database outage (retry.DATABASE); True when this
-        run made it. StoreUnavailable once the policy gives up."""
+        run made it. StoreUnavailable once the policy gives up; StoreRejected when the database refuses
+        the values for good (a DataError: retrying, or running the task again, would only bill again)."""
         tries = 0
 
         def claim() -> bool:
@@ -349,6 +373,11 @@ class TaskRun:
         except TRANSIENT_DB_ERRORS as exc:
             log.error("store.finish_gave_up", error=str(exc), tries=tries)
             raise StoreUnavailable(f"cannot persist the result: {type(exc).__name__}: {exc}") from exc
+        except (sa.exc.StatementError, ValueError) as exc:  # DataError; text the driver cannot encode
+            cause = type(getattr(exc, "orig", None) or exc).__name__
+            log.error("store.finish_refused", status=outcome.status, error=cause)
+            raise StoreRejected(f"the database refused the {outcome.status} result ({cause}); "
+                                "the attempts already billed stay billed") from exc
         if not claimed and tries > 1:
             # A try that raised may have committed before its connection broke: then it is ours.
             record = _store_call(self.ctx.store.get, self.task_id)

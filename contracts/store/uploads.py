@@ -28,6 +28,14 @@ class UploadStore:
             row = conn.execute(uploads.select().where(uploads.c.id == upload_id)).mappings().first()
         return UploadRecord(**row) if row else None
 
+    def known_upload_ids(self, upload_ids: list[str]) -> set[str]:
+        """Which of `upload_ids` have a row."""
+        if not upload_ids:
+            return set()
+        query = uploads.select().with_only_columns(uploads.c.id).where(uploads.c.id.in_(upload_ids))
+        with self.engine.connect() as conn:
+            return set(conn.execute(query).scalars())
+
     def expired_uploads(self, at: dt.datetime | None = None, limit: int = 500) -> list[UploadRecord]:
         query = uploads.select().where(uploads.c.expires_at <= (at or now())).limit(limit)
         with self.engine.connect() as conn:

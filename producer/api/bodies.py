@@ -11,13 +11,17 @@ from fastapi import Request
 from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from contracts.errors import ApiCallError, RequestError
+from contracts.errors import ApiCallError, JsonTooDeep, RequestError
+from contracts.json_shape import loads_bounded
 
 JSON_TYPES = ("application/json",)
 
 
-def too_large(limit: int) -> ApiCallError:
-    return ApiCallError(f"the request body is over the limit of {limit:,} bytes", code="request.too_large", status=413)
+def too_large(limit: int, *, what: str = "", setting: str = "QVQ_MAX_REQUEST_BYTES") -> ApiCallError:
+    """413: the body is over a limit (by default its size in bytes)."""
+    message = (f"the request holds {what}, over the limit of {limit:,} ({setting})" if what
+               else f"the request body is over the limit of {limit:,} bytes")
+    return ApiCallError(message, code="request.too_large", status=413)
 
 
 def unsupported(message: str) -> ApiCallError:
@@ -59,13 +63,17 @@ async def read_json(request: Request, limit: int) -> Any:
     """The JSON body: 415 unless application/json, 413 over `limit`, 400 when it does not parse."""
     if media_type(request) not in JSON_TYPES:
         raise unsupported("send the body as JSON with Content-Type: application/json")
-    body = b"".join([chunk async for chunk in limited_stream(request, limit)])
+    return parse_json(b"".join([chunk async for chunk in limited_stream(request, limit)]) or b"null")
+
+
+def parse_json(raw: bytes) -> Any:
+    """A JSON body: 400 when it does not parse or nests deeper than contracts/json_shape.py allows."""
     try:
-        return json.loads(body or b"null")
+        return loads_bounded(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise bad_request(f"the body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise bad_request("the body is nested too deeply") from None
+    except JsonTooDeep as exc:
+        raise bad_request(f"the body is {exc.message}") from None
 
 
 async def read_multipart(request: Request, limit: int, *, max_files: int, max_fields: int = 10) -> FormData:

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
-from contracts.errors import NotificationError
+from contracts.errors import JsonTooDeep, NotificationError
+from contracts.json_shape import loads_bounded
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,15 @@ def _unwrap(body: Any) -> Any:
 
 def _decode(text: str) -> Any:
     try:
-        return json.loads(text)
+        return loads_bounded(text)
+    except JsonTooDeep as exc:
+        raise NotificationError(f"the message is {exc.message}") from None
     except json.JSONDecodeError:
         pass
     try:
-        return json.loads(base64.b64decode(text, validate=True))
+        return loads_bounded(base64.b64decode(text, validate=True))
+    except JsonTooDeep as exc:
+        raise NotificationError(f"the message is {exc.message}") from None
     except (binascii.Error, ValueError) as exc:
         raise NotificationError("the message is neither JSON nor base64-encoded JSON") from exc
 

@@ -22,6 +22,7 @@ def document(app: FastAPI) -> dict[str, Any]:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(schema.pop("$defs", {}))
         components[model.__name__] = schema
+    _name_patterns_as_property_names(components)
     _replace_fastapi_errors(doc)
     doc["components"].setdefault("securitySchemes", {})["webhook_signature"] = {
         "type": "apiKey", "in": "header", "name": "X-Qvq-Signature",
@@ -44,3 +45,22 @@ def _replace_fastapi_errors(doc: dict[str, Any]) -> None:
                 operation["responses"]["422"] = {"description": "a field is invalid (request.invalid)", **error}
     for name in ("HTTPValidationError", "ValidationError"):
         doc.get("components", {}).get("schemas", {}).pop(name, None)
+
+
+def _name_patterns_as_property_names(node: Any) -> None:
+    """Pydantic writes a dict with constrained keys as `patternProperties`, which leaves every other key
+    allowed; `propertyNames` + `additionalProperties` says what the API checks (no key outside it)."""
+    if isinstance(node, list):
+        for item in node:
+            _name_patterns_as_property_names(item)
+        return
+    if not isinstance(node, dict):
+        return
+    patterns = node.get("patternProperties")
+    if isinstance(patterns, dict) and len(patterns) == 1 and "additionalProperties" not in node:
+        ((pattern, value),) = patterns.items()
+        del node["patternProperties"]
+        node["propertyNames"] = {"pattern": pattern}
+        node["additionalProperties"] = value
+    for child in node.values():
+        _name_patterns_as_property_names(child)

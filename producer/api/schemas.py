@@ -6,9 +6,10 @@ these models describe the same rules, so a body valid here is valid there.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from typing_extensions import TypeAliasType
 
 from contracts.catalog import MODELS
 from contracts.job import MAX_IMAGES, MAX_PROMPT_CHARS
@@ -23,6 +24,15 @@ IMAGE_REF_PATTERN = (rf"^(?:(?:s3|oss)://[a-z0-9][a-z0-9.-]{{1,62}}/{_PATH_CHAR}
 #: At least one character that is not whitespace to Python's str.strip() too (which also strips
 #: \x1c-\x1f and \x85, unlike a JSON Schema \S).
 NOT_BLANK = r"[^\s\x1c-\x1f\x85]"
+#: Text without NUL (contracts/text.py refuses it, and lone surrogates, in every string of a request).
+NO_NUL = r"^[^\x00]*$"
+PROMPT_PATTERN = rf"^[^\x00]*{NOT_BLANK[:-1]}\x00][^\x00]*$"
+Text = Annotated[str, StringConstraints(pattern=NO_NUL)]
+#: Any JSON value whose strings (keys included) hold no NUL: what `metadata` may hold.
+MetadataValue = TypeAliasType(  # type: ignore[misc]
+    "MetadataValue",
+    Union[Text, int, float, bool, None, list["MetadataValue"], dict[Text, "MetadataValue"]],  # type: ignore[misc]  # noqa: UP007
+)
 DATETIME_DESCRIPTION = "ISO 8601 / RFC 3339 date-time, e.g. 2026-12-01T00:00:00Z"
 Status = Literal["queued", "running", "completed", "failed", "cancelled"]
 ListedStatus = Literal["queued", "running", "completed", "failed", "cancelled", "waiting"]
@@ -40,13 +50,14 @@ class JobRequestBody(BaseModel):
     model: str | None = Field(None, description="default: QVQ_MODEL", json_schema_extra={"enum": [*MODELS, None]})
     images: list[str] = Field(default_factory=list, max_length=MAX_IMAGES,
                               json_schema_extra={"items": {"type": "string", "pattern": IMAGE_REF_PATTERN}})
-    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, pattern=NOT_BLANK)
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, pattern=PROMPT_PATTERN)
     conversation_id: str | None = Field(None, pattern=SAFE_ID_PATTERN)
     high_resolution: bool = False
     tenant: str | None = Field(None, pattern=SAFE_ID_PATTERN,
                                description="who pays: with a tenant key, its own tenant (or absent)")
     callback_url: str | None = Field(None, max_length=2048, pattern=URL_PATTERN)
-    metadata: dict[str, Any] | None = Field(None, description="echoed in the result (at most 16 KB, depth 8)")
+    metadata: dict[Text, MetadataValue] | None = Field(
+        None, description="echoed in the result (at most 16 KB, depth 8; no NUL in any string)")
 
 
 class ErrorDetail(BaseModel):

@@ -27,13 +27,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from contracts.errors import AuthError, NotificationError
+from contracts.errors import AuthError, JsonTooDeep, NotificationError
+from contracts.json_shape import loads_bounded
 from contracts.logging import get_logger
 from contracts.tenants import Principal
+from contracts.text import check_text
 from contracts.triggers import TriggerRule, first_match
-from contracts.webhook import SIGNATURE_HEADER, verify
+from contracts.webhook import SIGNATURE_HEADER, verified_digest
 from producer.api import schemas
-from producer.api.bodies import bad_request, limited_stream, media_type, unsupported
+from producer.api.bodies import bad_request, limited_stream, media_type, parse_json, too_large, unsupported
 from producer.api.deps import Api, AppServices, Viewer
 from producer.api.notifications import StoredObject, parse_notification
 from producer.api.tasks import created_response
@@ -56,33 +58,32 @@ async def job_webhook(request: Request, api: Api) -> JSONResponse:
     if media_type(request) != "application/json":
         raise unsupported("send the job as JSON with Content-Type: application/json")
     raw = await _read(request, api.settings.max_request_bytes)
-    signature = request.headers.get(SIGNATURE_HEADER, "")
-    principal = _signer(api, raw, signature)
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise bad_request("the body is not valid JSON") from None
+    principal, digest = _signer(api, raw, request.headers.get(SIGNATURE_HEADER, ""))
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object (a job request)")
     if "idempotency_key" not in body:  # a replay of the same signed request returns the same task
-        body["idempotency_key"] = "webhook:" + signature.rpartition("v1=")[2][:40]
+        body["idempotency_key"] = "webhook:" + digest[:40]  # the verified digest, never the raw header
     response = created_response(await api.run(api.services.tasks.submit, principal, body))
     response.status_code = 202
     return response
 
 
-def _signer(api: AppServices, raw: bytes, signature: str) -> Principal:
-    """Who signed: the admin-level secret, or one tenant's; 401 when none verifies."""
+def _signer(api: AppServices, raw: bytes, signature: str) -> tuple[Principal, str]:
+    """Who signed (the admin-level secret, or one tenant's) and the digest that verified; 401 when none
+    verifies, or the header is not exactly `t=<unix>,v1=<hex>[,v1=<hex>...]`."""
     settings = api.settings
     if not signature:
         raise AuthError(f"sign the body: {SIGNATURE_HEADER}: t=<unix>,v1=<hex HMAC-SHA256>", code="auth.required")
     candidates: list[tuple[str | None, str]] = [(None, settings.webhook_secret)] if settings.webhook_secret else []
     candidates += list(settings.tenant_webhook_secrets.items())
-    matched = [tenant for tenant, secret in candidates if verify(raw, signature, secret)]  # every one is tried
+    verified = [(tenant, verified_digest(raw, signature, secret)) for tenant, secret in candidates]  # every one
+    matched = [(tenant, digest) for tenant, digest in verified if digest is not None]
     if not matched:
         log.warning("webhook.refused", reason="signature")
         raise AuthError("the signature is not valid, or its timestamp is not within 5 minutes", code="auth.invalid")
-    return Principal(tenant=matched[0])
+    tenant, digest = matched[0]
+    return Principal(tenant=tenant), digest
 
 
 async def _read(request: Request, limit: int) -> bytes:
@@ -105,6 +106,13 @@ async def object_webhook(request: Request, api: Api, principal: Viewer) -> JSONR
         notification = parse_notification(body)
     except NotificationError as exc:
         raise bad_request(exc.message) from None
+    limit = api.settings.max_notification_records
+    if len(notification.objects) + notification.ignored > limit:
+        raise too_large(limit, what=f"{len(notification.objects) + notification.ignored:,} records",
+                        setting="QVQ_MAX_NOTIFICATION_RECORDS")
+    for index, obj in enumerate(notification.objects):  # refused whole, before anything is enqueued
+        check_text(obj.key, f"objects[{index}].key")
+        check_text(obj.version, f"objects[{index}].version")
     rules = api.settings.trigger_rules
     matched: list[tuple[StoredObject, TriggerRule]] = []
     ignored = notification.ignored
@@ -132,9 +140,11 @@ def _decode_body(raw: bytes) -> Any:
             raise bad_request("an XML body must be an MNS notification with a <Message>")
         return html.unescape(found.group(1).decode("utf-8", "replace")).strip()
     try:
-        return json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return loads_bounded(text)
+    except (UnicodeDecodeError, json.JSONDecodeError):
         return text.decode("ascii", "replace")  # maybe base64: parse_notification decodes it
+    except JsonTooDeep as exc:
+        raise bad_request(f"the body is {exc.message}") from None
 
 
 async def _trigger(api: AppServices, principal: Principal, obj: StoredObject, rule: TriggerRule) -> dict[str, Any]:

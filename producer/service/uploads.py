@@ -3,6 +3,8 @@ tenant's jobs, deleted after QVQ_UPLOAD_TTL_S (contracts/uploads.py keeps the by
 
 from __future__ import annotations
 
+import itertools
+import unicodedata
 import uuid
 
 from contracts.errors import ApiCallError, RequestError
@@ -15,6 +17,16 @@ from contracts.uploads import UploadStorage
 
 log = get_logger(__name__)
 MAX_FILENAME_CHARS = 200
+#: A file kept this long without a row is an orphan (an upload whose row never came, or outlived it).
+ORPHAN_AGE_S = 300
+ORPHAN_BATCH = 500
+
+
+def clean_filename(filename: str | None) -> str:
+    """The name an upload is shown under: its last path part, printable characters only, at most 200."""
+    name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(ch if ch.isprintable() and unicodedata.category(ch) != "Cs" else "_" for ch in name).strip()
+    return name[:MAX_FILENAME_CHARS] or "upload"
 
 
 class UploadService:
@@ -26,7 +38,7 @@ class UploadService:
     def add(self, principal: Principal, data: bytes, filename: str | None, field: str) -> UploadRecord:
         """Keep one image for the principal's tenant; refused when empty, too large or not an image."""
         limit = self.settings.max_image_bytes
-        name = (filename or "upload")[:MAX_FILENAME_CHARS]
+        name = clean_filename(filename)
         if len(data) > limit:
             raise ApiCallError(f"{name}: larger than {limit / 1048576:g} MB", code="image.too_large", status=413,
                                field=field)
@@ -37,19 +49,37 @@ class UploadService:
             raise RequestError(f"{name}: not an image this service accepts (BMP, JPEG, PNG, TIFF, WEBP, HEIC)",
                                field=field, code="image.unsupported_format")
         upload_id = uuid.uuid4().hex
-        self.storage.put(upload_id, data, f"image/{format_.lower()}")
-        return self.store.add_upload(upload_id, tenant=principal.tenant, filename=name, format_=format_,
-                                     size=len(data), ttl_s=self.settings.upload_ttl_s)
+        # The row first: a file is never kept without one (a failed insert stores nothing).
+        record = self.store.add_upload(upload_id, tenant=principal.tenant, filename=name, format_=format_,
+                                       size=len(data), ttl_s=self.settings.upload_ttl_s)
+        try:
+            self.storage.put(upload_id, data, f"image/{format_.lower()}")
+        except BaseException:
+            self.store.delete_upload(upload_id)
+            raise
+        return record
 
     def delete(self, upload_id: str) -> None:
         self.storage.delete(upload_id)
         self.store.delete_upload(upload_id)
 
     def delete_expired(self) -> int:
-        """Delete the uploads past their retention; returns how many."""
+        """Delete the uploads past their retention, then the stored files without a row; returns how many."""
         expired = self.store.expired_uploads()
         for upload in expired:
             self.delete(upload.id)
         if expired:
             log.info("uploads.expired_deleted", count=len(expired))
-        return len(expired)
+        return len(expired) + self.delete_orphans()
+
+    def delete_orphans(self, older_than_s: float = ORPHAN_AGE_S) -> int:
+        """Delete stored files that have no row (kept longer than `older_than_s`); returns how many."""
+        deleted = 0
+        candidates = self.storage.stored_ids(older_than_s)
+        while batch := list(itertools.islice(candidates, ORPHAN_BATCH)):
+            for upload_id in set(batch) - self.store.known_upload_ids(batch):
+                self.storage.delete(upload_id)
+                deleted += 1
+        if deleted:
+            log.info("uploads.orphans_deleted", count=deleted)
+        return deleted

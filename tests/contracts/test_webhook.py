@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from contracts.webhook import sign, verify
+from contracts.webhook import parse_header, sign, verified_digest, verify
 
 BODY = b'{"task_id":"t1","type":"task.completed"}'
 
@@ -50,3 +50,15 @@ def test_verify_never_raises_on_near_miss_headers(body: bytes, header: str, secr
 @given(body=st.binary(max_size=2000), secret=st.text(max_size=100), stamp=st.integers(0, 2**40))
 def test_every_signature_made_by_sign_verifies(body: bytes, secret: str, stamp: int) -> None:
     assert verify(body, sign(body, secret, timestamp=stamp), secret, now=stamp)
+
+
+def test_the_header_is_read_strictly() -> None:
+    body = b'{"x": 1}'
+    header = sign(body, "s" * 32)
+    stamp, digest = header.split(",")
+    assert parse_header(header) == (stamp[2:], [digest[3:]])
+    assert verified_digest(body, header, "s" * 32) == digest[3:]
+    for bad in (header + ",zv1=deadbeef", header + ",x=v1=cafe", header + "," + stamp, header + ",v1=abc",
+                digest, stamp, header.upper(), header + ",", f"{stamp},v1={digest[3:].upper()}"):
+        assert parse_header(bad) is None and verified_digest(body, bad, "s" * 32) is None, bad
+    assert verified_digest(body, f"{stamp},v1={'0' * 64},{digest}", "s" * 32) == digest[3:]

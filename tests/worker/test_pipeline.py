@@ -169,3 +169,29 @@ def test_no_retry_past_the_attempt_cap_counted_from_the_last_manual_retry() -> N
     rejected = ModelError("400", code="model.rejected")
     with pytest.raises(ModelError):
         _task_run(attempt=1)._before_retry(rejected, watch)
+
+
+@pytest.mark.parametrize("text", ["a NUL \x00 in the answer", "a lone surrogate \ud800 in the answer"])
+def test_an_answer_the_database_refuses_fails_the_task_once_and_bills_once(database_url: str, text: str) -> None:
+    """A permanent store error (PostgreSQL refuses NUL; no database takes a lone surrogate) ends the task
+    as failed with store.rejected, once: no second run, one ledger row, the terminal event published."""
+    store = Store.from_url(database_url)
+    store.create_schema()
+    try:
+        task_id = submit(store)
+        model = ScriptedModel([("reasoning", "Thinking. "), ("answer", text)])
+        outcome, bus = run(store, model, task_id)
+        if outcome == "completed":  # SQLite keeps NUL: then the text must come back whole
+            record = store.get(task_id)
+            assert record is not None and record.answer == text and "\x00" in text
+            return
+        assert outcome == "failed" and len(model.calls) == 1
+        record = store.get(task_id)
+        assert record is not None and record.status == "failed" and record.error_code == "store.rejected"
+        assert record.answer in (None, "") and record.attempts == 1
+        assert len(store.usage_rows(task_id)) == 1
+        assert bus.types(task_id)[-1] == ev.FAILED
+        (failed,) = [e for e in bus.read_log(task_id) if e["type"] == ev.FAILED]
+        assert failed["error"]["code"] == "store.rejected" and failed["error"]["retryable"] is False
+    finally:
+        store.dispose()
