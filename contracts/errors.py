@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from contracts.redaction import redact
+
 #: code -> retryable: the stable strings of the README's error table.
 ERROR_CODES: dict[str, bool] = {
     "request.invalid": False,
@@ -75,6 +77,7 @@ class QvqError(Exception):
     default_code = "internal"
 
     def __init__(self, message: str, *, code: str | None = None, retryable: bool | None = None) -> None:
+        message = redact(message)  # a message is logged, stored and published: no URL query, no key
         super().__init__(message)
         self.code = code or self.default_code
         if self.code not in ERROR_CODES:

@@ -4,17 +4,18 @@ Logs are data: with LOG_FORMAT=json every line is one JSON object, whoever wrote
 - Our own lines carry their fields (task_id and model are bound per task by the worker).
 - Celery's lines get `task_id` and `task_name` as fields: from the record's arguments ("Task %(name)s[%(id)s]
   received/succeeded") or, inside a task, from Celery's current task.
-- uvicorn's access lines become `http.access` with method, path (`api_key=` redacted), status, client,
+- uvicorn's access lines become `http.access` with method, path, status, client,
   http_version, and duration_s when the API's timing middleware bound it (producer/ops.py).
 - Python warnings go through logging too (`py.warnings`), and so does an exception that ends a
   background thread (`thread.crashed`), which Python would otherwise print to stderr as plain text.
 - Private request content (prompt, metadata, messages) is dropped from any line above DEBUG.
+- Every string of every line goes through contracts/redaction.py: URLs lose their query, fragment and
+  credentials, secret-looking parameters (`api_key`, `api%5Fkey`, `token`...) and bearer tokens are masked.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import threading
 from collections.abc import MutableMapping
@@ -22,10 +23,13 @@ from typing import Any
 
 import structlog
 
+from contracts.redaction import redact
+
 #: Fields that may hold what a user sent us; never logged above DEBUG.
 PRIVATE_FIELDS = ("prompt", "metadata", "messages")
 EventDict = MutableMapping[str, Any]
-_API_KEY = re.compile(r"(api_key=)[^&\s]+")
+#: Fields written as they are: the SNS SubscribeURL an operator must visit to confirm a subscription.
+UNREDACTED_FIELDS = frozenset({"subscribe_url"})
 
 
 def configure(log_format: str = "console", level: str = "INFO") -> None:
@@ -51,7 +55,7 @@ def configure(log_format: str = "console", level: str = "INFO") -> None:
         foreign_pre_chain=[*shared, access_fields, celery_task_fields, drop_positional_args],
         pass_foreign_args=True,  # the processors below read a foreign record's arguments
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, drop_private,
-                    structlog.processors.format_exc_info, renderer],
+                    structlog.processors.format_exc_info, redact_values, renderer],
     ))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -64,11 +68,6 @@ def configure(log_format: str = "console", level: str = "INFO") -> None:
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return structlog.stdlib.get_logger(name)
-
-
-def redact(text: str) -> str:
-    """A URL or request line with its `api_key=` query value masked."""
-    return _API_KEY.sub(r"\1***", text)
 
 
 class RedactedArgs(logging.Filter):
@@ -123,6 +122,14 @@ def celery_task_fields(_logger: Any, _method: str, event_dict: EventDict) -> Eve
 
 def drop_positional_args(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
     event_dict.pop("positional_args", None)
+    return event_dict
+
+
+def redact_values(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    """Every string of every line through contracts/redaction.py (URLs' queries and credentials, keys)."""
+    for name, value in event_dict.items():
+        if isinstance(value, str) and name not in UNREDACTED_FIELDS:
+            event_dict[name] = redact(value)
     return event_dict
 
 

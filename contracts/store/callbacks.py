@@ -9,6 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from contracts.redaction import redact
 from contracts.store.records import CallbackRecord
 from contracts.store.tables import CALLBACK_DELIVERED, CALLBACK_PENDING, callbacks, now
 
@@ -54,6 +55,8 @@ class CallbackStore:
         record = self.get_callback(event_id)
         if record is None:
             return
+        if attempt.get("error"):
+            attempt = {**attempt, "error": redact(str(attempt["error"]))}
         values: dict[str, Any] = {
             "status": status, "attempts": record.attempts + 1, "next_attempt_at": next_attempt_at,
             "claimed_until": None,

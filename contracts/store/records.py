@@ -6,6 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from contracts.redaction import shown_url
 from contracts.store.tables import CALLBACK_PENDING, TERMINAL, now
 
 
@@ -125,7 +126,7 @@ class CallbackRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """What GET /v1/tasks/{id} shows as `callback` (the URL without its query: it may hold a token)."""
-        return {"event_id": self.event_id, "run": self.run, "url": self.url.split("?", 1)[0],
+        return {"event_id": self.event_id, "run": self.run, "url": shown_url(self.url),
                 "status": self.status, "attempts": self.attempts, "last_status_code": self.last_status_code,
                 "last_error": self.last_error, "next_attempt_at": iso(self.next_attempt_at) if self.status == CALLBACK_PENDING else None,
                 "created_at": iso(self.created_at), "delivered_at": iso(self.delivered_at),

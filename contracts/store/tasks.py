@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 
 from contracts.errors import TaskIdTaken
 from contracts.job import JobRequest
+from contracts.redaction import redact
 from contracts.store.records import ANY_TENANT, AnyTenant, AttemptStart, Outcome, TaskRecord, TenantScope
 from contracts.store.tables import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, TERMINAL, now, tasks
 from contracts.store.usage import has_usage, insert_completed_usage, tenant_is
@@ -168,7 +169,8 @@ class TaskStore:
         values: dict[str, Any] = {
             "p_task_id": task_id, "p_last_seq": outcome.last_seq,
             "status": outcome.status, "reasoning": outcome.reasoning, "answer": outcome.answer,
-            "error_code": outcome.error_code, "error_message": outcome.error_message,
+            "error_code": outcome.error_code,
+            "error_message": redact(outcome.error_message) if outcome.error_message else outcome.error_message,
             "usage": outcome.usage, "cost": outcome.cost, "timings": outcome.timings, "finished_at": now(),
         }
         if outcome.images is not None:

@@ -183,3 +183,22 @@ def test_a_delivery_survives_its_worker_being_killed_between_tries(
     delivery = final_delivery(client.store, handle.task_id)
     assert delivery.status == "delivered" and delivery.attempt_log[-1]["status_code"] == 200
     assert len({headers["X-Qvq-Event-Id"] for headers, _ in receiver.received}) == 1
+
+
+def test_a_refused_callback_urls_secret_is_never_logged_or_stored(
+        service_env: dict[str, str], start_worker: Any, make_client: Any, tmp_path: Path) -> None:
+    """A receiver's token in the query of a callback URL the guard refuses (loopback, private addresses not
+    allowed) reaches neither the worker's log nor the delivery's last_error and attempt_log."""
+    worker = start_worker(QVQ_ALLOW_PRIVATE_URLS="0", QVQ_WEBHOOK_SECRET=SECRET)
+    client = make_client()
+    image = tmp_path / "a.png"
+    image.write_bytes(make_image("PNG"))
+    token = "tok-0123456789-SECRETVALUE"
+    url = f"http://127.0.0.1:9/hook?token={token}&api%5Fkey={token}"
+    handle = client.submit(images=[str(image)], prompt="hello", callback_url=url)
+    assert handle.result(timeout=60).status == "completed"
+    delivery = final_delivery(client.store, handle.task_id)
+    assert delivery.status == "failed" and delivery.last_error and "127.0.0.1" in delivery.last_error
+    assert token not in json.dumps(delivery.to_dict()) and token not in (delivery.last_error or "")
+    wait_until(lambda: "callback.refused" in worker.log())
+    assert token not in worker.log()

@@ -18,12 +18,12 @@ import json
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
 from contracts.errors import UnsafeURL
 from contracts.logging import get_logger
+from contracts.redaction import shown_url
 from contracts.retry import CALLBACK, RETRY_OUTCOME
 from contracts.ssrf import UrlGuard, guarded_async_client
 from contracts.webhook import SIGNATURE_HEADER, sign
@@ -50,10 +50,10 @@ def deliver(url: str, event: dict[str, Any], *, secret: str, allow_private: bool
         outcome = CALLBACK.call(post_once, url, event, secret=secret, guard=guard, transport=transport,
                                 timeout_s=timeout_s)
     except Exception as exc:  # the task's result is already persisted: a bug here must not fail it
-        log.error("callback.error", url=_shown(url), error=f"{type(exc).__name__}: {exc}")
+        log.error("callback.error", url=shown_url(url), error=f"{type(exc).__name__}: {exc}")
         return False
     if outcome is not Outcome.DELIVERED:
-        log.warning("callback.undelivered", url=_shown(url), outcome=str(outcome))
+        log.warning("callback.undelivered", url=shown_url(url), outcome=str(outcome))
     return outcome is Outcome.DELIVERED
 
 
@@ -95,7 +95,7 @@ async def attempt(url: str, event: dict[str, Any], *, secret: str, guard: UrlGua
         async with asyncio.timeout(timeout_s):
             return await _attempt(url, event, secret, guard, client)
     except TimeoutError:
-        log.warning("callback.failed", url=_shown(url), error=f"no full answer within {timeout_s:g} s")
+        log.warning("callback.failed", url=shown_url(url), error=f"no full answer within {timeout_s:g} s")
         return Attempt(Outcome.RETRY, error=f"timeout ({timeout_s:g} s)")
 
 
@@ -105,7 +105,7 @@ async def _attempt(url: str, event: dict[str, Any], secret: str, guard: UrlGuard
         pinned = await asyncio.to_thread(guard.pin, url, credentials=False)  # DNS blocks: not on the loop
     except UnsafeURL as exc:
         retry = exc.reason in ("unresolved", "not_found")  # DNS may answer later; a bad address will not
-        log.warning("callback.failed" if retry else "callback.refused", url=_shown(url), reason=exc.reason,
+        log.warning("callback.failed" if retry else "callback.refused", url=shown_url(url), reason=exc.reason,
                     error=exc.message)
         return Attempt(Outcome.RETRY if retry else Outcome.REFUSED, error=exc.message)
     body = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
@@ -114,7 +114,7 @@ async def _attempt(url: str, event: dict[str, Any], secret: str, guard: UrlGuard
                                  **pinned.headers}, extensions=pinned.extensions) as response:
             await _drain(response)
     except httpx.HTTPError as exc:
-        log.warning("callback.failed", url=_shown(url), error=f"{type(exc).__name__}: {exc}")
+        log.warning("callback.failed", url=shown_url(url), error=f"{type(exc).__name__}: {exc}")
         return Attempt(Outcome.RETRY, error=type(exc).__name__)
     outcome = _outcome(url, response.status_code)
     error = None if outcome is Outcome.DELIVERED else f"HTTP {response.status_code}"
@@ -147,21 +147,10 @@ async def _drain(response: httpx.Response) -> None:
 
 def _outcome(url: str, status: int) -> Outcome:
     if 200 <= status < 300:
-        log.info("callback.delivered", url=_shown(url), status=status)
+        log.info("callback.delivered", url=shown_url(url), status=status)
         return Outcome.DELIVERED
     if status == 410:
-        log.warning("callback.gone", url=_shown(url), status=status)
+        log.warning("callback.gone", url=shown_url(url), status=status)
         return Outcome.GONE
-    log.warning("callback.failed", url=_shown(url), status=status)
+    log.warning("callback.failed", url=shown_url(url), status=status)
     return Outcome.RETRY
-
-
-def _shown(url: str) -> str:
-    """The URL for a log line: no credentials, query or fragment (they may carry a receiver's token)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<invalid URL>"
-    return f"{parts.scheme}://{host}{port}{parts.path}"[:200]
