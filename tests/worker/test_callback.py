@@ -20,6 +20,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from contracts import retry
+from contracts.redaction import shown_url
 from contracts.ssrf import UrlGuard, resolve_host
 from contracts.webhook import SIGNATURE_HEADER, sign, verify
 from worker.callbacks import post as callback
@@ -343,8 +344,8 @@ def test_proxy_environment_variables_are_ignored(receiver: Receiver, monkeypatch
 
 
 def test_the_logged_url_keeps_no_credentials_or_query() -> None:
-    assert callback._shown("https://u:pw@hook.example:8443/h?token=abc#x") == "https://hook.example:8443/h"
-    assert callback._shown("https://hook.example:99999/h") == "<invalid URL>"
+    assert shown_url("https://u:pw@hook.example:8443/h?token=abc#x") == "https://hook.example:8443/h?..."
+    assert shown_url("https://hook.example:99999/h") == "<invalid URL>"
 
 
 def test_old_or_tampered_signatures_fail() -> None:

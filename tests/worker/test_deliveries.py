@@ -76,7 +76,7 @@ def test_a_receiver_that_fails_twice_gets_one_accepted_signed_delivery_and_the_t
     with ApiServer(Settings.from_env(service_env)) as api:
         shown = httpx.get(f"{api.url}/v1/tasks/{handle.task_id}").json()["callback"]
     assert shown["status"] == "delivered" and shown["attempts"] == 3 and shown["last_status_code"] == 200
-    assert shown["url"].endswith("/hook") and "token" not in json.dumps(shown)  # the query may hold a secret
+    assert shown["url"].endswith("/hook?...") and "token" not in json.dumps(shown)  # the query may hold a secret
 
 
 def test_a_receiver_that_answers_410_stops_the_delivery(
