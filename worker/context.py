@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import redis
 import redis.asyncio as aioredis
+from redis import Redis as SyncRedis
 
 from contracts.bus import EventBus
 from contracts.sender import TaskSender, producer_app
@@ -47,6 +48,7 @@ class WorkerContext:
     flow: FlowControl | None = None  # flow control (worker/flow/); built by `build`
     loop: WorkerLoop = field(default_factory=WorkerLoop)  # owns every wait (worker/loop.py)
     aredis: aioredis.Redis | None = None  # the loop's Redis client (event publishing)
+    broker: SyncRedis | None = None  # CELERY_BROKER_URL's Redis, when it is not REDIS_URL's (the sweep)
 
     @classmethod
     def build(cls, settings: Settings, sender: TaskSender | None = None) -> WorkerContext:
@@ -76,6 +78,8 @@ class WorkerContext:
             flow=FlowControl(settings, client, store),
             loop=loop,
             aredis=aclient,
+            broker=(redis.Redis.from_url(settings.celery_broker_url, socket_connect_timeout=5, socket_timeout=10)
+                    if settings.celery_broker_url != settings.redis_url else None),
         )
 
     def start(self) -> WorkerContext:
@@ -99,6 +103,8 @@ class WorkerContext:
         self.fetcher.close()
         self.store.dispose()
         self.redis.close()
+        if self.broker is not None:
+            self.broker.close()
 
     async def _close_async(self) -> None:
         await self.model.aclose()

@@ -167,7 +167,7 @@ def _start(**_: Any) -> None:
         _process.sweep = Sweep(context.redis, context.store, context.bus, context.sender.send_run,
                                interval_s=settings.sweep_interval_s, lease_ttl_s=settings.lease_ttl_s,
                                requeue_grace_s=settings.requeue_grace_s, event_ttl_s=settings.event_ttl_s,
-                               queue=settings.queue).start()
+                               queue=settings.queue, broker_client=context.broker).start()
     if _process.scheduler is None:
         _process.scheduler = DueScheduler(context).start()
 

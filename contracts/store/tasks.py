@@ -115,13 +115,12 @@ class TaskStore:
         scope = idempotency_scope(tenant, key)
         return self.find_by_idempotency_scope(scope) if scope else None
 
-    def conversation_tenant(self, conversation_id: str) -> tuple[bool, str | None]:
-        """(exists, tenant of its first turn): a conversation belongs to the tenant that started it."""
-        query = (sa.select(tasks.c.tenant).where(tasks.c.conversation_id == conversation_id)
-                 .order_by(tasks.c.created_at, tasks.c.id).limit(1))
+    def conversation_tenants(self, conversation_id: str) -> set[str | None]:
+        """The tenants that have a conversation with this id (ids are scoped per tenant: each tenant's
+        conversation of that id is its own; None is the no-tenant scope)."""
+        query = sa.select(tasks.c.tenant).where(tasks.c.conversation_id == conversation_id).distinct()
         with self.engine.connect() as conn:
-            row = conn.execute(query).first()
-        return (row is not None, row.tenant if row is not None else None)
+            return {row.tenant for row in conn.execute(query)}
 
     def get(self, task_id: str) -> TaskRecord | None:
         with self.engine.connect() as conn:

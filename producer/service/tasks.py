@@ -98,14 +98,13 @@ class TaskService:
         return {**request, "tenant": principal.tenant}
 
     def _check_conversation(self, job: JobRequest) -> None:
-        """A turn continues a conversation of its own tenant, or starts one (with images)."""
-        if not job.conversation_id:
+        """A turn continues a conversation of its own tenant, or starts one (with images). Conversation
+        ids are scoped per tenant: another tenant's conversation of the same id is not looked at."""
+        if not job.conversation_id or job.images:
             return
-        exists, owner = self.store.conversation_tenant(job.conversation_id)
-        if (exists and owner != job.tenant) or (not exists and not job.images):
-            raise RequestError(f"no conversation {job.conversation_id!r}" + ("" if exists else
-                               "; a new conversation starts with a turn that has images"),
-                               field="conversation_id", code="conversation.not_found")
+        if job.tenant not in self.store.conversation_tenants(job.conversation_id):
+            raise RequestError(f"no conversation {job.conversation_id!r}; a new conversation starts with a "
+                               "turn that has images", field="conversation_id", code="conversation.not_found")
 
     def _check_uploads(self, job: JobRequest) -> None:
         """upload:// references only to live uploads of the job's own tenant."""
@@ -213,8 +212,7 @@ class TaskService:
 
     def conversation_exists(self, principal: Principal, conversation_id: str) -> bool:
         """Whether this principal's tenant has a conversation with this id (another tenant's: no)."""
-        exists, owner = self.store.conversation_tenant(conversation_id)
-        return exists and principal.may_see(owner)
+        return any(principal.may_see(tenant) for tenant in self.store.conversation_tenants(conversation_id))
 
     def usage(self, principal: Principal, by: str = "model", *, since: dt.datetime | None = None,
               until: dt.datetime | None = None, tenant: str | None = None) -> dict[str, Any]:

@@ -30,8 +30,8 @@ def test_history_listing_and_usage_stay_within_a_tenant(database_url: str) -> No
     assert {r.tenant for r in store.list_tasks(tenant="globex")} == {"globex"}
     assert len(store.list_tasks(tenant=ANY_TENANT)) == 3
     assert [row["tenant"] for row in store.usage_summary("tenant", tenant="acme")] == ["acme"]
-    assert store.conversation_tenant("chat") == (True, "acme")
-    assert store.conversation_tenant("other") == (False, None)
+    assert store.conversation_tenants("chat") == {"acme", "globex", None}
+    assert store.conversation_tenants("other") == set()
     store.dispose()
 
 

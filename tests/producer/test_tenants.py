@@ -102,10 +102,14 @@ def test_a_tenant_cannot_submit_as_another_reuse_its_keys_uploads_or_conversatio
     their_upload = globex.submit(images=[acme_upload])
     assert their_upload.status_code == 404 and their_upload.json()["error"]["field"] == "images[0]"
     assert their_upload.json()["error"]["code"] == "image.not_found"
-    for images in ([], ["s3://photos/b.png"]):  # continuing it, or "starting" it again
-        their_chat = globex.submit(conversation_id="chat-1", images=images)
-        assert their_chat.status_code == 404 and their_chat.json()["error"]["code"] == "conversation.not_found"
+    their_chat = globex.submit(conversation_id="chat-1", images=[])  # answered exactly like a missing one
+    missing = globex.submit(conversation_id="chat-404", images=[])
+    assert their_chat.status_code == missing.status_code == 404
+    assert their_chat.json()["error"] == {**missing.json()["error"], "message": missing.json()["error"]["message"]
+                                          .replace("chat-404", "chat-1")}
     assert snapshot(settings, redis_client) == before
+    own_chat = globex.submit(conversation_id="chat-1", images=["s3://photos/b.png"])  # ids are per tenant:
+    assert own_chat.status_code == 202  # this starts globex's own chat-1, which never sees acme's turns
 
     same_key = globex.submit(idempotency_key="order-7")
     assert same_key.status_code == 202 and same_key.json()["task_id"] != first.json()["task_id"]

@@ -96,6 +96,31 @@ def test_the_sweep_looks_in_the_configured_queue(redis_client: redis.Redis, stor
     assert sent == [(lost, 0)]
 
 
+def test_with_a_broker_of_its_own_the_sweep_reads_the_queue_there(redis_client: redis.Redis, store: Store) -> None:
+    """CELERY_BROKER_URL on another Redis database than REDIS_URL: the queue and kombu's unacked hash are
+    read from the broker, so a waiting or reserved message is never taken for lost and sent again."""
+    url = redis_client.connection_pool.connection_kwargs
+    broker = redis.Redis(host=url.get("host", "127.0.0.1"), port=url.get("port", 6379), password=url.get("password"),
+                         db=(int(url.get("db") or 0) + 1) % 16)
+    sent: list[tuple[str, int]] = []
+    sweep = Sweep(redis_client, store, EventBus(redis_client, ttl_s=60), lambda task_id, run: sent.append((task_id, run)),
+                  interval_s=1, lease_ttl_s=30, requeue_grace_s=0, event_ttl_s=60, broker_client=broker)
+    sweep.confirm_after_s = 0.0
+    queue_key = f"{QUEUE}"
+    in_queue, reserved, lost = (_task(store, running=False) for _ in range(3))
+    tag = f"tag-{reserved}"
+    try:
+        broker.lpush(queue_key, _kombu_message(in_queue))
+        broker.hset(UNACKED_KEY, tag, json.dumps([json.loads(_kombu_message(reserved)), "", QUEUE]))
+        assert sweep.requeue_lost_messages() == []
+        assert sweep.requeue_lost_messages() == [lost]
+        assert sent == [(lost, 0)] and redis_client.llen(QUEUE) == 0
+    finally:
+        broker.lrem(queue_key, 0, _kombu_message(in_queue))
+        broker.hdel(UNACKED_KEY, tag)
+        broker.close()
+
+
 def test_a_queued_task_within_its_grace_period_is_left_alone(redis_client: redis.Redis, store: Store) -> None:
     sent: list[tuple[str, int]] = []
     sweep = _sweep(redis_client, store, sent, grace_s=3600)

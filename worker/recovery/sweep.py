@@ -66,8 +66,10 @@ class Round:
 
 class Sweep:
     def __init__(self, client: redis.Redis, store: Store, bus: EventBus, send: Send, *, interval_s: float,
-                 lease_ttl_s: float, requeue_grace_s: float, event_ttl_s: int, queue: str = QUEUE) -> None:
-        self.redis = client
+                 lease_ttl_s: float, requeue_grace_s: float, event_ttl_s: int, queue: str = QUEUE,
+                 broker_client: redis.Redis | None = None) -> None:
+        self.redis = client  # REDIS_URL: leases, the sweep's own keys, the event logs
+        self.broker = broker_client or client  # CELERY_BROKER_URL: the queue and kombu's unacked hash
         self.queue = queue  # the Celery queue whose list holds the waiting messages (QVQ_QUEUE)
         self.store = store
         self.bus = bus
@@ -196,7 +198,7 @@ class Sweep:
         those reserved by a worker (unacked), with their delivery tags."""
         queued: set[str] | None = self._queued_ids()
         reserved: dict[str, list[bytes]] = {}
-        for tag, raw in self.redis.hscan_iter(broker.UNACKED, count=SCAN_CHUNK):
+        for tag, raw in self.broker.hscan_iter(broker.UNACKED, count=SCAN_CHUNK):
             task_id = broker.unacked_message_id(raw)
             if task_id is not None:
                 reserved.setdefault(task_id, []).append(tag)
@@ -205,18 +207,18 @@ class Sweep:
     def _queued_ids(self) -> set[str] | None:
         ids: set[str] = set()
         for key in broker.queue_lists(self.queue):
-            length = int(self.redis.llen(key))
+            length = int(self.broker.llen(key))
             if length > MAX_QUEUE_SCAN:
                 log.warning("sweep.queue_too_long_to_scan", queue=key, length=length)
                 return None
             for start in range(0, length, SCAN_CHUNK):
-                ids.update(broker.message_id(raw) for raw in self.redis.lrange(key, start, start + SCAN_CHUNK - 1))
+                ids.update(broker.message_id(raw) for raw in self.broker.lrange(key, start, start + SCAN_CHUNK - 1))
         return ids
 
     def _drop_unacked(self, tags: Iterable[bytes]) -> None:
         tags = list(tags)
         if tags:
-            pipe = self.redis.pipeline()
+            pipe = self.broker.pipeline()
             pipe.zrem(broker.UNACKED_INDEX, *tags)
             pipe.hdel(broker.UNACKED, *tags)
             pipe.execute()
