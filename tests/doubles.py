@@ -45,12 +45,19 @@ class MemoryBus:
         self.fail = fail or (lambda _type: False)
         self._seqs: dict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
+        self.lost: set[str] = set()  # as EventBus: a task's next event after a lost one skips a seq
+
+    def note_lost(self, task_id: str) -> None:
+        self.lost.add(task_id)
 
     def publish(self, task_id: str, type_: str, attempt: int, *, seq_floor: int = 0, **fields: Any) -> int:
         if self.fail(type_):
+            self.lost.add(task_id)
             raise ConnectionError("Redis is gone (test)")
         with self._lock:
-            seq = self._seqs[task_id] = max(self._seqs[task_id], seq_floor) + 1
+            skip = 1 if task_id in self.lost else 0
+            self.lost.discard(task_id)
+            seq = self._seqs[task_id] = max(self._seqs[task_id], seq_floor) + 1 + skip
             event = {"seq": seq, "task_id": task_id, "type": type_, "ts": time.time(), "attempt": attempt, **fields}
             self.logs[task_id].append(json.loads(json.dumps(event)))  # as it would come back from Redis
         return seq

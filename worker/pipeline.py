@@ -418,6 +418,7 @@ class TaskRun:
         """Publish a non-terminal event; a failure is logged and the event skipped (important ones:
         task.retrying, which voids text on screens, get a few quick tries first)."""
         if not important and time.monotonic() < self._events_down_until:
+            self.ctx.bus.note_lost(self.task_id)  # dropped untried: followers see the hole
             return None
         for delay in (retry.IMPORTANT_PUBLISH.delays if important else ()) + (None,):
             try:
@@ -446,6 +447,7 @@ class TaskRun:
         if last is not None and last.done():
             self._delta_done(last)
         if time.monotonic() < self._events_down_until:
+            self.ctx.bus.note_lost(self.task_id)  # dropped untried: followers see the hole
             return
         self._last_delta = self.ctx.bus.publish_soon(self.task_id, type_, self.attempt,
                                                      seq_floor=max(self.seq_floor, self.last_seq), text=text)

@@ -12,14 +12,16 @@ import redis
 from contracts import keys
 
 # KEYS: seq counter, replay log, channel. ARGV: the event JSON without its opening "{", TTL seconds,
-# the seq floor. The seq is spliced in as the first field so an event is built once, in Python, and
-# never re-encoded. The floor (the highest seq the caller knows of) keeps seq from going back when
-# Redis lost the counter (restarted without persistence).
+# the seq floor, the seqs to skip. The seq is spliced in as the first field so an event is built once,
+# in Python, and never re-encoded. The floor (the highest seq the caller knows of) keeps seq from going
+# back when Redis lost the counter (restarted without persistence). Skipping leaves a hole in seq where
+# events were lost (their publish failed), so every follower sees one and says so (`stream.gap`).
 PUBLISH_LUA = """
-local seq = redis.call('INCR', KEYS[1])
+local skip = tonumber(ARGV[4] or '0') or 0
+local seq = redis.call('INCRBY', KEYS[1], 1 + skip)
 local floor = tonumber(ARGV[3] or '0') or 0
-if seq <= floor then
-  seq = floor + 1
+if seq <= floor + skip then
+  seq = floor + 1 + skip
   redis.call('SET', KEYS[1], seq)
 end
 local event = '{"seq":' .. seq .. ',' .. ARGV[1]
@@ -33,6 +35,24 @@ return seq
 #: Errors after which a subscriber reconnects (Redis restarted, failed over, or dropped us).
 RECONNECTABLE = (redis.ConnectionError, redis.TimeoutError)
 CONFIRM_S = 5.0  # how long to wait for the server to confirm a subscription before reading the log
+
+
+class LostEvents:
+    """The tasks whose last publish failed (or was skipped): their next event leaves a hole in seq.
+    Thread-safe enough for its use: set operations are atomic under the GIL."""
+
+    def __init__(self) -> None:
+        self._tasks: set[str] = set()
+
+    def note(self, task_id: str) -> None:
+        self._tasks.add(task_id)
+
+    def take(self, task_id: str) -> int:
+        """The seqs to skip for this task's next event (1 after a loss, else 0); the loss is consumed."""
+        if task_id in self._tasks:
+            self._tasks.discard(task_id)
+            return 1
+        return 0
 
 
 def publish_args(task_id: str, type_: str, attempt: int, fields: dict[str, Any]) -> tuple[list[str], str]:

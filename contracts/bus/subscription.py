@@ -19,6 +19,9 @@ the same way:
 The rules (design.md, Events):
 - the log is the source of truth; a live message is taken only when it is exactly the next seq, else
   the log is read (gap fill); a quiet channel is checked against the log every POLL_S;
+- a hole the log cannot fill (Redis lost those events, or the worker could not publish them) is
+  delivered as `stream.gap {from_seq, to_seq}` before the event after it, so no viewer passes a hole off
+  as the whole text; the terminal event (or the row) still carries the whole text;
 - runs: a terminal event read from the log ends the subscription only when no later `task.queued`
   (a manual retry's new run) follows it in the log; a live terminal event is the newest by
   construction and ends it;
@@ -217,7 +220,10 @@ class SubscriptionState:
             self._row_at = now + ROW_GRACE_S
             self._catching_up = self._subscribed
             return
-        event = event_from_row(record, max(self.last_seq, int(getattr(record, "last_seq", 0) or 0)) + 1)
+        known = int(getattr(record, "last_seq", 0) or 0)
+        if known > self.last_seq:  # events up to `known` existed and never reached this follower
+            self._pending.append(gap_event(self.task_id, self.last_seq + 1, known))
+        event = event_from_row(record, max(self.last_seq, known) + 1)
         self._take(event)
         self.done = True
 
@@ -283,7 +289,9 @@ class SubscriptionState:
         end: int | None = None
         for event in batch:
             if event["seq"] <= self.last_seq:
-                continue  # a hole in the log (trimmed entry) is never waited for; old ones are skipped
+                continue  # old ones are skipped
+            if event["seq"] > self.last_seq + 1:  # a hole the log cannot fill: Redis lost those events
+                due.append(gap_event(self.task_id, self.last_seq + 1, event["seq"] - 1))
             self.last_seq = event["seq"]
             due.append(event)
             if ev.is_terminal(event):
@@ -298,6 +306,13 @@ class SubscriptionState:
     def _take(self, event: dict[str, Any]) -> None:
         self.last_seq = event["seq"]
         self._pending.append(event)
+
+
+def gap_event(task_id: str, from_seq: int, to_seq: int) -> dict[str, Any]:
+    """`stream.gap`: events from_seq..to_seq existed but can no longer be read (never published; made
+    by a follower). It carries seq = to_seq, so a cursor taken from it resumes after the hole."""
+    return {"seq": to_seq, "task_id": task_id, "type": ev.STREAM_GAP, "ts": time.time(),
+            "from_seq": from_seq, "to_seq": to_seq}
 
 
 def event_from_row(record: Any, seq: int) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from contracts.bus.publish import (
     CONFIRM_S,
     PUBLISH_LUA,
     RECONNECTABLE,
+    LostEvents,
     is_subscribe_confirmation,
     publish_args,
 )
@@ -42,11 +43,22 @@ class EventBus:
         self.redis = client
         self.ttl_s = ttl_s
         self._publish = client.register_script(PUBLISH_LUA)
+        self.lost = LostEvents()
 
     def publish(self, task_id: str, type_: str, attempt: int, *, seq_floor: int = 0, **fields: Any) -> int:
-        """Append one event to the log and the channel; returns its seq (above `seq_floor`, always)."""
+        """Append one event to the log and the channel; returns its seq (above `seq_floor`, always). After
+        a failed publish of this task's, the seq skips one: followers see the hole (`stream.gap`)."""
         script_keys, event = publish_args(task_id, type_, attempt, fields)
-        return int(self._publish(keys=script_keys, args=[event, self.ttl_s, int(seq_floor)]))
+        skip = self.lost.take(task_id)
+        try:
+            return int(self._publish(keys=script_keys, args=[event, self.ttl_s, int(seq_floor), skip]))
+        except Exception:
+            self.lost.note(task_id)
+            raise
+
+    def note_lost(self, task_id: str) -> None:
+        """An event of this task was dropped without a try (a publisher's cooldown): mark the hole."""
+        self.lost.note(task_id)
 
     def publish_soon(self, task_id: str, type_: str, attempt: int, *, seq_floor: int = 0,
                      **fields: Any) -> asyncio.Future[int]:

@@ -1,6 +1,8 @@
 """The terminal view of a task: the thinking (dimmed, under "Thinking"), then the answer, then the bill.
 
-A retry voids the text of the failed attempt (design.md): the renderer says so and starts the
+A `stream.gap` (events lost on their way: Redis lost them) is said where it happens, and the whole text is
+printed again from the terminal event, which always carries it. A retry voids the text of the failed
+attempt (design.md): the renderer says so and starts the
 Thinking/Answer sections afresh for the new attempt; so does a manual retry's new run (a task.queued
 with run > 0), whose viewers replay the earlier runs first. The same happens when a task is redelivered
 after its worker was lost (a task.started for a later attempt, with no task.retrying before it).
@@ -42,6 +44,7 @@ class EventRenderer:
         self._attempt = 0  # the attempt whose text is on screen
         self._shown_text = False  # some thinking/answer text of that attempt was printed
         self._retried = False
+        self._gap = False  # a stream.gap: the text on screen has a hole; the terminal event's is whole
 
     def render_all(self, events: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
         """Render every event (a subscription ends after the latest run's terminal one); returns that
@@ -139,8 +142,23 @@ class EventRenderer:
         reason = str(event.get("reason") or "flow control").replace("_", " ")
         self.console.print(Text(f"waiting: {clean(reason)} (about {clean(event.get('wait_s'))} s)", style="yellow"))
 
+    def _on_stream_gap(self, event: dict[str, Any]) -> None:
+        self._end_section()
+        self._gap = True
+        self.console.print(Text(f"events {clean(event.get('from_seq'))}-{clean(event.get('to_seq'))} were lost "
+                                "on their way (Redis lost them); the text above has a hole: the whole text "
+                                "follows when the task ends", style="yellow"))
+
     def _on_task_completed(self, event: dict[str, Any]) -> None:
         self._end_section()
+        if self._gap:  # the deltas had a hole: the terminal event carries the whole text
+            self.console.print(Text("the whole text, from the task's result:", style="yellow"))
+            self._heading("reasoning", "Thinking (whole)", "dim")
+            self.console.print(clean(event.get("reasoning", "")), end="", style="dim", markup=False)
+            self._heading("answer", "Answer (whole)", "bold green")
+            self.console.print(clean(event.get("answer", "")), end="", markup=False)
+            self._end_section()
+            self._gap = False
         self.console.print()
         print_usage(self.console, event.get("usage"), event.get("cost"), event.get("timings"))
 

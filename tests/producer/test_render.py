@@ -169,3 +169,20 @@ def test_the_image_table_fits_the_reference_to_an_80_column_terminal_without_fol
     assert len(rows) == 3, rows  # header, one row, the image tokens line
     shown = rows[1].split()[0]
     assert shown.startswith("…/") and "//" not in shown and shown.endswith("/samples/triangle.png"), shown
+
+
+def test_a_stream_gap_is_said_and_the_whole_text_is_printed_from_the_terminal_event() -> None:
+    out = io.StringIO()
+    EventRenderer(Console(file=out, width=100, force_terminal=False)).render_all([
+        _event(ev.STARTED, 1, worker="w1"),
+        _event(ev.REASONING_DELTA, 1, text="The triangle "),
+        {"task_id": "t1", "seq": 9, "type": ev.STREAM_GAP, "ts": 0.0, "from_seq": 4, "to_seq": 9},
+        _event(ev.ANSWER_DELTA, 1, text="cm."),
+        _event(ev.COMPLETED, 1, reasoning="The triangle has sides 3, 4 and 5.", answer="Six square cm.",
+               usage={"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+               cost={"input": 0.1, "output": 0.2, "total": 0.3, "currency": "CNY"}, timings={"total_s": 1.5}),
+    ])
+    text = out.getvalue()
+    assert "events 4-9 were lost" in text and "the whole text, from the task's result" in text
+    assert "The triangle has sides 3, 4 and 5." in text and "Six square cm." in text
+    assert text.index("events 4-9") < text.index("Six square cm.")

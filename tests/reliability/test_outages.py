@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from contracts.errors import ERROR_CODES, EnqueueError
 from contracts.settings import Settings
 from producer.client import Client
 from producer.local.embedded import free_port
-from tests.reliability import Stack, terminal_events, text_of
+from tests.reliability import Stack, after_last_retry, terminal_events, text_of
 from worker import pipeline
 from worker.context import WorkerContext
 
@@ -70,11 +71,24 @@ def test_a_redis_restart_mid_stream_leaves_nothing_running_and_everyone_reconnec
     ids = [stack.submit(f"Through a Redis restart, number {n}.", tps=40, reasoning_tokens=100) for n in range(4)]
     for task_id in ids:
         stack.wait_events(task_id, lambda es: any(e["type"] == ev.REASONING_DELTA for e in es))
+    followed: dict[str, list[dict[str, Any]]] = {}
+    followers = [threading.Thread(target=lambda t=task_id: followed.__setitem__(t, list(stack.client.events(
+        t, timeout=60))), daemon=True) for task_id in ids[:2]]
+    for follower in followers:
+        follower.start()
     stack.redis_server.stop()
     time.sleep(1.5)
     stack.redis_server.start()  # same port, empty (no persistence): queue, logs and seq counters are gone
 
     records = stack.wait_terminal(ids, timeout=40)
+    for follower in followers:
+        follower.join(timeout=60)
+    for task_id, events in followed.items():  # a live view never passes a hole off as the whole text
+        final = after_last_retry(events)
+        record = records[task_id]
+        if record.status == "completed" and not any(e["type"] == ev.STREAM_GAP for e in final):
+            assert text_of(final, ev.ANSWER_DELTA) == record.answer
+            assert text_of(final, ev.REASONING_DELTA) == record.reasoning
     for record in records.values():
         assert record.status in ("completed", "failed"), record
         if record.status == "failed":
@@ -132,6 +146,9 @@ class FailingBus:
             failed.set_exception(redis.ConnectionError("Redis is gone (test)"))
             return failed
         return self.bus.publish_soon(task_id, type_, attempt, **fields)
+
+    def note_lost(self, task_id: str) -> None:
+        self.bus.note_lost(task_id)
 
 
 class FailingStore:

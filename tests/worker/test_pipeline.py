@@ -131,6 +131,8 @@ def test_a_delta_that_cannot_be_published_never_stops_the_result(store: Store) -
     assert outcome == "completed" and bus.types(task_id)[-1] == ev.COMPLETED
     record = store.get(task_id)
     assert record is not None and record.answer == "Six square cm."  # the row has the text the screens missed
+    seqs = [event["seq"] for event in bus.read_log(task_id)]
+    assert seqs[-1] > seqs[-2] + 1  # the lost deltas left a hole in seq: every follower says stream.gap
 
 
 def test_a_message_for_another_run_is_refused_and_nothing_runs(store: Store) -> None:

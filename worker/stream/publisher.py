@@ -33,7 +33,7 @@ log = get_logger(__name__)
 
 MAX_BATCH = 512
 WINDOW_S = 0.002
-_Item = tuple[tuple[Any, ...], "asyncio.Future[int]", str]  # (script args, seq future, event type)
+_Item = tuple[tuple[Any, ...], "asyncio.Future[int]", str, str]  # (script args, seq future, type, task id)
 
 
 class LoopEventBus(EventBus):
@@ -66,7 +66,7 @@ class LoopEventBus(EventBus):
         self._observe(task_id, type_, fields)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
-        self._queue.append(((*script_keys, event, self.ttl_s, int(seq_floor)), future, type_))
+        self._queue.append(((*script_keys, event, self.ttl_s, int(seq_floor)), future, type_, task_id))
         if not self._sending:
             self._sending = True
             loop.call_later(WINDOW_S, self._start_sending, loop)
@@ -91,13 +91,17 @@ class LoopEventBus(EventBus):
             self._sending = False
 
     async def _send(self, batch: list[_Item]) -> None:
+        # The skip (a hole in seq after a lost event) is decided as the event leaves, in queue order.
+        batch = [((*args, self.lost.take(task_id)), future, type_, task_id) for args, future, type_, task_id in batch]
         try:
             results = await self._execute(batch)
         except Exception as exc:  # every waiter gets the error; the queue goes on
             results = [exc] * len(batch)
         self.batches += 1
         self.events += len(batch)
-        for (_, future, type_), result in zip(batch, results, strict=True):
+        for (_, future, type_, task_id), result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                self.lost.note(task_id)  # its followers will see a hole where this event was
             if future.done():
                 continue
             if isinstance(result, BaseException):
@@ -120,6 +124,6 @@ class LoopEventBus(EventBus):
 
     async def _pipeline(self, batch: list[_Item]) -> list[Any]:
         pipe = self.aredis.pipeline(transaction=False)
-        for args, _, _ in batch:
+        for args, _, _, _ in batch:
             pipe.execute_command("EVALSHA", self._sha, 3, *args)
         return list(await pipe.execute(raise_on_error=False))
