@@ -112,19 +112,19 @@ def _optional(name: str, key: str, entry: dict[str, Any], parse: Any) -> Any:
 
 def _positive_int(name: str, key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}.{key}: expected a positive integer, not {value!r}")
+        raise ValueError(f"{name}.{key}: expected a positive integer")
     return value
 
 
 def _money(name: str, key: str, value: Any) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"{name}.{key}: expected an amount in CNY, not {value!r}")
+        raise ValueError(f"{name}.{key}: expected an amount in CNY")
     try:
         amount = Decimal(str(value))
     except InvalidOperation:
-        raise ValueError(f"{name}.{key}: expected an amount in CNY, not {value!r}") from None
+        raise ValueError(f"{name}.{key}: expected an amount in CNY") from None
     if not amount.is_finite() or amount < 0:
-        raise ValueError(f"{name}.{key}: expected a non-negative amount, not {value!r}")
+        raise ValueError(f"{name}.{key}: expected a non-negative amount")
     return amount
 
 

@@ -6,7 +6,6 @@ parser; `from_env` reads exactly those.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
@@ -202,8 +201,8 @@ class Settings:
                 continue
             try:
                 values[name] = parse(raw)
-            except ValueError as exc:
-                raise ConfigError(f"{var}={_masked(raw)!r}: {exc}") from exc
+            except ValueError as exc:  # the setting is named, never its value (it may be a secret)
+                raise ConfigError(f"{var}: {_reason(exc)}") from None
         if "flow_control" not in values:
             values["flow_control"] = bool(values.get("dashscope_api_key")) or "model_limits" in values
         settings = cls(**values)
@@ -211,32 +210,34 @@ class Settings:
         return settings
 
 
-def _masked(raw: str) -> str:
-    """A value as an error message may show it: the password of a URL replaced by ***."""
-    return _URL_PASSWORD.sub(":***@", raw)
-
-
-_URL_PASSWORD = re.compile(r":[^:@\s/]*@")
+def _reason(exc: ValueError) -> str:
+    """Why a value was refused, without the value: Python's own int()/float() messages quote it."""
+    text = str(exc)
+    if text.startswith("invalid literal for int()"):
+        return "expected a whole number"
+    if text.startswith("could not convert string to float"):
+        return "expected a number"
+    return text
 
 
 def _check(settings: Settings) -> None:
     if settings.model not in MODELS:
-        raise ConfigError(f"QVQ_MODEL={settings.model!r}: not one of {', '.join(MODELS)}")
+        raise ConfigError(f"QVQ_MODEL: not one of {', '.join(MODELS)}")
     if settings.image_delivery not in {"inline", "presigned"}:
-        raise ConfigError(f"QVQ_IMAGE_DELIVERY={settings.image_delivery!r}: expected inline or presigned")
+        raise ConfigError("QVQ_IMAGE_DELIVERY: expected inline or presigned")
     if settings.log_format not in {"json", "console"}:
-        raise ConfigError(f"LOG_FORMAT={settings.log_format!r}: expected json or console")
+        raise ConfigError("LOG_FORMAT: expected json or console")
     if not 0 <= settings.flow_margin_ms <= 5000:
-        raise ConfigError(f"QVQ_FLOW_MARGIN_MS={settings.flow_margin_ms}: expected 0 to 5000")
+        raise ConfigError("QVQ_FLOW_MARGIN_MS: expected 0 to 5000")
     if settings.coalesce_ms < 0:
         raise ConfigError("QVQ_COALESCE_MS must be >= 0")
     KeyRing.parse(settings.api_keys)  # a malformed entry fails at start, without showing the key
     if settings.upload_url.startswith(("oss://", "http://", "https://", "file://")):
-        raise ConfigError(f"QVQ_UPLOAD_URL={settings.upload_url!r}: expected s3://bucket/prefix or a directory")
+        raise ConfigError("QVQ_UPLOAD_URL: expected s3://bucket/prefix or a directory")
     parse_triggers(settings.triggers)  # a malformed rule fails at start, naming the rule and field
     _check_webhook_secrets(settings.webhook_secrets)
     if settings.api_url and not settings.api_url.startswith(("http://", "https://")):
-        raise ConfigError(f"QVQ_API_URL={settings.api_url!r}: expected http(s)://host[:port]")
+        raise ConfigError("QVQ_API_URL: expected http(s)://host[:port]")
     if settings.visibility_timeout_s <= settings.task_timeout_s:
         raise ConfigError(
             f"QVQ_VISIBILITY_TIMEOUT_S ({settings.visibility_timeout_s}) must exceed QVQ_TASK_TIMEOUT_S "

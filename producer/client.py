@@ -41,9 +41,10 @@ class Client:
     uploads_local_files = False  # a worker on this host reads them (QVQ_ALLOW_LOCAL_FILES=1)
 
     def __init__(self, settings: Settings | None = None, *, store: Store | None = None,
-                 redis_client: redis.Redis | None = None) -> None:
+                 redis_client: redis.Redis | None = None, read_only: bool = False) -> None:
+        """`read_only`: for reading commands, which never create or migrate the database's tables."""
         self.settings = settings or get_settings()
-        self.services = Services.build(self.settings, store=store, client=redis_client)
+        self.services = Services.build(self.settings, store=store, client=redis_client, migrate=not read_only)
         self.redis: redis.Redis = self.services.tasks.redis
         self.store: Store = self.services.tasks.store
         self.bus: EventBus = self.services.tasks.bus

@@ -63,10 +63,13 @@ class Store(TaskStore, UsageStore, CallbackStore, UploadStore):
         self.engine = engine
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Store:
-        """A store on `url`, its schema brought to the newest migration first."""
+    def from_url(cls, url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, migrate: bool = True) -> Store:
+        """A store on `url`, its schema brought to the newest migration first. `migrate=False` (a reading
+        command): nothing is created or changed, and nothing is connected before the first query; a
+        database without the tables then fails that query (`is_missing_schema` tells)."""
         store = cls(make_engine(url, timeout_s))
-        store.create_schema()
+        if migrate:
+            store.create_schema()
         return store
 
     def create_schema(self) -> None:
@@ -83,6 +86,12 @@ class Store(TaskStore, UsageStore, CallbackStore, UploadStore):
             upgrade(migrator)
         finally:
             migrator.dispose()
+
+    @staticmethod
+    def is_missing_schema(exc: BaseException) -> bool:
+        """Whether a database error says the tables are not there (SQLite, PostgreSQL)."""
+        text = str(getattr(exc, "orig", None) or exc)
+        return "no such table" in text or ("relation" in text and "does not exist" in text)
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,9 +88,16 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
     if not database or database == ":memory:":
         yield
         return
-    with open(Path(database).with_name(Path(database).name + ".migrate.lock"), "a") as lock:
+    with open(_lock_path(database), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _lock_path(database: str) -> Path:
+    """The lock file of one SQLite database's migrations: in the temporary directory (never beside the
+    database, where it would be left in the user's working tree), named after the database's real path."""
+    digest = hashlib.sha256(str(Path(database).resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"qvq-migrate-{digest}.lock"

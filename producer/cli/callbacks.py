@@ -19,7 +19,7 @@ def callbacks() -> None:
 @friendly_errors
 def show(task_id: str) -> None:
     """The delivery of the task's callback: status, tries, last answer."""
-    with client() as tasks:
+    with client(read_only=True) as tasks:
         delivery = tasks.callback(task_id)
     click.echo(json.dumps(delivery, indent=2, default=str) if delivery else f"task {task_id} has no callback")
 

@@ -4,6 +4,7 @@ tables, and the options read the same way everywhere (the question, points in ti
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -15,7 +16,7 @@ from rich.table import Table
 
 from contracts.errors import ConfigError
 from contracts.settings import get_settings
-from producer.cli.errors import EXIT_CANCELLED, EXIT_OK, explain
+from producer.cli.errors import EXIT_CANCELLED, EXIT_OK, EXIT_PIPE, explain
 from producer.cli.intake import read_question
 from producer.moments import parse_iso
 from producer.protocol import TaskClient
@@ -27,11 +28,13 @@ EXIT_BY_EVENT = {"task.completed": EXIT_OK, "task.cancelled": EXIT_CANCELLED}
 API_URL_KEY = "qvq.api_url"
 
 
-def client() -> TaskClient:
+def client(*, read_only: bool = False) -> TaskClient:
     """The HTTP client when --api or QVQ_API_URL names an API (with QVQ_API_KEY), else the direct one.
 
     Each is imported when a command first needs it: `qvq --help` and `qvq --version` load neither
-    (the direct client brings Celery, SQLAlchemy and Redis: 0.4 s of a command's start)."""
+    (the direct client brings Celery, SQLAlchemy and Redis: 0.4 s of a command's start). `read_only`
+    commands never create or migrate the database's tables (the direct client refuses a database without
+    them, in one line)."""
     settings = get_settings()
     context = click.get_current_context(silent=True)
     api_url = (context.meta.get(API_URL_KEY) if context else None) or settings.api_url
@@ -41,7 +44,7 @@ def client() -> TaskClient:
         return HttpClient(api_url, settings.api_key)
     from producer.client import Client
 
-    return Client(settings)
+    return Client(settings, read_only=read_only)
 
 
 def _debug() -> bool:
@@ -59,6 +62,10 @@ def friendly_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except BrokenPipeError:  # the reader went away (`qvq follow --json | head -3`): stop quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit must not fail again
+            sys.exit(EXIT_PIPE)
         except Exception as exc:
             if _debug():
                 raise

@@ -1,6 +1,7 @@
 """`qvq demo`: the whole pipeline on embedded defaults, torn down cleanly at the end.
 
-Redis: the one at REDIS_URL if it answers, else an embedded server. Store: SQLite. Model: the
+Redis: the one REDIS_URL names when it is set (and answers), else an embedded server of the demo's own
+(never whatever happens to answer at localhost:6379). Store: SQLite. Model: the
 emulator on a free port, unless DASHSCOPE_API_KEY is set (then the real service). Worker: a child
 process running the real Celery worker with the threads pool.
 """
@@ -19,6 +20,7 @@ from typing import IO, Any
 from rich.console import Console
 
 from contracts.errors import LocalServiceError
+from contracts.redaction import shown_url
 from contracts.settings import Settings
 from producer.cli.render import EventRenderer
 from producer.client import Client
@@ -37,9 +39,9 @@ def demo_environment(stack: ExitStack, console: Console) -> dict[str, str]:
     # A queue of the demo's own: a worker already on this Redis (maybe one that bills the real
     # service) must not take the demo's job, nor the demo's worker someone else's.
     env["QVQ_QUEUE"] = f"qvq-demo-{os.getpid()}"
-    redis_url = env.get("REDIS_URL") or Settings().redis_url
-    if redis_reachable(redis_url):
-        console.print(f"[dim]redis:[/] {redis_url}")
+    redis_url = env.get("REDIS_URL")
+    if redis_url and redis_reachable(redis_url):
+        console.print(f"[dim]redis:[/] {shown_url(redis_url)} (REDIS_URL)")
     else:
         server = stack.enter_context(EmbeddedRedis())
         env["REDIS_URL"] = server.url

@@ -14,8 +14,13 @@ import click
 from contracts.errors import ConfigError, ImageError, QvqError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 3
-#: Codes that mean the request itself was wrong (exit 2); other QvqErrors are failures (exit 1).
-USAGE_CODES = {"request.invalid", "model.unknown", "conversation.not_found"}
+#: Stopped by the person (Ctrl-C: 128 + SIGINT, or SIGTERM: 128 + 15) or by a closed pipe (128 + SIGPIPE),
+#: as shells report them; the task itself goes on.
+EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_PIPE = 130, 143, 141
+#: Codes that mean the request itself was wrong, or the key refused (exit 2); other QvqErrors are
+#: failures (exit 1).
+USAGE_CODES = {"request.invalid", "model.unknown", "conversation.not_found", "auth.required", "auth.invalid",
+               "auth.forbidden", "request.too_large", "request.unsupported_media_type"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,9 @@ def _database(exc: BaseException) -> Problem | None:
     if isinstance(exc, ModuleNotFoundError) and exc.name in {"psycopg", "psycopg2", "MySQLdb", "pymysql"}:
         return Problem(f"DATABASE_URL needs the {exc.name} driver, which is not installed (for PostgreSQL: "
                        "pip install 'qvq-queue[postgres]')", EXIT_USAGE)
+    if isinstance(exc, sa.exc.OperationalError | sa.exc.ProgrammingError) and _missing_schema(exc):
+        return Problem("the database at DATABASE_URL has no qvq tables yet (nothing was submitted there?): a "
+                       "reading command creates none; check DATABASE_URL", EXIT_USAGE)
     if isinstance(exc, sa.exc.IntegrityError):
         return Problem("the database refused a duplicate (a task id or idempotency key already used?)",
                        EXIT_USAGE)
@@ -98,6 +106,12 @@ def _database(exc: BaseException) -> Problem | None:
         return Problem(f"cannot use the database: {_reason(orig)} (check DATABASE_URL, and that the "
                        "database is running)", EXIT_USAGE)
     return None
+
+
+def _missing_schema(exc: BaseException) -> bool:
+    from contracts.store import Store
+
+    return Store.is_missing_schema(exc)
 
 
 def _reason(exc: BaseException) -> str:

@@ -52,6 +52,9 @@ def check_local_images(images: Sequence[str]) -> None:
 
 def _check_image_file(ref: str, field: str) -> None:
     path = os.path.expanduser(ref.removeprefix("file://"))
+    if os.path.isdir(path):
+        raise RequestError(f"{ref!r} is a directory: name the image files in it (e.g. {ref.rstrip('/')}/*.png)",
+                           field=field)
     if not os.path.isfile(path):
         raise RequestError(f"no such file {ref!r}", field=field)
     try:

@@ -22,7 +22,7 @@ from producer.cli.render import money
 @friendly_errors
 def usage(by: str, since: str | None, until: str | None, tenant: str | None, as_json: bool, as_csv: bool) -> None:
     """Tokens and cost (CNY) from the ledger: every billed attempt, failed and cancelled ones included."""
-    with client() as tasks:
+    with client(read_only=True) as tasks:
         report = tasks.usage(by, since=moment("--since", since), until=moment("--until", until), tenant=tenant)
     rows = [*report["rows"], {by: "total", **report["total"]}]
     columns = list(report["total"])  # the counts, then cost_cny: the report's own order
@@ -35,8 +35,13 @@ def usage(by: str, since: str | None, until: str | None, tenant: str | None, as_
             writer.writerow((row[by] or "", *(row[name] for name in columns)))
     else:
         print_rows((by, "calls", "estimated", "prompt tokens", "completion tokens", "total tokens", "cost (CNY)"),
-                   [(str(row[by]), *(str(row[name]) for name in columns[:-1]), money(row["cost_cny"], ""))
+                   [(_group(row[by], by), *(str(row[name]) for name in columns[:-1]), money(row["cost_cny"], ""))
                     for row in rows])
+
+
+def _group(value: object, by: str) -> str:
+    """A group's name in the table: tasks without a tenant are "(no tenant)", never "None"."""
+    return f"(no {by})" if value is None or value == "" else str(value)
 
 
 @click.command()
@@ -45,7 +50,7 @@ def usage(by: str, since: str | None, until: str | None, tenant: str | None, as_
 def limits(as_json: bool) -> None:
     """Flow control now: per model family, requests and tokens used this second and minute against the
     limits (QVQ_MODEL_LIMITS), calls waiting for quota, and any hold after a 429."""
-    with client() as tasks:
+    with client(read_only=True) as tasks:
         state = tasks.limits()
     if as_json:
         click.echo(json.dumps(state, indent=2))

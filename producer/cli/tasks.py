@@ -6,8 +6,12 @@ which one it has.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -24,7 +28,7 @@ from producer.cli.common import (
     print_rows,
     question,
 )
-from producer.cli.errors import EXIT_FAILED
+from producer.cli.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED
 from producer.cli.intake import check_conversation, check_local_images, is_local
 from producer.cli.render import EventRenderer, money, print_json_events, print_record
 from producer.cli.waiting import WaitingView, events_with_waiting
@@ -91,10 +95,51 @@ def _exists(tasks: TaskClient, task_id: str) -> bool:
 
 
 def follow_task(tasks: TaskClient, task_id: str, from_seq: int, as_json: bool) -> int:
-    """Render the task's events; while it is queued, say on stderr what it waits for. The exit code."""
-    events = events_with_waiting(tasks, task_id, from_seq, WaitingView(notices))
-    terminal = print_json_events(events, sys.stdout) if as_json else EventRenderer(console).render_all(events)
+    """Render the task's events; while it is queued, say on stderr what it waits for. The exit code.
+    Ctrl-C or SIGTERM stops following (the spinner is stopped, the cursor shown again) and says how to
+    follow the task again; the task itself goes on."""
+    seen = [from_seq]
+    stopped_by = [EXIT_INTERRUPTED]
+
+    def tracked() -> Iterator[dict[str, Any]]:
+        for event in events_with_waiting(tasks, task_id, from_seq, WaitingView(notices)):
+            seen[0] = max(seen[0], int(event.get("seq") or 0))
+            yield event
+
+    try:
+        with _sigterm_as_interrupt(stopped_by):
+            terminal = print_json_events(tracked(), sys.stdout) if as_json else EventRenderer(console).render_all(
+                tracked())
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM: every finally has run (the spinner is gone)
+        _say_still_running(tasks, task_id, seen[0])
+        return stopped_by[0]
     return EXIT_BY_EVENT.get(terminal["type"], EXIT_FAILED) if terminal else EXIT_FAILED
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt(stopped_by: list[int]) -> Iterator[None]:
+    """While following, SIGTERM unwinds like Ctrl-C (so finally blocks run and the cursor comes back)."""
+    def terminate(_signum: int, _frame: Any) -> None:
+        stopped_by[0] = EXIT_TERMINATED
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _say_still_running(tasks: TaskClient, task_id: str, seq: int) -> None:
+    try:
+        status = tasks.get(task_id).status
+    except Exception:  # stopping must not fail on a lookup
+        status = "not finished"
+    click.echo(f"stopped following: task {task_id} is {status} and goes on without this viewer; "
+               f"`qvq follow {task_id} --from-seq {seq}` follows it again, `qvq cancel {task_id}` stops it",
+               err=True)
 
 
 @click.command()
@@ -104,7 +149,7 @@ def follow_task(tasks: TaskClient, task_id: str, from_seq: int, as_json: bool) -
 @friendly_errors
 def follow(task_id: str, from_seq: int, as_json: bool) -> None:
     """Replay and then follow a task's events live."""
-    with client() as tasks:
+    with client(read_only=True) as tasks:
         tasks.get(task_id)
         tasks.ping()
         sys.exit(follow_task(tasks, task_id, from_seq, as_json))
@@ -116,7 +161,7 @@ def follow(task_id: str, from_seq: int, as_json: bool) -> None:
 @friendly_errors
 def result(task_id: str, as_json: bool) -> None:
     """Show the persisted result of a task."""
-    with client() as tasks:
+    with client(read_only=True) as tasks:
         record = tasks.get(task_id)
     if as_json:
         click.echo(json.dumps(record.to_dict(), ensure_ascii=False, indent=2, default=str))
@@ -163,7 +208,7 @@ def retry(task_id: str, follow_it: bool, as_json: bool) -> None:
 @friendly_errors
 def list_tasks(status: str | None, since: str | None, tenant: str | None, limit: int, as_json: bool) -> None:
     """List tasks, newest first."""
-    with client() as tasks:
+    with client(read_only=True) as tasks:
         found = tasks.tasks(status=status, since=moment("--since", since), limit=limit, tenant=tenant)
     if as_json:
         click.echo(json.dumps(found, ensure_ascii=False, indent=2, default=str))
@@ -181,7 +226,7 @@ def list_tasks(status: str | None, since: str | None, tenant: str | None, limit:
 @friendly_errors
 def failed(since: str | None, as_json: bool) -> None:
     """List failed tasks with their error codes."""
-    with client() as tasks:
+    with client(read_only=True) as tasks:
         found = tasks.tasks(status="failed", since=moment("--since", since))
     if as_json:
         click.echo(json.dumps(found, ensure_ascii=False, default=str, indent=2))

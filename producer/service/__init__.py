@@ -33,8 +33,9 @@ class Services:
 
     @classmethod
     def build(cls, settings: Settings, *, store: Store | None = None, client: redis.Redis | None = None,
-              storage: UploadStorage | None = None) -> Services:
-        store = store or Store.from_url(settings.database_url)
+              storage: UploadStorage | None = None, migrate: bool = True) -> Services:
+        """`migrate=False`: a read-only user, which never creates or changes the schema."""
+        store = store or Store.from_url(settings.database_url, migrate=migrate)
         client = client or redis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
         sender = TaskSender(producer_app(settings), settings.queue)

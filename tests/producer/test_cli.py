@@ -6,6 +6,8 @@ import importlib.metadata
 import json
 import os
 import re
+import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -14,8 +16,12 @@ from typing import Any
 
 import pytest
 
+from contracts.job import parse_job
+from contracts.settings import Settings
+from contracts.store import Store
 from producer.local.embedded import free_port
 from tests.imagegen import make_image
+from tests.producer import ApiServer
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -298,3 +304,78 @@ def test_the_demo_keeps_its_job_from_other_workers_on_the_same_redis(qvq: Any, s
     assert "Answer" in done.stdout and "completed" in done.stdout
     assert "queue: qvq-demo-" in done.stdout
     assert not other.log_events(task_name="qvq.reason")  # the job went to the demo's own worker, never to this one
+
+
+# -- where a new user trips: a refused key, a closed pipe, Ctrl-C, an empty database --------------
+def spawn(service_env: dict[str, str], *args: str, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "producer.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **service_env, "LOG_LEVEL": "WARNING", **env})
+
+
+def test_a_refused_or_missing_api_key_exits_2(qvq: Any, service_env: dict[str, str]) -> None:
+    key = "acme-key-0123456789abcdef"
+    with ApiServer(Settings.from_env({**service_env, "QVQ_API_KEYS": f"acme:{key}"})) as api:
+        for given in ("wrong-key-0123456789abcdef", None):
+            done = qvq("tasks", check_code=2, env={"QVQ_API_URL": api.url, "QVQ_API_KEY": given})
+            assert one_line_error(done).startswith("error: auth.")
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_stopping_a_follow_says_the_task_goes_on_and_how_to_follow_it_again(
+        qvq: Any, service_env: dict[str, str], image: str, stop: int) -> None:
+    task_id = qvq("submit", image, "--prompt", "hi").stdout.strip()  # no worker: it stays queued
+    follower = spawn(service_env, "follow", task_id)
+    wait_until(lambda: follower.poll() is None and time.sleep(1.0) is None, timeout=10)
+    follower.send_signal(stop)
+    _, stderr = follower.communicate(timeout=30)
+    assert follower.returncode == (130 if stop == signal.SIGINT else 143), stderr
+    assert f"task {task_id} is queued" in stderr and f"qvq follow {task_id} --from-seq" in stderr
+    assert "Aborted" not in stderr and "Traceback" not in stderr
+
+
+def test_a_closed_pipe_ends_follow_quietly(qvq: Any, service_env: dict[str, str], image: str) -> None:
+    task_id = qvq("submit", image, "--prompt", "hi").stdout.strip()
+    qvq("cancel", task_id)
+    reader = subprocess.run(f"{sys.executable} -m producer.cli follow --json {task_id} | head -c 1", shell=True,
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **service_env, "LOG_LEVEL": "WARNING"})
+    assert "unexpected" not in reader.stderr and "BrokenPipe" not in reader.stderr, reader.stderr
+
+
+def test_reading_commands_create_no_tables(qvq: Any, tmp_path: Path) -> None:
+    database = tmp_path / "fresh.db"
+    url = f"sqlite:///{database}"
+    for args in (("tasks",), ("failed",), ("usage",), ("result", "nope")):
+        line = one_line_error(qvq(*args, check_code=2, env={"DATABASE_URL": url}))
+        assert "no qvq tables" in line
+    if database.exists():  # SQLite may leave an empty file; never a table
+        with sqlite3.connect(database) as conn:
+            assert conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall() == []
+    assert not list(tmp_path.glob("*.lock"))
+    Store.from_url(url).dispose()  # a writer creates them, and leaves no lock file beside the database
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("fresh.db")) == []
+
+
+def test_a_directory_is_not_an_image(qvq: Any, tmp_path: Path) -> None:
+    line = one_line_error(qvq("submit", str(tmp_path), "--prompt", "hi", check_code=2))
+    assert "is a directory" in line
+
+
+def test_a_bad_settings_value_is_never_shown(qvq: Any) -> None:
+    line = one_line_error(qvq("tasks", check_code=2, env={"QVQ_WORKER_CONCURRENCY": "s3cr3t-abc"}))
+    assert "QVQ_WORKER_CONCURRENCY" in line and "s3cr3t" not in line
+
+
+def test_usage_by_tenant_names_the_rows_without_one(qvq: Any, service_env: dict[str, str]) -> None:
+    store = Store.from_url(service_env["DATABASE_URL"])
+    try:
+        for tenant in ("acme", None):
+            job = parse_job({"images": ["s3://b/k.png"], "prompt": "p", **({"tenant": tenant} if tenant else {})})
+            store.create_task(job)
+            store.record_usage(job.task_id, 1, model="qvq-max", tenant=tenant, prompt_tokens=10,
+                               completion_tokens=5, estimated=False, outcome="completed")
+    finally:
+        store.dispose()
+    out = qvq("usage", "--by", "tenant").stdout
+    assert "(no tenant)" in out and "None" not in out

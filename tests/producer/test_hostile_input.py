@@ -167,3 +167,11 @@ def test_an_uploads_file_name_is_cleaned(api: ApiServer, settings: Settings, fil
         store.dispose()
     assert upload is not None and upload.filename.isprintable() and "/" not in upload.filename
     assert "\\" not in upload.filename and "\x00" not in upload.filename
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "1e3", "9" * 30])
+def test_a_bad_last_event_id_is_400(api: ApiServer, value: str) -> None:
+    task = post_task(api, json.dumps(JOB).encode()).json()["task_id"]
+    response = httpx.get(f"{api.url}/v1/tasks/{task}/events", timeout=30,
+                         headers={"Authorization": f"Bearer {ADMIN}", "Last-Event-ID": value})
+    assert response.status_code == 400 and response.json()["error"]["field"] == "Last-Event-ID"
