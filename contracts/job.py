@@ -71,7 +71,7 @@ class JobRequest:
 
 
 def parse_job(raw: dict[str, Any], *, default_model: str = "qvq-max", local_files: bool = True) -> JobRequest:
-    """Validate a job request (design.md's table); a bad field raises RequestError naming it.
+    """Validate a job request (README's table); a bad field raises RequestError naming it.
 
     `local_files=False` (requests over HTTP): `file://` references and bare paths are refused, since
     they would name files on the server; `upload://` references of POST /v1/uploads stand in for them.

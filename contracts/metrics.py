@@ -1,4 +1,4 @@
-"""Every Prometheus metric the service exports, defined once (design.md, "Listing, usage and metrics").
+"""Every Prometheus metric the service exports, defined once (README, "Listing, usage and metrics").
 
 | metric | type | labels | recorded by |
 |---|---|---|---|

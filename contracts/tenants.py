@@ -1,4 +1,4 @@
-"""Tenants and API keys (design.md, "Tenants and access").
+"""Tenants and API keys (README, "Tenants and access").
 
 `QVQ_API_KEYS` is a comma-separated list: `tenant:key` entries are tenant keys, a bare `key` is an
 admin key. A request's tenant comes from its key, never from its body:

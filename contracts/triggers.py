@@ -1,4 +1,4 @@
-"""Trigger rules: which stored objects become tasks, and with what question (design.md, "Webhook-triggered
+"""Trigger rules: which stored objects become tasks, and with what question (README, "Webhook-triggered
 analysis").
 
 `QVQ_TRIGGERS` is a JSON list, inline or `@/path/to/file.json`, of rules; the first rule that matches an

@@ -16,7 +16,7 @@ the same way:
     END            the subscription is over
     any Redis I/O that fails with a connection error               -> connection_lost(error)
 
-The rules (design.md, Events):
+The rules (README, Events):
 - the log is the source of truth; a live message is taken only when it is exactly the next seq, else
   the log is read (gap fill); a quiet channel is checked against the log every POLL_S;
 - a hole the log cannot fill (Redis lost those events, or the worker could not publish them) is

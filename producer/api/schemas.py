@@ -39,7 +39,7 @@ ListedStatus = Literal["queued", "running", "completed", "failed", "cancelled", 
 
 
 class JobRequestBody(BaseModel):
-    """A job (design.md, "Job request"). Over HTTP, images are s3://, oss://, https:// or the
+    """A job (README, "Job request"). Over HTTP, images are s3://, oss://, https:// or the
     upload:// references of POST /v1/uploads; never files on the server."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [

@@ -2,7 +2,7 @@
 
 A `stream.gap` (events lost on their way: Redis lost them) is said where it happens, and the whole text is
 printed again from the terminal event, which always carries it. A retry voids the text of the failed
-attempt (design.md): the renderer says so and starts the
+attempt (README): the renderer says so and starts the
 Thinking/Answer sections afresh for the new attempt; so does a manual retry's new run (a task.queued
 with run > 0), whose viewers replay the earlier runs first. The same happens when a task is redelivered
 after its worker was lost (a task.started for a later attempt, with no task.retrying before it).
