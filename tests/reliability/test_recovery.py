@@ -159,10 +159,12 @@ def test_a_terminal_row_whose_log_lost_its_end_gets_its_terminal_event(make_stac
 def test_a_sigtermed_worker_hands_its_streams_back_after_its_grace(make_stack: Any) -> None:
     """A deploy: SIGTERM, QVQ_SHUTDOWN_GRACE_S for running streams, then they resume elsewhere at once
     (not after the lease TTL, not after the visibility timeout)."""
-    stack: Stack = make_stack(**DEFAULT_DELIVERY, QVQ_TASK_TIMEOUT_S="60")
+    stack: Stack = make_stack(**DEFAULT_DELIVERY, QVQ_TASK_TIMEOUT_S="60", QVQ_STALL_TIMEOUT_S="50")
     leaving = stack.start_worker(concurrency=2, name="leaving", QVQ_SHUTDOWN_GRACE_S="1")
-    task_id = stack.submit("A long one.", tps=40, reasoning_tokens=200)
-    _wait(lambda: _streaming(stack, task_id), 20, "the task streams", stack)
+    # Attempt 1 stalls after its first chunk, so it is still open whenever the SIGTERM comes (on a loaded
+    # machine the second worker may take seconds to start); attempt 2 streams normally.
+    task_id = stack.submit("A long one.", tps=40, reasoning_tokens=200, fault="stall@1")
+    _wait(lambda: any(e["type"] == ev.IMAGES_READY for e in stack.events(task_id)), 20, "the call starts", stack)
     stack.start_worker(concurrency=2, name="staying")
     assert leaving.process is not None
     os.kill(leaving.process.pid, signal.SIGTERM)
