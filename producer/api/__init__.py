@@ -3,6 +3,7 @@
     app.py            create_app: the routers, the middleware, the lifespan that builds the services
     deps.py           what routes depend on: the app's services and the principal of the request's key
     errors.py         every error answered in one shape (producer/wire.py's status table)
+    responses.py      the JSON response class: always writable (a stored lone surrogate becomes U+FFFD)
     bodies.py         request bodies read within their limits (JSON, multipart)
     tasks.py          /v1/tasks, /v1/conversations
     uploads.py        /v1/uploads, /v1/tasks/upload

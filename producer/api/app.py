@@ -31,6 +31,7 @@ from producer.api import errors, events, openapi, ops, reports, tasks, uploads, 
 from producer.api.deps import AppServices
 from producer.api.fanout import FanoutHub
 from producer.api.page import viewer_page
+from producer.api.responses import JSONResponse
 from producer.api.security import Authenticator, LoopbackOnly, SecurityHeaders, page_policy
 from producer.service import Services
 
@@ -60,7 +61,8 @@ def create_app(settings: Settings | None = None, *, keepalive_s: float = events.
             await api.aclient.aclose()
             await run_in_threadpool(services.close)
 
-    app = FastAPI(title="qvq-queue", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="qvq-queue", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None,
+                  default_response_class=JSONResponse)
     app.state.authenticator = Authenticator(KeyRing.parse(settings.api_keys))
     errors.install(app)
     redact_logger("uvicorn.access")  # ?api_key= never reaches the access log

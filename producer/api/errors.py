@@ -13,12 +13,12 @@ import redis
 import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from contracts.errors import EnqueueError, QvqError
 from contracts.logging import get_logger
+from producer.api.responses import JSONResponse
 from producer.wire import body_of, status_of
 
 log = get_logger(__name__)

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 import sqlalchemy as sa
 import structlog
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy.pool import NullPool
 from starlette.concurrency import run_in_threadpool
@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from contracts.logging import get_logger
 from contracts.metrics import queue_depth_collector
 from contracts.settings import Settings
+from producer.api.responses import JSONResponse
 
 log = get_logger(__name__)
 

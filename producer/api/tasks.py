@@ -21,13 +21,13 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
-from fastapi.responses import JSONResponse
 
 from contracts.errors import RequestError
 from contracts.store import TaskRecord
 from producer.api import schemas
 from producer.api.bodies import bad_request, invalid, read_json
 from producer.api.deps import Api, Caller
+from producer.api.responses import JSONResponse
 from producer.moments import parse_iso
 from producer.service.tasks import Submitted
 

@@ -14,7 +14,6 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
 from contracts.catalog import MODELS
@@ -25,6 +24,7 @@ from contracts.tenants import Principal
 from producer.api import schemas
 from producer.api.bodies import invalid, read_multipart
 from producer.api.deps import Api, AppServices, Caller
+from producer.api.responses import JSONResponse
 from producer.api.tasks import created_response
 
 log = get_logger(__name__)

@@ -25,7 +25,6 @@ import re
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
 from contracts.errors import AuthError, JsonTooDeep, NotificationError
 from contracts.json_shape import loads_bounded
@@ -38,6 +37,7 @@ from producer.api import schemas
 from producer.api.bodies import bad_request, limited_stream, media_type, parse_json, too_large, unsupported
 from producer.api.deps import Api, AppServices, Viewer
 from producer.api.notifications import StoredObject, parse_notification
+from producer.api.responses import JSONResponse
 from producer.api.tasks import created_response
 
 log = get_logger(__name__)

@@ -5,6 +5,7 @@ cleaned), and nothing is enqueued or stored by a refused request."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import httpx
 import pytest
 import redis
 
+from contracts.job import parse_job
 from contracts.settings import Settings
 from contracts.store import Store
 from contracts.webhook import sign
@@ -175,3 +177,18 @@ def test_a_bad_last_event_id_is_400(api: ApiServer, value: str) -> None:
     response = httpx.get(f"{api.url}/v1/tasks/{task}/events", timeout=30,
                          headers={"Authorization": f"Bearer {ADMIN}", "Last-Event-ID": value})
     assert response.status_code == 400 and response.json()["error"]["field"] == "Last-Event-ID"
+
+
+def test_a_row_stored_with_a_lone_surrogate_still_reads(api: ApiServer, settings: Settings) -> None:
+    """A row written before intake refused such text (JSON columns keep it escaped) answers 200, the
+    character shown as U+FFFD, instead of a 500 for ever."""
+    job = dataclasses.replace(parse_job(JOB), prompt="What is \ud800 it?", metadata={"k": "\udfff"})
+    store = Store.from_url(settings.database_url)
+    try:
+        store.create_task(job)
+    finally:
+        store.dispose()
+    response = httpx.get(f"{api.url}/v1/tasks/{job.task_id}", headers={"Authorization": f"Bearer {ADMIN}"},
+                         timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["metadata"] == {"k": "\ufffd"}
