@@ -160,6 +160,7 @@ ROUTES: dict[str, Callable[[Handler, Any, int], None]] = {
     "/slow": _slow,
     "/drip": _drip,
     "/drip-head": _drip_head,
+    "/dripping-bucket/a.png": _drip,  # an object store (path-style S3) that drips its object
     "/big-declared": _big_declared,
     "/big-undeclared": _big_undeclared,
     "/redirect": lambda h, q, n: h.redirect(q["to"][0]),
@@ -295,6 +296,19 @@ def test_a_server_dripping_its_headers_is_cut_off_at_the_total_deadline(make_fet
     assert (error.code, error.retryable) == ("image.fetch_failed", True)
     assert "not finished" in error.message
     assert time.perf_counter() - started < 12  # three attempts of 0.6 s, not three of 14 s
+
+
+def test_an_object_store_dripping_bytes_is_cut_off_at_the_total_deadline(
+        make_fetcher: Any, public: LocalServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test-secret",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    started = time.perf_counter()
+    fetcher = make_fetcher(fetch_timeout_s=0.3, s3_endpoint_url=public.url(""))
+    error = fetch_error(fetcher, "s3://dripping-bucket/a.png")
+    assert (error.code, error.retryable) == ("image.fetch_failed", True)
+    assert "not finished" in error.message
+    assert time.perf_counter() - started < 12  # 0.9 s per try, not the 14 s the whole drip takes
 
 
 def test_http_connection_refused_is_retryable_fetch_failed(make_fetcher: Any) -> None:

@@ -4,12 +4,15 @@ OSS's S3-compatible endpoint (OSS_ENDPOINT_URL, virtual-hosted addressing, OSS_*
 botocore's errors are translated here: NoSuchKey/NoSuchBucket/404 -> image.not_found; AccessDenied, bad
 credentials, a bucket not in QVQ_ALLOWED_BUCKETS -> image.access_denied; an object over the size limit
 (refused before download when the store tells its size) -> image.too_large; 5xx, throttling, timeouts
--> image.fetch_failed (retryable).
+-> image.fetch_failed (retryable). The body has a total deadline (DOWNLOAD_TIME_FACTOR fetch timeouts,
+deadlines.py): a store that drips bytes is cut off. The head is bounded by botocore's connect and read
+timeouts per read, and its tries (retry.OBJECT_STORE_ATTEMPTS).
 """
 
 from __future__ import annotations
 
 import re
+import socket
 import threading
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,13 +20,16 @@ from urllib.parse import urlsplit
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from urllib3.exceptions import ProtocolError
 
 from contracts import retry
 from contracts.errors import ImageError
 from contracts.settings import Settings
 from worker.intake.sources.common import check_size, scheme_of
+from worker.intake.sources.deadlines import DEADLINES, DOWNLOAD_TIME_FACTOR, Deadline
 
 POOL_CONNECTIONS = 50
+READ_CHUNK = 256 * 1024
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchVersion"}
 _DENIED_CODES = {
     "AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
@@ -64,26 +70,49 @@ class ObjectSource:
         scheme = scheme_of(ref)
         bucket, key = self._bucket_key(scheme, ref, allowed=allowed)
         client = self._client(scheme, ref)
+        budget_s = self.settings.fetch_timeout_s * DOWNLOAD_TIME_FACTOR
+        deadline = DEADLINES.start(budget_s)
         try:
             response = client.get_object(Bucket=bucket, Key=key)
             body = response["Body"]
             try:
+                deadline.attach(_socket_of(body))
                 size = int(response.get("ContentLength") or 0)
                 if size > self.max_bytes:
                     raise ImageError(f"object is {size:,} bytes, over the limit of {self.max_bytes:,}; not downloaded",
                                      code="image.too_large", ref=ref)
-                data: bytes = body.read(self.max_bytes + 1)
+                data = self._read(body, deadline, budget_s, ref)
             finally:
                 body.close()
         except ClientError as exc:
             raise _map_client_error(exc, bucket, key, ref) from exc
         except NoCredentialsError as exc:
             raise ImageError("no credentials to read the bucket", code="image.access_denied", ref=ref) from exc
-        except BotoCoreError as exc:
+        except (BotoCoreError, ProtocolError, OSError) as exc:
+            if deadline.fired:
+                raise ImageError(f"download not finished after {budget_s:g}s", code="image.fetch_failed",
+                                 ref=ref) from exc
             raise ImageError(f"object store unreachable ({type(exc).__name__}: {exc})", code="image.fetch_failed",
                              ref=ref) from exc
+        finally:
+            deadline.cancel()
         check_size(len(data), self.max_bytes, ref)
         return data
+
+    def _read(self, body: Any, deadline: Deadline, budget_s: float, ref: str) -> bytes:
+        """The body, at most max_bytes + 1, within the download's total deadline (a store that drips
+        bytes is cut off by the watchdog shutting the socket down)."""
+        chunks: list[bytes] = []
+        total = 0
+        while total <= self.max_bytes:
+            chunk = body.read(min(READ_CHUNK, self.max_bytes + 1 - total))
+            if deadline.fired:
+                raise ImageError(f"download not finished after {budget_s:g}s", code="image.fetch_failed", ref=ref)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        return b"".join(chunks)
 
     def presigned_url(self, ref: str, expires_s: int) -> str | None:
         """A time-limited GET URL for an s3:// or oss:// object (QVQ_IMAGE_DELIVERY=presigned); None
@@ -134,6 +163,15 @@ class ObjectSource:
         if not allowed and permitted and bucket not in permitted and f"{scheme}://{bucket}" not in permitted:
             raise ImageError(f"bucket {bucket!r} is not in QVQ_ALLOWED_BUCKETS", code="image.access_denied", ref=ref)
         return bucket, key
+
+
+def _socket_of(body: Any) -> socket.socket | None:
+    """The socket a botocore StreamingBody reads from: its urllib3 connection's, or, when the connection
+    let go of it (a response that closes the connection), the one under http.client's response file."""
+    raw = getattr(body, "_raw_stream", None)
+    candidates = (getattr(getattr(raw, "connection", None), "sock", None),
+                  getattr(getattr(getattr(getattr(raw, "_fp", None), "fp", None), "raw", None), "_sock", None))
+    return next((sock for sock in candidates if isinstance(sock, socket.socket)), None)
 
 
 def _map_client_error(exc: ClientError, bucket: str, key: str, ref: str) -> ImageError:

@@ -5,7 +5,7 @@ The host is resolved once, every address is checked, and the connection goes to 
 checked again; the size is capped while reading (identity encoding: no gzip bomb is inflated). Each try
 has a total deadline of DOWNLOAD_TIME_FACTOR fetch timeouts, head and body: a server that drips bytes
 (even in its headers, where every read stays under the read timeout) is cut off by shutting the
-request's socket down from the one watchdog thread (`Deadlines`), which wakes the blocked read. Each
+request's socket down from the one watchdog thread (deadlines.py), which wakes the blocked read. Each
 request gets its own connection (no keep-alive), so the watchdog always knows its socket. Tries follow
 contracts/retry.FETCH.
 
@@ -15,15 +15,9 @@ contracts/retry.FETCH.
 
 from __future__ import annotations
 
-import contextlib
-import heapq
-import itertools
-import socket
 import ssl
-import threading
 import time
 from collections.abc import Collection
-from typing import Any
 from urllib.parse import urljoin
 
 import httpx
@@ -32,10 +26,10 @@ from contracts.errors import ImageError, UnsafeURL
 from contracts.retry import FETCH
 from contracts.settings import Settings
 from contracts.ssrf import Pinned, Resolver, UrlGuard, guarded_client
+from worker.intake.sources.deadlines import DEADLINES, DOWNLOAD_TIME_FACTOR
 
 MAX_REDIRECTS = 5
 POOL_CONNECTIONS = 50
-DOWNLOAD_TIME_FACTOR = 3  # one download may take at most this many fetch timeouts in all
 USER_AGENT = "qvq-queue-image-fetcher/0.1"
 #: how each refusal of the SSRF guard reads as an image error
 _UNSAFE_CODES = {"invalid": "image.not_found", "refused": "image.access_denied", "not_found": "image.not_found",
@@ -128,74 +122,6 @@ class WebSource:
 
 
 
-class Deadline:
-    """One request's total deadline: when it passes, the request's socket is shut down."""
-
-    def __init__(self, at: float) -> None:
-        self.at = at
-        self.fired = False
-        self.cancelled = False
-        self._socket: socket.socket | None = None
-        self._lock = threading.Lock()
-
-    def trace(self, name: str, info: dict[str, Any]) -> None:
-        """httpcore's trace hook: note the socket of the connection the request made."""
-        if name == "connection.connect_tcp.complete" and info.get("return_value") is not None:
-            with self._lock:
-                self._socket = info["return_value"].get_extra_info("socket")
-                fired = self.fired
-            if fired:
-                self.fire()
-
-    def fire(self) -> None:
-        with self._lock:
-            if self.cancelled:
-                return
-            self.fired = True
-            sock = self._socket
-        if sock is not None:
-            with contextlib.suppress(OSError):  # already closed
-                sock.shutdown(socket.SHUT_RDWR)  # wakes a read blocked in it (close() would not)
-
-    def cancel(self) -> None:
-        with self._lock:
-            self.cancelled = True
-
-
-class Deadlines:
-    """One daemon thread for every fetch deadline of the process (a heap; it sleeps until the next)."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Deadline]] = []
-        self._order = itertools.count()
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def start(self, seconds: float) -> Deadline:
-        deadline = Deadline(time.monotonic() + seconds)
-        with self._cond:
-            heapq.heappush(self._heap, (deadline.at, next(self._order), deadline))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="qvq-fetch-deadlines", daemon=True)
-                self._thread.start()
-            self._cond.notify()
-        return deadline
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._heap:
-                    self._cond.wait()
-                at, _, deadline = self._heap[0]
-                if at > time.monotonic():
-                    self._cond.wait(at - time.monotonic())
-                    continue
-                heapq.heappop(self._heap)
-            if not deadline.cancelled:
-                deadline.fire()
-
-
-DEADLINES = Deadlines()
 
 
 def _check_status(status: int, url: str, ref: str) -> None:
