@@ -4,6 +4,7 @@
     +-- RequestError        request.invalid, model.unknown, conversation.not_found (refused at submit)
     |   +-- ConflictError       the task is not in a state that allows this (HTTP 409)
     |   |   +-- TaskIdTaken         a caller-chosen task id that exists
+    |   |   +-- IdempotencyMismatch idempotency.mismatch: a key used again with a different request
     |   +-- NotificationError   a webhook body that is no object-store notification
     +-- JsonTooDeep         a JSON body nested deeper than its limit (also a ValueError; HTTP 400)
     +-- UnsafeURL           a URL the SSRF guard refuses (reason: invalid | refused | not_found | unresolved)
@@ -54,6 +55,7 @@ ERROR_CODES: dict[str, bool] = {
     "model.stream_broken": True,
     "budget.exceeded": False,
     "conversation.not_found": False,
+    "idempotency.mismatch": False,
     "internal": False,
     "store.rejected": False,
     # HTTP only: what the API answers, mapped back by the HTTP client
@@ -108,6 +110,12 @@ class ConflictError(RequestError):
 
 class TaskIdTaken(ConflictError):
     """The caller chose a task id that exists already."""
+
+
+class IdempotencyMismatch(ConflictError):
+    """An idempotency key used again with a different request (HTTP 409, naming the first task)."""
+
+    default_code = "idempotency.mismatch"
 
 
 class NotificationError(RequestError):

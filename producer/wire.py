@@ -4,7 +4,7 @@
     status  codes                                                 error class
     404     task.not_found                                        NotFoundError (also a KeyError)
     404     conversation.not_found, image.not_found (an upload)   RequestError
-    409     request.invalid (state, taken id)                     ConflictError
+    409     request.invalid (state, taken id), idempotency.mismatch  ConflictError
     422     request.invalid, model.unknown, image.*               RequestError
     401/403 auth.*                                                AuthError
     413     request.too_large, image.too_large                    ApiCallError
@@ -57,7 +57,7 @@ def error_from(status: int, data: Any) -> QvqError:
     detail: dict[str, Any] = data["error"] if isinstance(data, dict) and isinstance(data.get("error"), dict) else {}
     code, message, field = detail.get("code"), str(detail.get("message") or f"HTTP {status}"), detail.get("field")
     if status == 409:
-        return _request_error(ConflictError, message, field, None)
+        return _request_error(ConflictError, message, field, code)
     if status == 422 or (status == 400 and code == "request.invalid") or (status == 404 and code in NOT_FOUND_CODES):
         return _request_error(RequestError, message, field, code)
     kind = _BY_STATUS.get(status, ApiCallError)

@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from contracts.errors import TaskIdTaken
+from contracts.errors import IdempotencyMismatch, TaskIdTaken
 from contracts.job import JobRequest
 from contracts.redaction import redact
 from contracts.store.records import ANY_TENANT, AnyTenant, AttemptStart, Outcome, TaskRecord, TenantScope
@@ -85,7 +85,7 @@ class TaskStore:
         if scope:
             existing = self.find_by_idempotency_scope(scope)
             if existing:
-                return existing, False
+                return _same_request(existing, job), False
         row = {
             "id": job.task_id, "status": QUEUED, "model": job.model, "tenant": job.tenant,
             "conversation_id": job.conversation_id, "idempotency_key": job.idempotency_key,
@@ -97,7 +97,7 @@ class TaskStore:
         except sa.exc.IntegrityError:
             existing = self.find_by_idempotency_scope(scope) if scope else None
             if existing:
-                return existing, False
+                return _same_request(existing, job), False
             if self.get(job.task_id) is not None:
                 raise TaskIdTaken("a task with this id already exists; choose another (or omit it)",
                                   field="task_id") from None
@@ -257,3 +257,18 @@ class TaskStore:
         with self.engine.connect() as conn:
             return [TaskRecord(**row) for row in conn.execute(query).mappings()]
 
+
+
+#: The fields that make two requests the same for an idempotency key (ids, times and the key aside).
+IDEMPOTENT_FIELDS = ("model", "images", "prompt", "conversation_id", "high_resolution", "callback_url", "metadata")
+
+
+def _same_request(existing: TaskRecord, job: JobRequest) -> TaskRecord:
+    """The task an idempotency key returned, when the new request is the same; else IdempotencyMismatch."""
+    first, again = existing.request or {}, job.to_payload()
+    differing = [name for name in IDEMPOTENT_FIELDS if first.get(name) != again.get(name)]
+    if differing:
+        raise IdempotencyMismatch(
+            f"idempotency key {job.idempotency_key!r} was used for task {existing.id} with another request "
+            f"(it differs in {', '.join(differing)}); use a new key for a new request", field="idempotency_key")
+    return existing

@@ -19,7 +19,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 3
 EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_PIPE = 130, 143, 141
 #: Codes that mean the request itself was wrong, or the key refused (exit 2); other QvqErrors are
 #: failures (exit 1).
-USAGE_CODES = {"request.invalid", "model.unknown", "conversation.not_found", "auth.required", "auth.invalid",
+USAGE_CODES = {"request.invalid", "model.unknown", "conversation.not_found", "idempotency.mismatch",
+               "auth.required", "auth.invalid",
                "auth.forbidden", "request.too_large", "request.unsupported_media_type"}
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
+import pytest
+
+from contracts.errors import IdempotencyMismatch
 from contracts.job import parse_job
 from contracts.store import ANY_TENANT, COMPLETED, Outcome, Store
 
@@ -46,3 +50,19 @@ def test_idempotency_keys_are_per_tenant(database_url: str) -> None:
     store.dispose()
     assert created and not created_again and again.id == first.id
     assert created_other and other.id != first.id
+
+
+@pytest.mark.parametrize("change", [{"prompt": "another question"}, {"images": ["s3://b/other.png"]},
+                                    {"model": "qvq-plus"}, {"high_resolution": True}, {"metadata": {"x": 1}}])
+def test_an_idempotency_key_used_with_another_request_is_a_mismatch(database_url: str, change: dict[str, Any],
+                                                                    ) -> None:
+    store = Store.from_url(database_url)
+    try:
+        request = {"images": ["s3://b/k.png"], "prompt": "p", "tenant": "acme", "idempotency_key": "k-2"}
+        first, _ = store.create_task(parse_job(request))
+        with pytest.raises(IdempotencyMismatch) as caught:
+            store.create_task(parse_job({**request, **change}))
+        assert caught.value.code == "idempotency.mismatch" and first.id in caught.value.message
+        assert store.create_task(parse_job(request))[0].id == first.id  # the same request still returns it
+    finally:
+        store.dispose()

@@ -192,3 +192,13 @@ def test_a_row_stored_with_a_lone_surrogate_still_reads(api: ApiServer, settings
                          timeout=30)
     assert response.status_code == 200, response.text
     assert response.json()["metadata"] == {"k": "\ufffd"}
+
+
+def test_an_idempotency_key_reused_with_another_prompt_is_409_naming_the_first_task(api: ApiServer) -> None:
+    first = post_task(api, json.dumps({**JOB, "idempotency_key": "order-9"}).encode())
+    again = post_task(api, json.dumps({**JOB, "idempotency_key": "order-9"}).encode())
+    other = post_task(api, json.dumps({**JOB, "prompt": "Another?", "idempotency_key": "order-9"}).encode())
+    assert first.status_code == 202 and again.status_code == 200
+    assert other.status_code == 409, other.text
+    error = other.json()["error"]
+    assert error["code"] == "idempotency.mismatch" and first.json()["task_id"] in error["message"]
