@@ -11,8 +11,13 @@ from contracts.store.tables import CALLBACK_PENDING, TERMINAL, now
 
 
 def iso(moment: dt.datetime | None) -> str | None:
-    """A stored time as the API and the CLI show it (ISO 8601, UTC)."""
-    return moment.isoformat() if moment else None
+    """A time as every surface shows it: ISO 8601 in UTC with its zone, `Z` (2026-12-04T02:00:00.123456Z).
+    The store keeps UTC; a database that hands times back without a zone (SQLite) gets it here."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 class AnyTenant:

@@ -19,7 +19,7 @@ from starlette.datastructures import UploadFile
 from contracts.catalog import MODELS
 from contracts.job import MAX_PROMPT_CHARS
 from contracts.logging import get_logger
-from contracts.store import UploadRecord
+from contracts.store import UploadRecord, iso
 from contracts.tenants import Principal
 from producer.api import schemas
 from producer.api.bodies import invalid, read_multipart
@@ -58,7 +58,7 @@ async def upload_image(request: Request, api: Api, principal: Caller) -> JSONRes
     upload = await _store(api, principal, file, "file")
     return JSONResponse(status_code=201, content={
         "upload_id": upload.id, "ref": upload.ref, "format": upload.format, "bytes": upload.bytes,
-        "expires_at": upload.expires_at.isoformat()})
+        "expires_at": iso(upload.expires_at)})
 
 
 @router.post("/tasks/upload", status_code=202, response_model=schemas.TaskCreated,

@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -310,7 +311,7 @@ def test_the_demo_keeps_its_job_from_other_workers_on_the_same_redis(qvq: Any, s
 def spawn(service_env: dict[str, str], *args: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "producer.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **service_env, "LOG_LEVEL": "WARNING", **env})
+                            env={**os.environ, **service_env, "LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1", **env})
 
 
 def test_a_refused_or_missing_api_key_exits_2(qvq: Any, service_env: dict[str, str]) -> None:
@@ -326,7 +327,12 @@ def test_stopping_a_follow_says_the_task_goes_on_and_how_to_follow_it_again(
         qvq: Any, service_env: dict[str, str], image: str, stop: int) -> None:
     task_id = qvq("submit", image, "--prompt", "hi").stdout.strip()  # no worker: it stays queued
     follower = spawn(service_env, "follow", task_id)
-    wait_until(lambda: follower.poll() is None and time.sleep(1.0) is None, timeout=10)
+    assert follower.stdout is not None
+    first_line: list[str] = []
+    reader = threading.Thread(target=lambda: first_line.append(follower.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    reader.join(timeout=60)  # the viewer printed the task's first event: it is following now
+    assert first_line and "queued" in first_line[0], first_line
     follower.send_signal(stop)
     _, stderr = follower.communicate(timeout=30)
     assert follower.returncode == (130 if stop == signal.SIGINT else 143), stderr

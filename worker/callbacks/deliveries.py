@@ -48,6 +48,7 @@ from contracts.store import (
     CALLBACK_GONE,
     CALLBACK_PENDING,
     CallbackRecord,
+    iso,
 )
 from worker.callbacks import post
 from worker.context import WorkerContext
@@ -118,7 +119,7 @@ def _record(ctx: WorkerContext, record: CallbackRecord, tried: post.Attempt, sta
             next_at: dt.datetime | None) -> None:
     event_id = record.event_id
     ctx.store.record_callback_attempt(event_id, status=status, next_attempt_at=next_at, attempt={
-        "at": dt.datetime.now(dt.UTC).isoformat(), "outcome": str(tried.outcome),
+        "at": iso(dt.datetime.now(dt.UTC)), "outcome": str(tried.outcome),
         "status_code": tried.status_code, "error": tried.error})
     if next_at is not None:
         ctx.redis.zadd(keys.CALLBACKS_DUE, {event_id: next_at.timestamp()})
