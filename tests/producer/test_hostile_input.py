@@ -6,6 +6,7 @@ cleaned), and nothing is enqueued or stored by a refused request."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -202,3 +203,11 @@ def test_an_idempotency_key_reused_with_another_prompt_is_409_naming_the_first_t
     assert other.status_code == 409, other.text
     error = other.json()["error"]
     assert error["code"] == "idempotency.mismatch" and first.json()["task_id"] in error["message"]
+
+
+def test_every_time_carries_its_zone(api: ApiServer) -> None:
+    task = post_task(api, json.dumps(JOB).encode()).json()["task_id"]
+    record = httpx.get(f"{api.url}/v1/tasks/{task}", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30).json()
+    listed = httpx.get(f"{api.url}/v1/tasks", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30).json()
+    for moment in (record["created_at"], listed["tasks"][0]["created_at"]):
+        assert moment.endswith("Z") and dt.datetime.fromisoformat(moment).tzinfo is not None
