@@ -44,14 +44,45 @@ def model_info(name: str) -> ModelInfo:
 
 
 def cost(model: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    """Cost in CNY: input tokens x input price + output tokens x output price, per 1,000 tokens."""
+    """Cost in CNY as JSON carries it (exact decimal strings): input tokens x input price + output tokens
+    x output price, per 1,000 tokens."""
     exact = cost_decimal(model, prompt_tokens, completion_tokens)
-    return {
-        "input": float(exact["input"]),
-        "output": float(exact["output"]),
-        "total": float(exact["total"]),
-        "currency": "CNY",
-    }
+    return {"input": money_text(exact["input"]), "output": money_text(exact["output"]),
+            "total": money_text(exact["total"]), "currency": "CNY"}
+
+
+#: The amounts of a cost object (the task's, and each attempt's `cost`).
+MONEY_FIELDS = ("input", "output", "total")
+
+
+def money_text(amount: Decimal | float | str) -> str:
+    """An amount as every JSON that leaves the process writes it: an exact decimal string, 6 places."""
+    return str(Decimal(str(amount)).quantize(MONEY_PLACES))
+
+
+def cost_as_decimals(cost: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A cost object for Python: its amounts (and each attempt's) as Decimal (rows written before money
+    was text hold floats: read exactly as they print)."""
+    if not cost:
+        return cost
+    out = {name: Decimal(str(value)) if name in MONEY_FIELDS and value is not None else value
+           for name, value in cost.items()}
+    if isinstance(cost.get("attempts"), list):
+        out["attempts"] = [{**item, "cost": Decimal(str(item["cost"]))} if isinstance(item, dict) and "cost" in item
+                           else item for item in cost["attempts"]]
+    return out
+
+
+def cost_as_text(cost: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A cost object for JSON: its amounts (and each attempt's) as exact decimal strings."""
+    if not cost:
+        return cost
+    out = {name: money_text(value) if name in MONEY_FIELDS and value is not None else value
+           for name, value in cost.items()}
+    if isinstance(cost.get("attempts"), list):
+        out["attempts"] = [{**item, "cost": money_text(item["cost"])} if isinstance(item, dict) and "cost" in item
+                           else item for item in cost["attempts"]]
+    return out
 
 
 def cost_decimal(model: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Decimal]:

@@ -34,7 +34,7 @@ import structlog
 
 from contracts import events as ev
 from contracts import retry
-from contracts.catalog import cost
+from contracts.catalog import cost, cost_as_text
 from contracts.errors import (
     InternalError,
     ModelError,
@@ -309,12 +309,13 @@ class TaskRun:
         outcome = self._outcome(COMPLETED, reasoning=result.reasoning, answer=result.answer,
                                 images=self._summaries(), usage=usage, cost=bill, timings=timings)
         try:
-            claimed = self._persist(outcome)
+            written = self._persist(outcome)
         except StoreRejected as error:  # the answer was billed: the failed row keeps its bill
             return self._fail(error, usage=usage, cost=bill)
-        if claimed:
-            self._publish_terminal(ev.COMPLETED, reasoning=result.reasoning, answer=result.answer, usage=usage,
-                                   cost=bill, timings=timings, metadata=self.job.metadata)
+        if written:  # the bill as the row has it: every billed attempt of the task, from the ledger
+            self._publish_terminal(ev.COMPLETED, reasoning=result.reasoning, answer=result.answer,
+                                   usage=written["usage"], cost=written["cost"], timings=timings,
+                                   metadata=self.job.metadata)
         return COMPLETED
 
     def _fail(self, error: QvqError, **bill: Any) -> str:
@@ -357,13 +358,13 @@ class TaskRun:
         return Outcome(status=status, attempt=self.attempt, last_seq=self.last_seq, **fields)
 
     # -- step: persist -------------------------------------------------------------------------
-    def _persist(self, outcome: Outcome) -> bool:
-        """The terminal claim, retried through a short database outage (retry.DATABASE); True when this
-        run made it. StoreUnavailable once the policy gives up; StoreRejected when the database refuses
+    def _persist(self, outcome: Outcome) -> dict[str, Any] | None:
+        """The terminal claim, retried through a short database outage (retry.DATABASE); the bill written
+        ({"cost", "usage"}) when this run made it, else None. StoreUnavailable once the policy gives up; StoreRejected when the database refuses
         the values for good (a DataError: retrying, or running the task again, would only bill again)."""
         tries = 0
 
-        def claim() -> bool:
+        def claim() -> dict[str, Any] | None:
             nonlocal tries
             tries += 1
             return self.ctx.store.finish(self.task_id, outcome)
@@ -381,7 +382,8 @@ class TaskRun:
         if not claimed and tries > 1:
             # A try that raised may have committed before its connection broke: then it is ours.
             record = _store_call(self.ctx.store.get, self.task_id)
-            claimed = bool(record and record.status == outcome.status and record.attempts == self.attempt)
+            if record and record.status == outcome.status and record.attempts == self.attempt:
+                claimed = {"cost": cost_as_text(record.cost), "usage": record.usage}
         if not claimed:
             log.info("task.already_terminal", status=outcome.status)
         return claimed

@@ -44,6 +44,7 @@ from typing import Any
 
 from contracts import events as ev
 from contracts import retry
+from contracts.catalog import cost_as_text
 from contracts.errors import ERROR_CODES, WaitTimeout
 
 READ_BATCH = 500
@@ -322,7 +323,7 @@ def event_from_row(record: Any, seq: int) -> dict[str, Any]:
                              "attempt": record.attempts, "run": getattr(record, "run", 0), "from_row": True}
     if type_ == ev.COMPLETED:
         event.update(reasoning=record.reasoning or "", answer=record.answer or "", usage=record.usage or {},
-                     cost=record.cost or {}, timings=record.timings or {},
+                     cost=cost_as_text(record.cost) or {}, timings=record.timings or {},
                      metadata=(record.request or {}).get("metadata") or {})
     elif type_ == ev.FAILED:
         code = record.error_code or "internal"

@@ -6,6 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from contracts.catalog import cost_as_decimals, cost_as_text
 from contracts.redaction import shown_url
 from contracts.store.tables import CALLBACK_PENDING, TERMINAL, now
 
@@ -54,6 +55,10 @@ class TaskRecord:
     last_seq: int = 0  # the highest event seq the store knows of (seq never goes back)
     idempotency_scope: str | None = None  # internal: "<tenant>/<idempotency_key>"
 
+    def __post_init__(self) -> None:
+        # Money is Decimal in Python (exact decimal strings in JSON: to_dict writes them back).
+        object.__setattr__(self, "cost", cost_as_decimals(self.cost))
+
     @property
     def is_terminal(self) -> bool:
         return self.status in TERMINAL
@@ -62,6 +67,7 @@ class TaskRecord:
         out = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "idempotency_scope"}
         for name in ("created_at", "started_at", "finished_at"):
             out[name] = iso(out[name])
+        out["cost"] = cost_as_text(self.cost) or None
         out["task_id"] = out.pop("id")
         out["metadata"] = self.request.get("metadata") or {}
         out["error"] = (

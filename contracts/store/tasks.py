@@ -20,7 +20,7 @@ from contracts.job import JobRequest
 from contracts.redaction import redact
 from contracts.store.records import ANY_TENANT, AnyTenant, AttemptStart, Outcome, TaskRecord, TenantScope
 from contracts.store.tables import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, TERMINAL, now, tasks
-from contracts.store.usage import has_usage, insert_completed_usage, tenant_is
+from contracts.store.usage import has_usage, insert_completed_usage, task_bill, tenant_is
 
 # -- prebuilt statements -----------------------------------------------------------------------
 # Built once and executed with parameter dicts: SQLAlchemy memoizes a statement object's cache key,
@@ -163,8 +163,10 @@ class TaskStore:
             ).rowcount
         return self.get(task_id) if moved else None
 
-    def finish(self, task_id: str, outcome: Outcome) -> bool:
-        """Write the terminal state and the bill in one transaction; False when already terminal."""
+    def finish(self, task_id: str, outcome: Outcome) -> dict[str, Any] | None:
+        """Write the terminal state and the bill in one transaction: the task's `cost` becomes the sum of
+        every billed attempt in the ledger (usage.task_bill), its `usage` the final attempt's with the
+        totals under `billed`. Returns {"cost", "usage"} as written; None when it was already terminal."""
         values: dict[str, Any] = {
             "p_task_id": task_id, "p_last_seq": outcome.last_seq,
             "status": outcome.status, "reasoning": outcome.reasoning, "answer": outcome.answer,
@@ -178,10 +180,16 @@ class TaskStore:
             # The claim: the SET columns are the parameters' keys; RETURNING gives what the bill needs.
             claimed = conn.execute(_FINISH, values).first()
             if claimed is None:
-                return False
+                return None
             if outcome.usage and outcome.cost and not has_usage(conn, task_id, outcome.attempt):
                 insert_completed_usage(conn, task_id, outcome, model=claimed.model, tenant=claimed.tenant)
-        return True
+            bill = task_bill(conn, task_id)
+            if bill is None:
+                return {"cost": outcome.cost, "usage": outcome.usage}
+            cost, billed = bill
+            written = {"cost": cost, "usage": {**(outcome.usage or {}), "billed": billed}}
+            conn.execute(tasks.update().where(tasks.c.id == task_id).values(**written))
+        return written
 
 
     def note_seq(self, task_id: str, seq: int) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from contracts.catalog import MODELS, MONEY_PLACES, cost_decimal
+from contracts.catalog import MODELS, MONEY_FIELDS, MONEY_PLACES, cost_decimal, money_text
 from contracts.store.records import ANY_TENANT, AnyTenant, Outcome, TenantScope
 from contracts.store.tables import now, tasks, usage
 
@@ -57,6 +57,28 @@ def insert_completed_usage(conn: sa.Connection, task_id: str, outcome: Outcome, 
         prompt=int(outcome.usage.get("prompt_tokens") or 0), completion=int(outcome.usage.get("completion_tokens") or 0),
         total=int(outcome.usage.get("total_tokens") or 0), costs=costs, outcome=outcome.status,
         estimated=bool(outcome.usage.get("estimated"))))
+
+
+def task_bill(conn: sa.Connection, task_id: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The task's bill from the ledger: every billed attempt (all runs), summed. (cost, billed usage) as
+    JSON carries them, or None when nothing was billed.
+
+    cost  = {input, output, total, currency, attempts: [{attempt, run, outcome, prompt_tokens,
+             completion_tokens, total_tokens, estimated, cost}]}
+    usage = {prompt_tokens, completion_tokens, total_tokens, attempts}: the totals, apart from the final
+            attempt's own usage (the task's `usage` keeps that, with these under `billed`)."""
+    rows = conn.execute(usage.select().where(usage.c.task_id == task_id).order_by(usage.c.attempt)).mappings().all()
+    if not rows:
+        return None
+    attempts = [{"attempt": row["attempt"], "run": row["run"], "outcome": row["outcome"],
+                 "prompt_tokens": row["prompt_tokens"], "completion_tokens": row["completion_tokens"],
+                 "total_tokens": row["total_tokens"], "estimated": bool(row["estimated"]),
+                 "cost": money_text(row["total_cost"])} for row in rows]
+    sums = {name: sum((Decimal(str(row[f"{name}_cost"])) for row in rows), Decimal(0)) for name in MONEY_FIELDS}
+    cost = {**{name: money_text(sums[name]) for name in MONEY_FIELDS}, "currency": "CNY", "attempts": attempts}
+    billed = {name: sum(int(row[name]) for row in rows) for name in ("prompt_tokens", "completion_tokens",
+                                                                      "total_tokens")}
+    return cost, {**billed, "attempts": len(rows)}
 
 
 def usage_report(by: str, rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -94,6 +94,35 @@ class RetryResult(BaseModel):
     from_seq: int = Field(..., description="GET .../events?from_seq=<it> follows the new run")
 
 
+MONEY_PATTERN = r"^-?[0-9]+\.[0-9]{6}$"
+Money = Annotated[str, StringConstraints(pattern=MONEY_PATTERN)]
+Moment = Annotated[str, Field(json_schema_extra={"format": "date-time"}, description=DATETIME_DESCRIPTION)]
+
+
+class AttemptCost(BaseModel):
+    """One billed attempt of the task, from the ledger."""
+
+    attempt: int
+    run: int
+    outcome: str | None = Field(..., description="completed, failed, cancelled or retried")
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    estimated: bool = Field(..., description="true when the tokens are our count (the stream had no usage)")
+    cost: Money
+
+
+class Cost(BaseModel):
+    """The task's bill: every billed attempt of it (all runs), summed; exact decimal strings, CNY."""
+
+    model_config = ConfigDict(extra="allow")
+    input: Money
+    output: Money
+    total: Money
+    currency: Literal["CNY"]
+    attempts: list[AttemptCost] = Field(default_factory=list)
+
+
 class TaskRecord(BaseModel):
     model_config = ConfigDict(extra="allow")
     task_id: str
@@ -101,9 +130,12 @@ class TaskRecord(BaseModel):
     model: str
     tenant: str | None
     attempts: int
-    created_at: str
+    created_at: Moment
+    started_at: Moment | None = None
+    finished_at: Moment | None = None
     metadata: dict[str, Any]
     error: dict[str, Any] | None
+    cost: Cost | None = None
 
 
 class TaskSummary(BaseModel):
@@ -114,10 +146,10 @@ class TaskSummary(BaseModel):
     conversation_id: str | None
     attempts: int
     error: dict[str, Any] | None
-    cost: dict[str, Any] | None
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
+    cost: Cost | None
+    created_at: Moment
+    started_at: Moment | None
+    finished_at: Moment | None
 
 
 class TaskList(BaseModel):
