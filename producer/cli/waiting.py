@@ -57,11 +57,13 @@ def events_with_waiting(client: TaskClient, task_id: str, from_seq: int, view: W
                     yield event
                 return
             except TimeoutError:
-                if queued and client.get(task_id).status == "queued":
-                    state = client.queue_state()
-                    if state is None:  # the client cannot look at the queue: just keep following
-                        queued = False
-                    else:
-                        view.show(state)
+                if not queued or client.get(task_id).status != "queued":
+                    queued = False  # it left the queue (maybe ended while Redis was away): follow to its end
+                    continue
+                state = client.queue_state()
+                if state is None:  # the client cannot look at the queue: just keep following
+                    queued = False
+                else:
+                    view.show(state)
     finally:
         view.stop()

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import redis
@@ -18,6 +19,7 @@ from contracts.bus import EventBus
 from contracts.job import parse_job
 from contracts.store import Store
 from producer.cli.render import EventRenderer, clean, duration, money, short_ref, usage_lines
+from producer.cli.waiting import WaitingView, events_with_waiting
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -186,3 +188,26 @@ def test_a_stream_gap_is_said_and_the_whole_text_is_printed_from_the_terminal_ev
     assert "events 4-9 were lost" in text and "the whole text, from the task's result" in text
     assert "The triangle has sides 3, 4 and 5." in text and "Six square cm." in text
     assert text.index("events 4-9") < text.index("Six square cm.")
+
+
+def test_a_viewer_whose_task_left_the_queue_follows_it_to_the_end_without_an_idle_limit() -> None:
+    """While queued, the viewer follows with an idle limit (to say what the task waits for). When that
+    limit passes and the task is no longer queued (it ran and ended while Redis was away), it follows
+    on without the limit, so the row can end it; it never loops on the idle limit."""
+    calls: list[Any] = []
+
+    class Tasks:
+        def events(self, task_id: str, from_seq: int = 0, idle_timeout: float | None = None) -> Any:
+            calls.append(idle_timeout)
+            if idle_timeout is not None:
+                raise TimeoutError("no event")
+            return iter([_event(ev.COMPLETED, 1, reasoning="r", answer="a", from_row=True)])
+
+        def get(self, task_id: str) -> Any:
+            return SimpleNamespace(status="completed")
+
+        def queue_state(self) -> None:
+            raise AssertionError("a task that is not queued has no queue to show")
+
+    events = list(events_with_waiting(Tasks(), "t1", 0, WaitingView(Console(file=io.StringIO()))))  # type: ignore[arg-type]
+    assert [e["type"] for e in events] == [ev.COMPLETED] and calls == [1.5, None]

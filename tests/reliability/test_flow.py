@@ -24,6 +24,7 @@ from contracts.events import WAITING
 from emulator.ratelimit import RateLimit
 from tests.imagegen import make_image
 from tests.reliability import SLOW, Stack, directive
+from tests.waiting import wait_until
 
 LONG_TASKS = {"QVQ_TASK_TIMEOUT_S": "300", "QVQ_VISIBILITY_TIMEOUT_S": "600", "QVQ_MAX_ATTEMPTS": "6"}
 
@@ -130,7 +131,7 @@ def test_one_tenants_burst_neither_exceeds_its_slots_nor_delays_another_tenant(m
     stack: Stack = make_stack(QVQ_TENANT_LIMITS=json.dumps(limits))
     for index in range(2):
         stack.start_worker(concurrency=10, name=f"w{index}")  # 20 threads: fewer than a's burst
-    prompt = f"Slow, please. {directive(tps=40)}"  # about 1.5 s per stream: one slot's time
+    prompt = f"Slow, please. {directive(tps=20)}"  # about 3 s per stream: one slot's time
     a_ids = [stack.client.submit(images=[str(stack.image)], prompt=prompt, tenant="a").task_id for _ in range(40)]
     samples: list[int] = []
     stop = threading.Event()
@@ -144,7 +145,7 @@ def test_one_tenants_burst_neither_exceeds_its_slots_nor_delays_another_tenant(m
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        stack.wait_events(a_ids[-1], lambda es: any(e["type"] == WAITING for e in es), timeout=30)
+        wait_until(lambda: any(e["type"] == WAITING for task in a_ids[5:] for e in stack.events(task)), 60)
         submitted = time.monotonic()
         b_id = stack.client.submit(images=[str(stack.image)], prompt=prompt, tenant="b").task_id
         stack.wait_events(b_id, lambda es: any(e["type"] == ev.STARTED for e in es), timeout=30)
@@ -153,10 +154,10 @@ def test_one_tenants_burst_neither_exceeds_its_slots_nor_delays_another_tenant(m
     finally:
         stop.set()
         sampler.join()
-    waiting = [e for e in stack.events(a_ids[-1]) if e["type"] == WAITING]
+    waiting = [e for task in a_ids for e in stack.events(task) if e["type"] == WAITING]
     print(f"\nflow tenants: b started {b_start:.2f} s after submit; a's peak running {max(samples)}")
     assert max(samples) <= 5
-    assert b_start < 3.0  # within about one stream slot's time (1.5 s), not behind a's 40 jobs
+    assert b_start < 8.0  # within a slot's time or two (3 s each) on a loaded machine, not behind a's 24 s
     assert waiting[0]["reason"] == "tenant_concurrency" and waiting[0]["wait_s"] > 0
 
 
@@ -186,7 +187,8 @@ def test_concurrent_tasks_never_spend_more_than_the_budget(make_stack: Any, data
                               QVQ_TENANT_LIMITS=json.dumps({"t": {"daily_budget_cny": str(budget)}}))
     for index in range(2):
         stack.start_worker(concurrency=30, name=f"w{index}")
-    prompt = f"Spend. {directive(tps=30)}"  # 2 s streams: every reservation is made before any settles
+    # 8 s streams: every reservation is made before any settles, however loaded the machine
+    prompt = f"Spend. {directive(tps=10)}"
     ids = [stack.client.submit(images=[str(stack.image)], prompt=prompt, tenant="t").task_id for _ in range(50)]
     records = stack.wait_terminal(ids, timeout=90)
     ran = [r for r in records.values() if r.attempts > 0 and r.error_code != "budget.exceeded"]
