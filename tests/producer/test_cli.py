@@ -309,8 +309,10 @@ def test_the_demo_keeps_its_job_from_other_workers_on_the_same_redis(qvq: Any, s
 
 # -- where a new user trips: a refused key, a closed pipe, Ctrl-C, an empty database --------------
 def spawn(service_env: dict[str, str], *args: str, **env: str) -> subprocess.Popen[str]:
+    # SIGINT as a terminal gives it: a pytest-xdist worker ignores SIGINT, and a child would inherit that.
     return subprocess.Popen([sys.executable, "-m", "producer.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             env={**os.environ, **service_env, "LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1", **env})
 
 
