@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -63,24 +64,21 @@ def money_text(amount: Decimal | float | str) -> str:
 def cost_as_decimals(cost: dict[str, Any] | None) -> dict[str, Any] | None:
     """A cost object for Python: its amounts (and each attempt's) as Decimal (rows written before money
     was text hold floats: read exactly as they print)."""
-    if not cost:
-        return cost
-    out = {name: Decimal(str(value)) if name in MONEY_FIELDS and value is not None else value
-           for name, value in cost.items()}
-    if isinstance(cost.get("attempts"), list):
-        out["attempts"] = [{**item, "cost": Decimal(str(item["cost"]))} if isinstance(item, dict) and "cost" in item
-                           else item for item in cost["attempts"]]
-    return out
+    return _map_amounts(cost, lambda value: Decimal(str(value)))
 
 
 def cost_as_text(cost: dict[str, Any] | None) -> dict[str, Any] | None:
     """A cost object for JSON: its amounts (and each attempt's) as exact decimal strings."""
+    return _map_amounts(cost, money_text)
+
+
+def _map_amounts(cost: dict[str, Any] | None, convert: Callable[[Any], Any]) -> dict[str, Any] | None:
     if not cost:
         return cost
-    out = {name: money_text(value) if name in MONEY_FIELDS and value is not None else value
+    out = {name: convert(value) if name in MONEY_FIELDS and value is not None else value
            for name, value in cost.items()}
     if isinstance(cost.get("attempts"), list):
-        out["attempts"] = [{**item, "cost": money_text(item["cost"])} if isinstance(item, dict) and "cost" in item
+        out["attempts"] = [{**item, "cost": convert(item["cost"])} if isinstance(item, dict) and "cost" in item
                            else item for item in cost["attempts"]]
     return out
 
