@@ -31,6 +31,7 @@ def producer_app(settings: Settings) -> Celery:
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         task_serializer="json",
         accept_content=["json"],
+        task_send_sent_event=True,  # Flower and `celery events` see each task from its submit on
     )
     return app
 

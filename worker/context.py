@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -49,6 +50,8 @@ class WorkerContext:
     loop: WorkerLoop = field(default_factory=WorkerLoop)  # owns every wait (worker/loop.py)
     aredis: aioredis.Redis | None = None  # the loop's Redis client (event publishing)
     broker: SyncRedis | None = None  # CELERY_BROKER_URL's Redis, when it is not REDIS_URL's (the sweep)
+    #: a Celery monitoring event for the task this thread runs (worker/tasks.py sets it; none elsewhere)
+    task_event: Callable[..., None] = field(default=lambda _type, **_fields: None)
 
     @classmethod
     def build(cls, settings: Settings, sender: TaskSender | None = None) -> WorkerContext:

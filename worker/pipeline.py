@@ -299,6 +299,9 @@ class TaskRun:
         log.warning("model.retrying", code=error.code, error=error.message, delay_s=delay, attempt=next_attempt)
         self._publish(ev.RETRYING, important=True, error={"code": error.code, "message": error.message},
                       delay_s=delay)
+        # Celery monitoring (Flower) sees the model-call retry as task-retried, with the attempt about to run
+        self.ctx.task_event("task-retried", exception=f"{error.code}: {error.message}", traceback="",
+                            attempt=next_attempt, delay_s=delay)
         self._wait(delay, watch)
 
     # -- the terminal states: persist, then publish ----------------------------------------------

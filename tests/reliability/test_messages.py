@@ -5,10 +5,12 @@ states tell the truth: a failed task is a FAILURE; a revoked one is cancelled.""
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from typing import Any
 
 import pytest
+from celery.events.state import State
 
 from contracts import events as ev
 from contracts.job import QUEUE, TASK_NAME, parse_job
@@ -124,3 +126,58 @@ def test_a_task_revoked_while_it_streams_is_cancelled(make_stack: Any) -> None:
     assert record.status == "cancelled" and record.attempts == 1
     (terminal,) = terminal_events(stack.events(task_id))
     assert terminal["type"] == ev.CANCELLED
+
+
+class CeleryMonitor:
+    """What Flower sees: Celery's events, folded into celery.events.State (Flower's own state), in a thread."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.app = stack.client.celery
+        self.state = State()
+        self.types: list[tuple[str, str]] = []
+        self._receiver: Any = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CeleryMonitor:
+        self._thread.start()
+        wait_until(lambda: self.state.event_count > 0, 30, "the monitor receives events")  # worker heartbeats
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._receiver is not None:
+            self._receiver.should_stop = True
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        def take(event: dict[str, Any]) -> None:
+            self.state.event(event)
+            self.types.append((event.get("type", ""), event.get("uuid", "")))
+
+        with self.app.connection() as connection:
+            self._receiver = self.app.events.Receiver(connection, handlers={"*": take})
+            self._receiver.capture(limit=None, timeout=None, wakeup=True)
+
+    def task_state(self, task_id: str) -> str:
+        task = self.state.tasks.get(task_id)
+        return task.state if task is not None else "UNKNOWN"
+
+
+def test_celery_monitoring_sees_success_failure_with_its_code_revoked_retries_and_sends(make_stack: Any) -> None:
+    stack: Stack = make_stack()
+    stack.start_worker(concurrency=4)
+    with CeleryMonitor(stack) as monitor:
+        completed = stack.submit()
+        failed = stack.client.submit(images=[str(stack.tmp / "missing.png")], prompt="Where is it?").task_id
+        retried = stack.submit("Cut once.", fault="cut:6@1", tps=200)
+        cancelled = stack.submit("A long one.", tps=20, reasoning_tokens=400)
+        stack.wait_events(cancelled, lambda es: any(e["type"] == ev.REASONING_DELTA for e in es))
+        stack.client.cancel(cancelled)
+        stack.wait_terminal([completed, failed, retried, cancelled], timeout=60)
+        expected = {completed: "SUCCESS", failed: "FAILURE", retried: "SUCCESS", cancelled: "REVOKED"}
+        wait_until(lambda: {t: monitor.task_state(t) for t in expected} == expected, 30,
+                   "the monitor's states settle")
+        failure = monitor.state.tasks[failed]
+        assert "image.not_found" in str(failure.exception)
+        assert ("task-retried", retried) in monitor.types
+        sent = {task_id for kind, task_id in monitor.types if kind == "task-sent"}
+        assert set(expected) <= sent  # the producer announces every task it sends
