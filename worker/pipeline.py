@@ -36,6 +36,7 @@ from contracts import events as ev
 from contracts import retry
 from contracts.catalog import cost, cost_as_text
 from contracts.errors import (
+    ImageError,
     InternalError,
     ModelError,
     QvqError,
@@ -46,10 +47,11 @@ from contracts.errors import (
 from contracts.job import JobRequest
 from contracts.logging import get_logger
 from contracts.retry import TRANSIENT_DB_ERRORS, TRANSIENT_REDIS_ERRORS
-from contracts.store import CANCELLED, COMPLETED, FAILED, Outcome
+from contracts.store import CANCELLED, COMPLETED, FAILED, HistoryTurn, Outcome
 from worker.callbacks.deliveries import schedule as schedule_callback
 from worker.context import WorkerContext
 from worker.flow.control import ModelCall
+from worker.intake.history import history_turns, name_turn
 from worker.intake.images import PreparedImage, prepare_images
 from worker.intake.message import load_record
 from worker.intake.prompt import build_messages, check_token_budget
@@ -197,13 +199,25 @@ class TaskRun:
 
     # -- step: the images and the messages ------------------------------------------------------
     def _prepare(self) -> tuple[list[dict[str, Any]], int]:
-        """The chat messages and the estimated input tokens (refused here when over the model's input)."""
+        """The chat messages and the estimated input tokens (refused here when over the model's input).
+        A conversation's earlier turns go whole, their images fetched and validated again (history.py)."""
         job = self.job
-        self.images = prepare_images(job.images, self.ctx.fetcher, high_resolution=job.high_resolution,
-                                     executor=self.ctx.image_pool)
-        summaries = [image.summary() for image in self.images]
-        self._publish(ev.IMAGES_READY, images=summaries, image_tokens=sum(i.tokens for i in self.images))
-        history = self._history()
+        turns = self._history()
+        earlier = [ref for turn in turns for ref in turn.images]
+        turn_of = [number for number, turn in enumerate(turns, start=1) for _ in turn.images]
+        try:
+            prepared = prepare_images([*earlier, *job.images], self.ctx.fetcher,
+                                      high_resolution=job.high_resolution, executor=self.ctx.image_pool)
+        except ImageError as error:
+            named = name_turn(error, earlier, turn_of, job.images)
+            if named is error:
+                raise
+            raise named from error
+        history, self.images = history_turns(turns, prepared[:len(earlier)]), prepared[len(earlier):]
+        shown = [{**image.summary(), "history": True, "turn": number}
+                 for image, number in zip(prepared[:len(earlier)], turn_of, strict=True)]
+        shown += [image.summary() for image in self.images]
+        self._publish(ev.IMAGES_READY, images=shown, image_tokens=sum(i.tokens for i in prepared))
         estimate = self.input_tokens = check_token_budget(job.model, job.prompt, self.images, history)
         return build_messages(job.prompt, self.images, history, url_for=self._image_url), estimate
 
@@ -218,7 +232,7 @@ class TaskRun:
                 return url
         return image.data_url()
 
-    def _history(self) -> list[tuple[str, str]]:
+    def _history(self) -> list[HistoryTurn]:
         if not self.job.conversation_id:
             return []
         before = dt.datetime.fromtimestamp(self.job.enqueued_at, dt.UTC)

@@ -24,6 +24,7 @@ from contracts.store.records import (
     AnyTenant,
     AttemptStart,
     CallbackRecord,
+    HistoryTurn,
     Outcome,
     TaskRecord,
     TenantScope,
@@ -51,7 +52,7 @@ from contracts.store.usage import UsageStore, usage_report
 __all__ = [
     "ANY_TENANT", "CALLBACK_DELIVERED", "CALLBACK_FAILED", "CALLBACK_GONE", "CALLBACK_PENDING", "CANCELLED",
     "COMPLETED", "FAILED", "QUEUED", "RUNNING", "TERMINAL", "AnyTenant", "AttemptStart", "CallbackRecord",
-    "Outcome", "Store", "TaskRecord", "TenantScope", "UploadRecord", "idempotency_scope", "iso", "make_engine",
+    "HistoryTurn", "Outcome", "Store", "TaskRecord", "TenantScope", "UploadRecord", "idempotency_scope", "iso", "make_engine",
     "metadata", "usage_report",
 ]
 

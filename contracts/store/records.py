@@ -86,6 +86,17 @@ SUMMARY_FIELDS = ("task_id", "status", "model", "tenant", "conversation_id", "at
 
 
 @dataclass(frozen=True)
+class HistoryTurn:
+    """One completed turn of a conversation: its question, the images it sent (their references, and
+    the summaries its row kept of them, to tell whether they changed since), and its answer."""
+
+    prompt: str
+    images: tuple[str, ...]
+    answer: str
+    summaries: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
 class AttemptStart:
     """An attempt that just began: its number, where the attempt cap counts from, and whether an
     earlier attempt was still marked running (its worker was lost, so this is a redelivery)."""

@@ -18,7 +18,15 @@ from sqlalchemy.engine import Engine
 from contracts.errors import IdempotencyMismatch, TaskIdTaken
 from contracts.job import JobRequest
 from contracts.redaction import redact
-from contracts.store.records import ANY_TENANT, AnyTenant, AttemptStart, Outcome, TaskRecord, TenantScope
+from contracts.store.records import (
+    ANY_TENANT,
+    AnyTenant,
+    AttemptStart,
+    HistoryTurn,
+    Outcome,
+    TaskRecord,
+    TenantScope,
+)
 from contracts.store.tables import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, TERMINAL, now, tasks
 from contracts.store.usage import has_usage, insert_completed_usage, task_bill, tenant_is
 
@@ -230,17 +238,20 @@ class TaskStore:
         with self.engine.connect() as conn:
             return [(row.id, row.finished_at) for row in conn.execute(query)]
 
-    def history(self, conversation_id: str, before: dt.datetime, tenant: str | None = None) -> list[tuple[str, str]]:
-        """(prompt, answer) of the conversation's completed turns of this tenant, oldest first."""
+    def history(self, conversation_id: str, before: dt.datetime, tenant: str | None = None) -> list[HistoryTurn]:
+        """The conversation's completed turns of this tenant, oldest first: each one's question, images
+        and answer (its reasoning never: the vendor keeps it out of the history)."""
         same_tenant = tasks.c.tenant.is_(None) if tenant is None else tasks.c.tenant == tenant
         query = (
-            sa.select(tasks.c.request, tasks.c.answer)
+            sa.select(tasks.c.request, tasks.c.answer, tasks.c.images)
             .where(tasks.c.conversation_id == conversation_id, tasks.c.status == COMPLETED,
                    tasks.c.created_at < before, same_tenant)
             .order_by(tasks.c.created_at)
         )
         with self.engine.connect() as conn:
-            return [(row.request["prompt"], row.answer or "") for row in conn.execute(query)]
+            return [HistoryTurn(prompt=row.request["prompt"], images=tuple(row.request.get("images") or ()),
+                                answer=row.answer or "", summaries=tuple(row.images or ()))
+                    for row in conn.execute(query)]
 
     # -- reports -------------------------------------------------------------------------------
     def list_tasks(self, *, status: str | None = None, since: dt.datetime | None = None,

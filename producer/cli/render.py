@@ -188,7 +188,8 @@ def print_images(console: Console, images: list[dict[str, Any]]) -> None:
     for column in headers:
         table.add_column(column, justify="right" if column in {"bytes", "tokens"} else "left", no_wrap=True)
     for image, row in zip(images, rows, strict=True):
-        table.add_row(Text(short_ref(clean(image["ref"]), limit)), *row)
+        ref = short_ref(clean(image["ref"]), limit)
+        table.add_row(Text(f"(turn {clean(image.get('turn'))}) {ref}" if image.get("history") else ref), *row)
     console.print(table)
 
 

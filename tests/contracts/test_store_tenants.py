@@ -29,8 +29,8 @@ def test_history_listing_and_usage_stay_within_a_tenant(database_url: str) -> No
     _done(store, "globex", "chat", "globex asks", "globex's answer")  # e.g. written by an admin key
     _done(store, None, "chat", "nobody asks", "nobody's answer")
     later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)
-    assert store.history("chat", later, "acme") == [("acme asks", "acme's answer")]
-    assert store.history("chat", later, None) == [("nobody asks", "nobody's answer")]
+    assert [(t.prompt, t.answer) for t in store.history("chat", later, "acme")] == [("acme asks", "acme's answer")]
+    assert [(t.prompt, t.answer) for t in store.history("chat", later, None)] == [("nobody asks", "nobody's answer")]
     assert {r.tenant for r in store.list_tasks(tenant="globex")} == {"globex"}
     assert len(store.list_tasks(tenant=ANY_TENANT)) == 3
     assert [row["tenant"] for row in store.usage_summary("tenant", tenant="acme")] == ["acme"]

@@ -373,7 +373,9 @@ def test_tokens_count_the_sent_size() -> None:
     assert image.summary() == {
         "ref": "big.jpg", "format": "JPEG", "width": 4000, "height": 3000, "bytes": image.bytes,
         "sent_width": image.sent_width, "sent_height": image.sent_height, "tokens": image.tokens,
+        "sha256": image.sha256,
     }
+    assert len(image.sha256) == 64
 
 
 def test_vendor_table() -> None:

@@ -3,6 +3,7 @@ in-memory bus, a scripted model (tests/doubles.py). What each step publishes and
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +16,7 @@ from contracts.errors import ModelError
 from contracts.job import message_for, parse_job
 from contracts.settings import Settings
 from contracts.store import Store
-from tests.doubles import MemoryBus, ScriptedModel, broken, memory_store, worker_context
+from tests.doubles import MemoryBus, ScriptedModel, StaticFetcher, broken, memory_store, worker_context
 from worker import pipeline
 from worker.intake import prompt
 
@@ -197,3 +198,49 @@ def test_an_answer_the_database_refuses_fails_the_task_once_and_bills_once(datab
         assert failed["error"]["code"] == "store.rejected" and failed["error"]["retryable"] is False
     finally:
         store.dispose()
+
+
+def _turn(store: Store, model: ScriptedModel, images: list[str], prompt: str, **parts: Any) -> tuple[str, MemoryBus]:
+    task_id = submit(store, images=images, prompt=prompt, conversation_id="chat-1")
+    outcome, bus = run(store, model, task_id, **parts)
+    return task_id, bus
+
+
+def test_a_later_turn_sends_the_earlier_turns_whole_with_their_images_and_counts_them(store: Store) -> None:
+    model = ScriptedModel(THINK, THINK)
+    _turn(store, model, ["s3://photos/triangle.png"], "What is its area?")
+    second, bus = _turn(store, model, [], "And the second triangle?")
+    messages = model.calls[-1]["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    first_user = messages[0]["content"]
+    assert [p["type"] for p in first_user] == ["image_url", "text"] and first_user[1]["text"] == "What is its area?"
+    assert messages[1]["content"] == "Six square cm." and "Three sides" not in json.dumps(messages)  # no reasoning
+    assert [p["type"] for p in messages[2]["content"]] == ["text"]
+    (ready,) = [e for e in bus.read_log(second) if e["type"] == ev.IMAGES_READY]
+    assert [(i["ref"], i["history"], i["turn"]) for i in ready["images"]] == [("s3://photos/triangle.png", True, 1)]
+    assert ready["image_tokens"] == ready["images"][0]["tokens"] > 0
+    record = store.get(second)
+    assert record is not None and record.images == []  # the row keeps this turn's own images
+
+
+def test_a_history_over_the_models_input_is_refused_before_any_call_naming_the_turn(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = ScriptedModel(THINK)
+    _turn(store, model, ["s3://photos/triangle.png"], "What is its area?")
+    monkeypatch.setattr(prompt, "model_info", lambda name: ModelInfo(name, "qvq-max", 0, 0, max_input=10))
+    second, _ = _turn(store, model, [], "And now?")
+    assert len(model.calls) == 1  # only the first turn called the model
+    record = store.get(second)
+    assert record is not None and record.error_code == "images.token_budget_exceeded"
+    assert "turn 1" in (record.error_message or "")
+
+
+def test_an_earlier_image_that_changed_refuses_the_turn(store: Store) -> None:
+    model = ScriptedModel(THINK)
+    _turn(store, model, ["s3://photos/triangle.png"], "What is its area?")
+    changed = StaticFetcher(size=(84, 56))  # the same reference now holds another picture
+    second, _ = _turn(store, model, [], "And now?", fetcher=changed)
+    record = store.get(second)
+    assert record is not None and record.status == "failed" and record.error_code == "image.not_found"
+    assert "turn 1" in (record.error_message or "") and "changed" in (record.error_message or "")
+    assert len(model.calls) == 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import hashlib
 import io
 import math
 from collections.abc import Iterator, Sequence
@@ -95,6 +96,7 @@ class PreparedImage:
     sent_height: int
     data: builtins.bytes  # plain ``bytes`` here would name the field above
     tokens: int
+    sha256: str = ""  # of the original bytes: tells a conversation whether an earlier image changed since
 
     def data_url(self) -> str:
         return f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
@@ -103,7 +105,7 @@ class PreparedImage:
         return {
             "ref": self.ref, "format": self.format, "width": self.width, "height": self.height,
             "bytes": self.bytes, "sent_width": self.sent_width, "sent_height": self.sent_height,
-            "tokens": self.tokens,
+            "tokens": self.tokens, "sha256": self.sha256,
         }
 
 
@@ -351,7 +353,7 @@ def _prepared(ref: str, header: _Header, raw: bytes, data: bytes, sent_fmt: str,
     return PreparedImage(
         ref=ref, format=header.fmt, mime=MIME[sent_fmt], width=header.width, height=header.height,
         bytes=len(raw), sent_width=sent[0], sent_height=sent[1], data=data,
-        tokens=image_tokens(sent[0], sent[1], high_resolution),
+        tokens=image_tokens(sent[0], sent[1], high_resolution), sha256=hashlib.sha256(raw).hexdigest(),
     )
 
 
