@@ -34,6 +34,7 @@ from producer.api.page import viewer_page
 from producer.api.responses import JSONResponse
 from producer.api.security import Authenticator, LoopbackOnly, SecurityHeaders, page_policy
 from producer.service import Services
+from producer.service.revokes import RevokeListener
 
 
 def create_app(settings: Settings | None = None, *, keepalive_s: float = events.KEEPALIVE_S,
@@ -51,9 +52,12 @@ def create_app(settings: Settings | None = None, *, keepalive_s: float = events.
                           keepalive_s)
         app.state.services = api
         sweeper = asyncio.create_task(uploads.sweep_uploads(api))
+        revokes = RevokeListener(services.tasks.sender.app, services.tasks.cancel_revoked).start()
+        app.state.revokes = revokes
         try:
             yield
         finally:
+            revokes.stop()
             sweeper.cancel()
             with suppress(asyncio.CancelledError):
                 await sweeper

@@ -173,6 +173,13 @@ class TaskService:
         """Stop a queued or running task; False when it had already finished."""
         return cancel_task(self.get(principal, task_id), store=self.store, client=self.redis, bus=self.bus)
 
+    def cancel_revoked(self, task_id: str) -> bool:
+        """A Celery revoke heard by the API (service/revokes.py): the same cancel, for whoever owns it."""
+        record = self.store.get(task_id)
+        if record is None:
+            return False
+        return cancel_task(record, store=self.store, client=self.redis, bus=self.bus)
+
     def retry(self, principal: Principal, task_id: str) -> int:
         """Queue a failed or cancelled task again: same task id, a new run, seq continuing.
 

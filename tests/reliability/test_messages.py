@@ -14,7 +14,9 @@ from celery.events.state import State
 
 from contracts import events as ev
 from contracts.job import QUEUE, TASK_NAME, parse_job
+from contracts.settings import Settings
 from tests.imagegen import make_image
+from tests.producer import ApiServer
 from tests.reliability import Stack, terminal_events
 from tests.waiting import wait_until
 
@@ -181,3 +183,20 @@ def test_celery_monitoring_sees_success_failure_with_its_code_revoked_retries_an
         assert ("task-retried", retried) in monitor.types
         sent = {task_id for kind, task_id in monitor.types if kind == "task-sent"}
         assert set(expected) <= sent  # the producer announces every task it sends
+
+
+def test_a_revoke_sent_while_no_worker_is_online_still_cancels_the_task(make_stack: Any) -> None:
+    """`celery control revoke ID` with no worker online is a broadcast nobody hears; the API hears it, the
+    row becomes cancelled, and the worker that starts later runs nothing for it."""
+    stack: Stack = make_stack()
+    with ApiServer(Settings.from_env(stack.env)) as api:
+        assert api.app.state.revokes.ready.wait(30)
+        revoked = stack.submit("Never mind.")
+        stack.client.celery.control.revoke(revoked)  # no worker is online
+        wait_until(lambda: stack.record(revoked).status == "cancelled", 30, "the API cancels the revoked task")
+    stack.start_worker(concurrency=2)
+    after = stack.submit()  # queued behind the revoked task's message: once it completes, both were taken
+    assert stack.wait_terminal([after], timeout=30)[after].status == "completed"
+    record = stack.record(revoked)
+    assert record.status == "cancelled" and record.attempts == 0
+    assert [e["type"] for e in terminal_events(stack.events(revoked))] == [ev.CANCELLED]
