@@ -67,7 +67,8 @@ def test_two_images_stream_and_persist_on_each_store(
     completed = events[-1]
     assert completed["usage"] == record.usage
     assert completed["usage"]["prompt_tokens_details"]["image_tokens"] == events[2]["image_tokens"]
-    assert completed["cost"]["total"] == pytest.approx(_expected_cost("qvq-plus", record.usage), abs=1e-9)
+    assert float(completed["cost"]["total"]) == pytest.approx(_expected_cost("qvq-plus", record.usage), abs=1e-9)
+    assert completed["cost"]["total"] == f"{record.cost['total']:.6f}"  # exact text; Decimal in Python
     assert completed["cost"]["currency"] == "CNY"
     assert completed["metadata"] == {"order": 7}
     assert set(completed["timings"]) == {"queue_s", "first_reasoning_s", "first_answer_s", "total_s"}

@@ -88,7 +88,7 @@ def test_worker_metrics_count_completed_failed_retried_and_cancelled_tasks(
         assert billed > 0
         assert page.value("qvq_tokens_total", model="qvq-plus", kind=kind) == billed
     assert page.value("qvq_cost_cny_total", model="qvq-plus") == pytest.approx(
-        sum(r.cost["total"] for r in completed))
+        float(sum(r.cost["total"] for r in completed)))
     assert not any("task_id" in labels for _, labels in page.samples), "a task id in a label"
 
 

@@ -58,11 +58,11 @@ def test_racing_terminal_writes_leave_one_result_and_one_bill(store: Store) -> N
     task_id = _task(store, "race-finish")
     assert store.start_attempt(task_id) == 1
 
-    def finish(i: int) -> bool:
+    def finish(i: int) -> bool:  # the winner gets the bill it wrote; the others None
         if i % 3 == 2:  # some racers fail or cancel instead
             return store.finish(task_id, Outcome(status=FAILED if i % 2 else CANCELLED, attempt=1,
-                                                 error_code="internal", error_message=f"racer {i}"))
-        return store.finish(task_id, _completed(1, i))
+                                                 error_code="internal", error_message=f"racer {i}")) is not None
+        return store.finish(task_id, _completed(1, i)) is not None
 
     results = _race(RACERS, finish)
     assert all(isinstance(r, bool) for r in results), results
@@ -76,7 +76,7 @@ def test_racing_terminal_writes_leave_one_result_and_one_bill(store: Store) -> N
         assert len(bills) == 1 and bills[0]["prompt_tokens"] == 100 + winner
     else:
         assert bills == []
-    assert store.finish(task_id, _completed(1, 99)) is False and len(store.usage_rows(task_id)) == len(bills)
+    assert store.finish(task_id, _completed(1, 99)) is None and len(store.usage_rows(task_id)) == len(bills)
 
 
 def test_racing_attempt_starts_count_each_attempt_once(store: Store) -> None:

@@ -162,11 +162,11 @@ class FailingStore:
     def _error(self) -> sa.exc.OperationalError:
         return sa.exc.OperationalError("UPDATE qvq_tasks", {}, ConnectionRefusedError("database is gone (test)"))
 
-    def finish(self, *args: Any) -> bool:
+    def finish(self, *args: Any) -> Any:
         if self.down or self.finish_failures:
             self.finish_failures = max(0, self.finish_failures - 1)
             raise self._error()
-        return bool(self.store.finish(*args))
+        return self.store.finish(*args)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)

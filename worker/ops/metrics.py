@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import structlog
@@ -86,14 +87,22 @@ def _completed(model: str, fields: dict[str, Any]) -> None:
         tokens = usage.get(f"{kind}_tokens")
         if isinstance(tokens, int | float) and tokens > 0:
             m.TOKENS.labels(model, kind).inc(tokens)
-    total = (fields.get("cost") or {}).get("total")
-    if isinstance(total, int | float) and total > 0:
+    total = _amount((fields.get("cost") or {}).get("total"))
+    if total > 0:
         m.COST.labels(model).inc(total)
     timings = fields.get("timings") or {}
     for kind in m.FIRST_TOKEN_KINDS:
         seconds = timings.get(f"first_{kind}_s")
         if isinstance(seconds, int | float):
             m.FIRST_TOKEN.labels(kind).observe(seconds)
+
+
+def _amount(value: Any) -> float:
+    """A cost amount as the event carries it (an exact decimal string), as a float for a counter."""
+    try:
+        return float(Decimal(str(value))) if value is not None else 0.0
+    except (InvalidOperation, ValueError):
+        return 0.0
 
 
 EVENT_METRICS = EventMetrics()  # the process's one recorder (the gauge reads it at scrape time)
