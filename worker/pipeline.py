@@ -36,7 +36,6 @@ from contracts import events as ev
 from contracts import retry
 from contracts.catalog import cost, cost_as_text
 from contracts.errors import (
-    ImageError,
     InternalError,
     ModelError,
     QvqError,
@@ -51,8 +50,8 @@ from contracts.store import CANCELLED, COMPLETED, FAILED, HistoryTurn, Outcome
 from worker.callbacks.deliveries import schedule as schedule_callback
 from worker.context import WorkerContext
 from worker.flow.control import ModelCall
-from worker.intake.history import history_turns, name_turn
-from worker.intake.images import PreparedImage, prepare_images
+from worker.intake.history import prepare_conversation
+from worker.intake.images import PreparedImage
 from worker.intake.message import load_record
 from worker.intake.prompt import build_messages, check_token_budget
 from worker.recovery.cancel import RunWatch, wait_unless_stopped
@@ -202,22 +201,9 @@ class TaskRun:
         """The chat messages and the estimated input tokens (refused here when over the model's input).
         A conversation's earlier turns go whole, their images fetched and validated again (history.py)."""
         job = self.job
-        turns = self._history()
-        earlier = [ref for turn in turns for ref in turn.images]
-        turn_of = [number for number, turn in enumerate(turns, start=1) for _ in turn.images]
-        try:
-            prepared = prepare_images([*earlier, *job.images], self.ctx.fetcher,
-                                      high_resolution=job.high_resolution, executor=self.ctx.image_pool)
-        except ImageError as error:
-            named = name_turn(error, earlier, turn_of, job.images)
-            if named is error:
-                raise
-            raise named from error
-        history, self.images = history_turns(turns, prepared[:len(earlier)]), prepared[len(earlier):]
-        shown = [{**image.summary(), "history": True, "turn": number}
-                 for image, number in zip(prepared[:len(earlier)], turn_of, strict=True)]
-        shown += [image.summary() for image in self.images]
-        self._publish(ev.IMAGES_READY, images=shown, image_tokens=sum(i.tokens for i in prepared))
+        prepared = prepare_conversation(job, self._history(), self.ctx.fetcher, self.ctx.image_pool)
+        history, self.images, shown = prepared.history, prepared.images, prepared.summaries
+        self._publish(ev.IMAGES_READY, images=shown, image_tokens=prepared.tokens)
         estimate = self.input_tokens = check_token_budget(job.model, job.prompt, self.images, history)
         return build_messages(job.prompt, self.images, history, url_for=self._image_url), estimate
 

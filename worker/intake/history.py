@@ -11,12 +11,46 @@ turn: answering about another picture than the one the conversation discussed wo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any
 
 from contracts.errors import ImageError
+from contracts.job import JobRequest
 from contracts.store import HistoryTurn
-from worker.intake.images import PreparedImage
+from worker.intake.fetch import ImageFetcher
+from worker.intake.images import PreparedImage, prepare_images
 from worker.intake.prompt import Turn
+
+
+@dataclass(frozen=True)
+class PreparedConversation:
+    history: list[Turn]  # the earlier turns, ready to send
+    images: list[PreparedImage]  # this turn's own images
+    summaries: list[dict[str, Any]]  # images.ready's list: the earlier turns' (marked) then this turn's
+    tokens: int  # the tokens of every image sent
+
+
+def prepare_conversation(job: JobRequest, turns: Sequence[HistoryTurn], fetcher: ImageFetcher,
+                         executor: Executor | None) -> PreparedConversation:
+    """Fetch and validate the earlier turns' images and this turn's, all at once; an earlier image that
+    fails or changed refuses the turn, naming the earlier turn."""
+    earlier = [ref for turn in turns for ref in turn.images]
+    turn_of = [number for number, turn in enumerate(turns, start=1) for _ in turn.images]
+    try:
+        prepared = prepare_images([*earlier, *job.images], fetcher, high_resolution=job.high_resolution,
+                                  executor=executor)
+    except ImageError as error:
+        named = name_turn(error, earlier, turn_of, job.images)
+        if named is error:
+            raise
+        raise named from error
+    summaries = [{**image.summary(), "history": True, "turn": number}
+                 for image, number in zip(prepared[:len(earlier)], turn_of, strict=True)]
+    own = prepared[len(earlier):]
+    return PreparedConversation(history=history_turns(turns, prepared[:len(earlier)]), images=own,
+                                summaries=summaries + [image.summary() for image in own],
+                                tokens=sum(image.tokens for image in prepared))
 
 
 def history_turns(turns: Sequence[HistoryTurn], images: Sequence[PreparedImage]) -> list[Turn]:
