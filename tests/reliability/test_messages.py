@@ -5,16 +5,21 @@ states tell the truth: a failed task is a FAILURE; a revoked one is cancelled.""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import uuid
 from typing import Any
 
+import httpx
 import pytest
 from celery.events.state import State
 
 from contracts import events as ev
 from contracts.job import QUEUE, TASK_NAME, parse_job
 from contracts.settings import Settings
+from producer.local.embedded import free_port
 from tests.imagegen import make_image
 from tests.producer import ApiServer
 from tests.reliability import Stack, terminal_events
@@ -200,3 +205,47 @@ def test_a_revoke_sent_while_no_worker_is_online_still_cancels_the_task(make_sta
     record = stack.record(revoked)
     assert record.status == "cancelled" and record.attempts == 0
     assert [e["type"] for e in terminal_events(stack.events(revoked))] == [ev.CANCELLED]
+
+
+def test_flower_shows_success_failure_with_its_code_and_revoked(make_stack: Any) -> None:
+    """Flower itself, as operators run it, against the same broker: the three endings as they are."""
+    stack: Stack = make_stack()
+    stack.start_worker(concurrency=4)
+    port = free_port()
+    flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery:app", "flower", f"--port={port}",
+                               "--address=127.0.0.1"], env={**os.environ, **stack.env, "FLOWER_UNAUTHENTICATED_API": "true",
+                                                             "LOG_LEVEL": "WARNING"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+
+    def states() -> dict[str, Any]:
+        try:
+            return dict(httpx.get(f"{base}/api/tasks", timeout=5).json())
+        except (httpx.HTTPError, ValueError):
+            return {}
+
+    try:
+        warm: list[str] = []
+
+        def listening() -> bool:  # Flower listens once it has seen a whole task (it binds its queue late)
+            if not warm or stack.record(warm[-1]).is_terminal:
+                seen = any(states().get(task, {}).get("state") == "SUCCESS" for task in warm)
+                if not seen:
+                    warm.append(stack.submit())
+                return seen
+            return False
+
+        wait_until(listening, 90, "Flower sees a task")
+        completed = stack.submit()
+        failed = stack.client.submit(images=[str(stack.tmp / "missing.png")], prompt="Where is it?").task_id
+        cancelled = stack.submit("A long one.", tps=20, reasoning_tokens=400)
+        stack.wait_events(cancelled, lambda es: any(e["type"] == ev.REASONING_DELTA for e in es))
+        stack.client.cancel(cancelled)
+        stack.wait_terminal([completed, failed, cancelled], timeout=60)
+        expected = {completed: "SUCCESS", failed: "FAILURE", cancelled: "REVOKED"}
+        wait_until(lambda: {t: states().get(t, {}).get("state") for t in expected} == expected, 30,
+                   "Flower's states settle")
+        assert "image.not_found" in str(states()[failed].get("exception"))
+    finally:
+        flower.terminate()
+        flower.wait(timeout=10)
