@@ -160,9 +160,13 @@ class CeleryMonitor:
             self.state.event(event)
             self.types.append((event.get("type", ""), event.get("uuid", "")))
 
-        with self.app.connection() as connection:
-            self._receiver = self.app.events.Receiver(connection, handlers={"*": take})
-            self._receiver.capture(limit=None, timeout=None, wakeup=True)
+        try:
+            with self.app.connection() as connection:
+                self._receiver = self.app.events.Receiver(connection, handlers={"*": take})
+                self._receiver.capture(limit=None, timeout=None, wakeup=True)
+        except Exception:  # the stack (and its broker) went away at teardown: the monitor's work is done
+            if self._receiver is None or not self._receiver.should_stop:
+                raise
 
     def task_state(self, task_id: str) -> str:
         task = self.state.tasks.get(task_id)
