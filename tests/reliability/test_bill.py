@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from jsonschema import Draft202012Validator
 
 from contracts import events as ev
 from contracts.settings import Settings
@@ -50,6 +51,12 @@ def test_a_failed_billed_attempt_then_a_success_are_both_on_the_bill(make_stack:
     # the API and the CLI: exact decimal strings
     with ApiServer(Settings.from_env(stack.env)) as api:
         shown = httpx.get(f"{api.url}/v1/tasks/{task_id}", timeout=30).json()
+        listed = httpx.get(f"{api.url}/v1/tasks", timeout=30).json()
+        document = httpx.get(f"{api.url}/openapi.json", timeout=30).json()
+    for name, body in (("TaskRecord", shown), ("TaskList", listed)):  # decimal strings and zoned times, as typed
+        schema = {"$ref": f"#/components/schemas/{name}", "components": document["components"]}
+        Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER).validate(body)
+    assert shown["created_at"].endswith("Z") and listed["tasks"][0]["cost"]["total"] == f"{total:.6f}"
     assert shown["cost"]["total"] == f"{total:.6f}" and shown["cost"]["attempts"][0]["cost"].count(".") == 1
     for name in ("input", "output", "total"):
         assert re.fullmatch(MONEY, shown["cost"][name]), shown["cost"]
