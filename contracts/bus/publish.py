@@ -37,6 +37,9 @@ RECONNECTABLE = (redis.ConnectionError, redis.TimeoutError)
 CONFIRM_S = 5.0  # how long to wait for the server to confirm a subscription before reading the log
 
 
+MAX_LOST_TASKS = 100_000  # bounds the memory of the set below
+
+
 class LostEvents:
     """The tasks whose last publish failed (or was skipped): their next event leaves a hole in seq.
     Thread-safe enough for its use: set operations are atomic under the GIL."""
@@ -45,6 +48,8 @@ class LostEvents:
         self._tasks: set[str] = set()
 
     def note(self, task_id: str) -> None:
+        if len(self._tasks) >= MAX_LOST_TASKS:  # tasks that never published again (a long Redis outage)
+            self._tasks.clear()
         self._tasks.add(task_id)
 
     def take(self, task_id: str) -> int:
