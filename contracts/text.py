@@ -41,6 +41,6 @@ def check_json_text(value: Any, field: str) -> None:
         elif isinstance(item, dict):
             for key, child in item.items():
                 check_text(str(key), where)
-                pending.append((child, f"{where}.{key}" if text_problem(str(key)) is None else where))
+                pending.append((child, f"{where}.{key}"))  # the key passed check_text just above
         elif isinstance(item, list):
             pending.extend((child, f"{where}[{index}]") for index, child in enumerate(item))
