@@ -127,7 +127,7 @@ def _perform(client: redis.Redis, pubsub: redis.client.PubSub | None, state: Sub
         if action is SUBSCRIBE:
             if pubsub is not None:
                 pubsub.close()
-            pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+            pubsub = client.pubsub()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8
             _subscribe(pubsub, keys.channel(state.task_id))
             state.subscribed()
         elif isinstance(action, ReadLog):

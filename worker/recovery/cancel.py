@@ -116,7 +116,7 @@ class CancelWatcher:
                 self._stopped.wait(retry.LOOP_ERROR_PAUSE_S)
 
     def _listen(self) -> None:
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8
         try:
             pubsub.subscribe(keys.CANCEL_CHANNEL)
             self._recheck_flags()  # a cancel published while we were not listening
