@@ -132,3 +132,15 @@ def test_a_bad_or_cut_chunked_body_ends_with_a_protocol_error() -> None:
     feed.feed(b"5\r\nhel")
     feed.lost(None)
     assert isinstance(ends[-1], httpx.RemoteProtocolError) and len(ends) == 2
+
+
+def test_only_a_chunked_body_that_ended_whole_with_nothing_after_it_is_reusable() -> None:
+    def fed(data: bytes, **framing: object) -> BodyFeed:
+        feed = BodyFeed(lambda piece: None, lambda error: None, **framing)  # type: ignore[arg-type]
+        feed.feed(data)
+        return feed
+
+    assert fed(CHUNKED, chunked=True, length=None).reusable
+    assert not fed(CHUNKED[:-2], chunked=True, length=None).reusable  # the trailer's blank line is missing
+    assert not fed(CHUNKED + b"HTTP/1.1 200 OK\r\n", chunked=True, length=None).reusable  # bytes past the body
+    assert not fed(b"abcdef", chunked=False, length=6).reusable  # whole, but h11 cannot be handed a length body

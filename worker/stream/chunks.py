@@ -29,6 +29,12 @@ from contracts.bus.sse import EventStreamDecoder
 from worker.stream.transport import BodyFeed, LoopStream
 
 OnChunk = Callable[["Chunk"], bool]  # True: stop reading
+BODY_END_GRACE_S = 1.0  # after [DONE], how long the body's last chunk may take for the connection to be kept
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if not future.done():
+        future.set_exception(error) if error is not None else future.set_result(None)
 
 
 def _drop_none(value: Any) -> Any:
@@ -114,19 +120,25 @@ class ChunkStream:
 
     async def _direct(self, network: LoopStream, on_chunk: OnChunk, stall_s: float) -> None:
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
+        done: asyncio.Future[None] = loop.create_future()  # [DONE], a stop, the body's end or its error
+        body_ended: asyncio.Future[None] = loop.create_future()
         decoder = EventStreamDecoder()
         last = [loop.time()]
 
         def end(error: BaseException | None) -> None:
-            if not done.done():
-                done.set_exception(error) if error is not None else done.set_result(None)
+            _settle(body_ended, None)
+            _settle(done, error)
 
         def on_data(data: bytes) -> None:
             last[0] = loop.time()
+            if done.done():
+                return  # past [DONE]: the rest of the body (its last chunk) is only read to its end
             try:
                 for payload in decoder.feed(data):
-                    if payload == "[DONE]" or on_chunk(self._chunk(payload)):
+                    if payload == "[DONE]":
+                        _settle(done, None)
+                        return
+                    if on_chunk(self._chunk(payload)):
                         feed.end(None)
                         return
             except BaseException as exc:  # StreamStopped, a bad chunk, an error event: the read ends with it
@@ -136,7 +148,7 @@ class ChunkStream:
             quiet = loop.time() - last[0]
             if quiet >= stall_s:
                 feed.end(httpx.ReadTimeout(f"no data for {stall_s:g} s"))
-            elif not done.done():
+            elif not feed.ended:
                 timer[0] = loop.call_later(stall_s - quiet, stalled)
 
         length = self.http_response.headers.get("content-length")
@@ -147,9 +159,23 @@ class ChunkStream:
         try:
             network.feed_body(feed)
             await done
+            await self._keep_connection(network, feed, body_ended)
         finally:
             feed.ended = True  # a cancel: later bytes are dropped (the connection is closed on exit)
             timer[0].cancel()
+
+    async def _keep_connection(self, network: LoopStream, feed: BodyFeed, body_ended: asyncio.Future[None]) -> None:
+        """After [DONE]: wait (briefly) for the body's last chunk, then let h11 read the response's end,
+        so the pool keeps the connection for the next call. Otherwise it is closed on exit."""
+        if not feed.ended:
+            try:
+                async with asyncio.timeout(BODY_END_GRACE_S):
+                    await asyncio.shield(body_ended)
+            except TimeoutError:
+                return
+        if network.release_body(feed):
+            async for _ in self.http_response.aiter_raw():
+                pass
 
     def _chunk(self, payload: str) -> Chunk:
         raw = json.loads(payload)

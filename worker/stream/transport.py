@@ -13,9 +13,10 @@ maps to its own as with any backend.
 
 The model's stream goes further (worker/stream/chunks.py): h11 reads only the response's head, and the
 body is decoded by `BodyFeed` right where the bytes arrive (`data_received`), so a chunk costs no await,
-no async generator and no timer of its own. Such a connection is closed after its stream (h11 never
-saw the body, so it cannot be reused): one connection (and TLS handshake) per model call, next to a
-stream of seconds to minutes.
+no async generator and no timer of its own. When such a chunked body ended whole, `LoopStream.release_body`
+hands h11 the body's last chunk, so h11 sees the response end and the pool keeps the connection for the
+next model call (no new TCP connection and TLS handshake per call). A body that did not end whole (a
+cancel, a stop, an error) closes its connection, as httpcore does.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class BodyFeed:
         self._state = "size" if chunked else "data"
         self._buffer = bytearray()
         self.ended = False
+        self.complete = False  # the body's framing ended (its last chunk, or its length): not cut short
         self._steps = {"size": self._size_line, "data": self._data, "crlf": self._crlf, "trailer": self._trailer}
 
     def feed(self, data: bytes) -> None:
@@ -140,7 +142,13 @@ class BodyFeed:
         if data:
             self._on_data(data)
         if self._left == 0:
+            self.complete = True
             self.end(None)
+
+    @property
+    def reusable(self) -> bool:
+        """A chunked body that ended whole, with no byte after it: its connection can serve again."""
+        return self.complete and self._chunked and not self._buffer
 
     def _decode_chunked(self) -> None:
         while not self.ended and self._steps[self._state]():
@@ -185,6 +193,7 @@ class BodyFeed:
         line = bytes(self._buffer[:end])
         del self._buffer[:end + 2]
         if not line:
+            self.complete = True
             self.end(None)
         return True
 
@@ -218,6 +227,17 @@ class LoopStream(httpcore.AsyncNetworkStream):
             sink.feed(data)
         if protocol.eof:
             sink.lost(protocol.error)
+
+    def release_body(self, sink: BodyFeed) -> bool:
+        """After `sink` decoded a chunked body whole: the bytes go to h11 again, starting with a last
+        chunk (`0 CRLF CRLF`) for h11 to read, so it sees the response end and the pool keeps the
+        connection. False (nothing changed) for a body that did not end whole."""
+        protocol = self._protocol
+        if protocol.sink is not sink or not sink.reusable or protocol.eof or protocol.buffer:
+            return False
+        protocol.sink = None
+        protocol.buffer += b"0\r\n\r\n"
+        return True
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         protocol = self._protocol
