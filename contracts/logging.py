@@ -5,7 +5,7 @@ Logs are data: with LOG_FORMAT=json every line is one JSON object, whoever wrote
 - Celery's lines get `task_id` and `task_name` as fields: from the record's arguments ("Task %(name)s[%(id)s]
   received/succeeded") or, inside a task, from Celery's current task.
 - uvicorn's access lines become `http.access` with method, path, status, client,
-  http_version, and duration_s when the API's timing middleware bound it (producer/ops.py).
+  http_version, and duration_s and request_id, which the API binds per request (producer/api/requests.py).
 - Python warnings go through logging too (`py.warnings`), and so does an exception that ends a
   background thread (`thread.crashed`), which Python would otherwise print to stderr as plain text.
 - Private request content (prompt, metadata, messages) is dropped from any line above DEBUG.

@@ -9,13 +9,18 @@
 | qvq_cost_cny_total | counter | model | worker: task.completed's cost |
 | qvq_model_attempts_total | counter | code ("ok" or an error code) | worker: task.retrying, task.completed, task.failed (model.* codes) |
 | qvq_active_streams | gauge | - | worker: tasks started and not yet ended in this process |
-| qvq_queue_depth | gauge | queue | API, read from the broker at scrape time (LLEN of the queue and kombu's priority lists) |
+| qvq_queue_depth | gauge | queue (the task queue and the callbacks queue) | API, read from the broker at scrape time (LLEN of the queue and kombu's priority lists) |
 | qvq_flow_wait_seconds | histogram | reason (model_quota, tenant_concurrency, tenant_rate) | flow control: observed when a held-back task's wait ends (worker/flow.py) |
 | qvq_events_published_total | counter | type (the event type) | worker: every event its publisher sent to Redis |
+| qvq_http_requests_total | counter | route (the route's template), method, status | API: every answered request |
+| qvq_http_request_duration_seconds | histogram | route | API: request start to the response's end |
+| qvq_http_requests_in_flight | gauge | - | API: requests started and not yet answered |
 
-Labels are bounded: a model outside the catalogue becomes "other", an unknown error code "internal";
-task ids never appear in a label. Each process exports the default registry: the worker on
-QVQ_METRICS_PORT, the API at GET /metrics.
+Labels are bounded: a model outside the catalogue becomes "other", an unknown error code "internal", a
+path no route matched "unmatched"; task ids never appear in a label. Each process exports only its own
+families, from its own registry (with the process, platform and GC collectors): the worker's
+(`WORKER_REGISTRY`) on QVQ_METRICS_PORT, the API's (`API_REGISTRY`) at GET /metrics. Nothing is put in
+prometheus_client's default registry, so a process that only imports the package (Flower) shows none.
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from contracts import broker
 from contracts.catalog import MODELS
@@ -42,30 +47,57 @@ OTHER_MODEL = "other"
 DURATION_BUCKETS = (1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 900, 1200, 1800, 3600)
 FIRST_TOKEN_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120)
 WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)  # an event stream is long
+UNMATCHED_ROUTE = "unmatched"
 
-TASKS = Counter("qvq_tasks", "Tasks that reached a terminal state, by status and model.", ["status", "model"])
+
+def _registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    return registry
+
+
+WORKER_REGISTRY = _registry()
+API_REGISTRY = _registry()
+
+TASKS = Counter("qvq_tasks", "Tasks that reached a terminal state, by status and model.", ["status", "model"],
+                registry=WORKER_REGISTRY)
 TASK_DURATION = Histogram("qvq_task_duration_seconds", "From task.started to the terminal event of a delivery.",
-                          ["status"], buckets=DURATION_BUCKETS)
+                          ["status"], buckets=DURATION_BUCKETS, registry=WORKER_REGISTRY)
 FIRST_TOKEN = Histogram("qvq_first_token_seconds", "From task.started to the first reasoning or answer text.",
-                        ["kind"], buckets=FIRST_TOKEN_BUCKETS)
-TOKENS = Counter("qvq_tokens", "Tokens billed for completed tasks, by model and kind.", ["model", "kind"])
-COST = Counter("qvq_cost_cny", "Cost of completed tasks in CNY, by model.", ["model"])
+                        ["kind"], buckets=FIRST_TOKEN_BUCKETS, registry=WORKER_REGISTRY)
+TOKENS = Counter("qvq_tokens", "Tokens billed for completed tasks, by model and kind.", ["model", "kind"],
+                 registry=WORKER_REGISTRY)
+COST = Counter("qvq_cost_cny", "Cost of completed tasks in CNY, by model.", ["model"], registry=WORKER_REGISTRY)
 MODEL_ATTEMPTS = Counter("qvq_model_attempts", "Model calls by outcome: ok, or the error code that ended them.",
-                         ["code"])
-ACTIVE_STREAMS = Gauge("qvq_active_streams", "Tasks this worker process runs now (started, not yet ended).")
+                         ["code"], registry=WORKER_REGISTRY)
+ACTIVE_STREAMS = Gauge("qvq_active_streams", "Tasks this worker process runs now (started, not yet ended).",
+                       registry=WORKER_REGISTRY)
 FLOW_WAIT = Histogram("qvq_flow_wait_seconds", "Time a task was held back by flow control, by reason.",
-                      ["reason"], buckets=WAIT_BUCKETS)
+                      ["reason"], buckets=WAIT_BUCKETS, registry=WORKER_REGISTRY)
 EVENTS_PUBLISHED = Counter("qvq_events_published", "Events written to Redis (pub/sub + replay log), by type.",
-                           ["type"])
+                           ["type"], registry=WORKER_REGISTRY)
+
+HTTP_REQUESTS = Counter("qvq_http_requests", "API requests answered, by route template, method and status.",
+                        ["route", "method", "status"], registry=API_REGISTRY)
+HTTP_DURATION = Histogram("qvq_http_request_duration_seconds", "API request start to the end of its response.",
+                          ["route"], buckets=HTTP_BUCKETS, registry=API_REGISTRY)
+HTTP_IN_FLIGHT = Gauge("qvq_http_requests_in_flight", "API requests started and not yet answered.",
+                       registry=API_REGISTRY)
 
 QUEUE_DEPTH_NAME = "qvq_queue_depth"
 
-#: The names a dashboard or alert may use (the exported sample names of every metric above).
-METRIC_NAMES = frozenset({
+#: The names a dashboard or alert may use (the exported sample names of every metric above), by process.
+WORKER_METRIC_NAMES = frozenset({
     "qvq_tasks_total", "qvq_task_duration_seconds", "qvq_first_token_seconds", "qvq_tokens_total",
-    "qvq_cost_cny_total", "qvq_model_attempts_total", "qvq_active_streams", QUEUE_DEPTH_NAME,
-    "qvq_flow_wait_seconds", "qvq_events_published_total",
+    "qvq_cost_cny_total", "qvq_model_attempts_total", "qvq_active_streams", "qvq_flow_wait_seconds",
+    "qvq_events_published_total",
 })
+API_METRIC_NAMES = frozenset({
+    QUEUE_DEPTH_NAME, "qvq_http_requests_total", "qvq_http_request_duration_seconds", "qvq_http_requests_in_flight",
+})
+METRIC_NAMES = WORKER_METRIC_NAMES | API_METRIC_NAMES
 
 
 def model_label(name: Any) -> str:
@@ -126,10 +158,10 @@ _queue_depth_lock = threading.Lock()
 
 
 def queue_depth_collector(queues: Iterable[str]) -> QueueDepthCollector:
-    """The process's one queue-depth collector, registered on the default registry the first time."""
+    """The process's one queue-depth collector, registered on the API's registry the first time."""
     global _queue_depth
     with _queue_depth_lock:
         if _queue_depth is None:
             _queue_depth = QueueDepthCollector(queues)
-            REGISTRY.register(_queue_depth)
+            API_REGISTRY.register(_queue_depth)
         return _queue_depth

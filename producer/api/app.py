@@ -31,6 +31,7 @@ from producer.api import errors, events, openapi, ops, reports, tasks, uploads, 
 from producer.api.deps import AppServices
 from producer.api.fanout import FanoutHub
 from producer.api.page import viewer_page
+from producer.api.requests import RequestContext
 from producer.api.responses import JSONResponse
 from producer.api.security import Authenticator, LoopbackOnly, SecurityHeaders, page_policy
 from producer.service import Services
@@ -92,3 +93,4 @@ def _install_middleware(app: FastAPI, settings: Settings, page: str) -> None:
     if not settings.api_keys and not settings.api_insecure:
         app.add_middleware(LoopbackOnly)
     app.add_middleware(SecurityHeaders, page_csp=page_policy(page))
+    app.add_middleware(RequestContext)  # the outermost: it counts and times every request, refused ones too

@@ -7,30 +7,28 @@
 | GET /metrics | Prometheus text: this process's metrics and qvq_queue_depth read from the broker |
 | GET /healthz | as /readyz, answered {"status": "ok" | "degraded"} (kept for existing probes) |
 
-`install(app, settings)` adds them, and a timing middleware that puts `duration_s` (to the response
-headers) on uvicorn's access line (contracts/logging.py renders that line as fields).
+`install(app, settings)` adds them. /metrics shows the API's own families (contracts/metrics.py,
+API_REGISTRY): its requests (producer/api/requests.py) and the depth of every queue.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import anyio
 import redis
 import redis.asyncio as aioredis
 import sqlalchemy as sa
-import structlog
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.pool import NullPool
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from contracts import callbacks as cb
 from contracts.logging import get_logger
-from contracts.metrics import queue_depth_collector
+from contracts.metrics import API_REGISTRY, queue_depth_collector
 from contracts.settings import Settings
 from producer.api.responses import JSONResponse
 
@@ -40,11 +38,10 @@ READY_TIMEOUT_S = 3.0
 
 
 def install(app: FastAPI, settings: Settings) -> None:
-    """Add /livez, /readyz and /metrics to the app, and the access-timing middleware."""
+    """Add /livez, /readyz and /metrics to the app."""
     probes = _Probes(settings)
     app.include_router(router(probes))
-    app.add_middleware(AccessTiming)
-    queue_depth_collector([settings.queue]).use(probes.broker())
+    queue_depth_collector([settings.queue, cb.QUEUE]).use(probes.broker())
 
 
 def router(probes: _Probes) -> APIRouter:
@@ -72,7 +69,7 @@ def router(probes: _Probes) -> APIRouter:
         "description": "Prometheus text exposition format",
         "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
-        body = await run_in_threadpool(generate_latest, REGISTRY)
+        body = await run_in_threadpool(generate_latest, API_REGISTRY)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return routes
@@ -119,26 +116,3 @@ async def _within(awaitable: Any) -> bool:
     except Exception as exc:
         log.warning("readyz.check_failed", error=type(exc).__name__)
         return False
-
-
-class AccessTiming:
-    """Binds `duration_s` (request start to response headers) while the response starts, which is when
-    uvicorn writes its access line, in the same context."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-
-        async def timed_send(message: Message) -> None:
-            if message["type"] != "http.response.start":
-                await send(message)
-                return
-            with structlog.contextvars.bound_contextvars(duration_s=round(time.perf_counter() - started, 6)):
-                await send(message)
-
-        await self.app(scope, receive, timed_send)

@@ -23,6 +23,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 
 from contracts.errors import RequestError
+from contracts.logging import get_logger
 from contracts.store import TaskRecord
 from producer.api import schemas
 from producer.api.bodies import bad_request, invalid, read_json
@@ -31,6 +32,7 @@ from producer.api.responses import JSONResponse
 from producer.moments import parse_iso
 from producer.service.tasks import Submitted
 
+log = get_logger(__name__)
 router = APIRouter()
 errors = schemas.error_responses
 TaskId = Annotated[str, Path()]
@@ -39,6 +41,7 @@ TaskId = Annotated[str, Path()]
 def created_response(submitted: Submitted) -> JSONResponse:
     """202 with the new task (200 when an idempotency key returned an earlier one)."""
     task_id = submitted.record.id
+    log.info("task.submitted", task_id=task_id, tenant=submitted.record.tenant, created=submitted.created)
     return JSONResponse({"task_id": task_id, "created": submitted.created},
                         status_code=202 if submitted.created else 200, headers={"Location": f"/v1/tasks/{task_id}"})
 

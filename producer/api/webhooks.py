@@ -158,4 +158,6 @@ async def _trigger(api: AppServices, principal: Principal, obj: StoredObject, ru
     if tenant is not None:
         body["tenant"] = tenant
     submitted = await api.run(api.services.tasks.submit, principal, body)
+    log.info("task.submitted", task_id=submitted.record.id, tenant=submitted.record.tenant,
+             created=submitted.created, trigger="object")
     return {"task_id": submitted.record.id, "ref": obj.ref, "created": submitted.created}

@@ -9,9 +9,11 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
+from structlog.testing import capture_logs
 
 from contracts import events as ev
-from contracts.metrics import METRIC_NAMES, QUEUE_DEPTH_NAME
+from contracts.metrics import API_METRIC_NAMES, QUEUE_DEPTH_NAME, WORKER_METRIC_NAMES
 from contracts.settings import Settings
 from tests.imagegen import make_image
 from tests.ops import Scrape, free_port
@@ -65,8 +67,9 @@ def test_worker_metrics_count_completed_failed_retried_and_cancelled_tasks(
 
     page = _scrape_until(url, lambda p: p.value("qvq_events_published_total", type="task.cancelled") == 1
                          and p.value("qvq_active_streams") == 0)
-    for name in METRIC_NAMES - {QUEUE_DEPTH_NAME}:
+    for name in WORKER_METRIC_NAMES:
         assert page.has(name), name
+    assert not any(page.has(name) for name in API_METRIC_NAMES)  # only the worker's own families
     assert page.value("qvq_tasks_total", status="completed", model="qvq-plus") == 2
     assert page.value("qvq_tasks_total", status="failed", model="qvq-max") == 1
     assert page.value("qvq_tasks_total", status="cancelled", model="qvq-plus") == 1
@@ -102,7 +105,43 @@ def test_api_metrics_report_the_queue_depth_from_the_broker(service_env: dict[st
         for _ in range(3):  # no worker runs: they wait in the queue
             client.submit(images=[str(image)], prompt="What colour?")
         page = _scrape(f"{api.url}/metrics")
-    for name in METRIC_NAMES:
+    for name in API_METRIC_NAMES:
         assert page.has(name), name
+    assert not any(page.has(name) for name in WORKER_METRIC_NAMES)  # only the API's own families
     assert empty.value(QUEUE_DEPTH_NAME, queue="qvq") == 0
     assert page.value(QUEUE_DEPTH_NAME, queue="qvq") == 3
+    assert page.value(QUEUE_DEPTH_NAME, queue="qvq-callbacks") == 0  # every queue, the callbacks' too
+
+
+def test_api_requests_are_counted_by_route_template_and_carry_a_request_id(service_env: dict[str, str],
+                                                                           make_client: Any, tmp_path: Path) -> None:
+    image = tmp_path / "red.png"
+    image.write_bytes(make_image("PNG", size=(64, 48), color=(220, 20, 20)))
+    route = {"route": "/v1/tasks/{task_id}", "method": "GET"}
+    settings = Settings.from_env({**service_env, "QVQ_UPLOAD_URL": str(tmp_path / "uploads")})
+    with ApiServer(settings) as api:
+        before = _scrape(f"{api.url}/metrics")
+        upload = httpx.post(f"{api.url}/v1/uploads", files={"file": ("red.png", image.read_bytes(), "image/png")})
+        with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+            created = httpx.post(f"{api.url}/v1/tasks", json={"images": [upload.json()["ref"]], "prompt": "Colour?"},
+                                 headers={"X-Request-ID": "req-42.a:b"}, timeout=10)
+        assert created.status_code == 202, created.text
+        assert created.headers["x-request-id"] == "req-42.a:b"
+        missing = [httpx.get(f"{api.url}/v1/tasks/nope-{n}", headers={"X-Request-ID": "<b>\xe9".encode("latin-1")}, timeout=10)
+                   for n in range(3)]
+        unmatched = httpx.get(f"{api.url}/no/such/path", timeout=10)
+        page = _scrape(f"{api.url}/metrics")
+    assert [r.status_code for r in missing] == [404] * 3
+    generated = {r.headers["x-request-id"] for r in missing}
+    assert len(generated) == 3 and all(len(g) == 32 and int(g, 16) >= 0 for g in generated)  # unsafe ids replaced
+    assert page.value("qvq_http_requests_total", **route, status="404") - \
+        before.value("qvq_http_requests_total", **route, status="404") == 3
+    assert page.value("qvq_http_request_duration_seconds_count", route="/v1/tasks/{task_id}") - \
+        before.value("qvq_http_request_duration_seconds_count", route="/v1/tasks/{task_id}") == 3
+    assert unmatched.status_code == 404
+    assert page.value("qvq_http_requests_total", route="unmatched", method="GET", status="404") >= 1
+    assert page.value("qvq_http_requests_in_flight") == 1  # the scrape itself
+    assert not any("nope-" in str(labels) for _, labels in page.samples), "a path in a label"
+    submitted = [entry for entry in logs if entry["event"] == "task.submitted"]
+    assert len(submitted) == 1 and submitted[0]["request_id"] == "req-42.a:b", logs
+    assert submitted[0]["task_id"] == created.json()["task_id"]

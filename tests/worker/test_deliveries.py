@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime as dt
 import json
 import time
@@ -14,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import structlog
+from structlog.testing import capture_logs
 
 from contracts import keys
 from contracts.settings import Settings
@@ -202,3 +206,20 @@ def test_a_refused_callback_urls_secret_is_never_logged_or_stored(
     assert token not in json.dumps(delivery.to_dict()) and token not in (delivery.last_error or "")
     wait_until(lambda: "callback.refused" in worker.log())
     assert token not in worker.log()
+
+
+def test_every_line_of_a_try_names_its_task(receivers: Any) -> None:
+    receiver = receivers([500])
+    attempts: list[dict[str, Any]] = []
+    ctx = SimpleNamespace(
+        settings=Settings(allow_private_urls=True, callback_timeout_s=5),
+        store=SimpleNamespace(record_callback_attempt=lambda event_id, **fields: attempts.append(fields)),
+        redis=SimpleNamespace(zadd=lambda key, mapping: None))
+    delivery = dataclasses.replace(record(0), task_id="task-7", event_id="task-7:0:5",
+                                   url=f"http://127.0.0.1:{receiver.server_port}/hook", event={"type": "x"})
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+        status = asyncio.run(deliveries.try_delivery(ctx, delivery, claimed_at=time.monotonic()))  # type: ignore[arg-type]
+    assert status == "pending" and len(attempts) == 1
+    lines = [entry for entry in logs if entry["event"].startswith("callback.")]
+    assert {entry["event"] for entry in lines} == {"callback.failed", "callback.attempt"}
+    assert all(entry["task_id"] == "task-7" and entry["event_id"] == "task-7:0:5" for entry in lines), lines

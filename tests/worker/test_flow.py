@@ -100,9 +100,8 @@ def test_every_billed_outcome_reaches_the_ledger_and_the_budget(redis_client: re
 
 def test_the_end_of_a_wait_is_observed_by_reason_and_its_marker_removed(
         redis_client: redis.Redis, redis_url: str, tmp_path: Path) -> None:
-    from prometheus_client import REGISTRY
-
     from contracts import flow
+    from contracts.metrics import WORKER_REGISTRY as REGISTRY
 
     def waits() -> float:
         return REGISTRY.get_sample_value("qvq_flow_wait_seconds_count", {"reason": "model_quota"}) or 0.0

@@ -36,6 +36,7 @@ import weakref
 from typing import Any
 
 import httpx
+import structlog
 
 from contracts import callbacks as cb
 from contracts import keys, retry
@@ -102,10 +103,15 @@ def send(ctx: WorkerContext, event_id: str) -> str | None:
 
 async def try_delivery(ctx: WorkerContext, record: CallbackRecord, *, claimed_at: float) -> str | None:
     """Make one try of a claimed delivery and record it; its status, or None when the try was not made."""
+    with structlog.contextvars.bound_contextvars(task_id=record.task_id, event_id=record.event_id):
+        return await _try_delivery(ctx, record, claimed_at)
+
+
+async def _try_delivery(ctx: WorkerContext, record: CallbackRecord, claimed_at: float) -> str | None:
     settings = ctx.settings
     async with _slots():
         if time.monotonic() - claimed_at > CLAIM_MARGIN_S:  # the try could outlive the claim: not now
-            log.warning("callback.try_skipped", event_id=record.event_id, reason="waited too long for a slot")
+            log.warning("callback.try_skipped", reason="waited too long for a slot")
             return None
         secret = settings.tenant_webhook_secrets.get(record.tenant or "", settings.webhook_secret)
         tried = await post.attempt(record.url, record.event, secret=secret, guard=_guard(settings),
@@ -123,7 +129,7 @@ def _record(ctx: WorkerContext, record: CallbackRecord, tried: post.Attempt, sta
         "status_code": tried.status_code, "error": tried.error})
     if next_at is not None:
         ctx.redis.zadd(keys.CALLBACKS_DUE, {event_id: next_at.timestamp()})
-    log.info("callback.attempt", event_id=event_id, attempt=record.attempts + 1, outcome=str(tried.outcome),
+    log.info("callback.attempt", attempt=record.attempts + 1, outcome=str(tried.outcome),
              status_code=tried.status_code, delivery=status)
 
 

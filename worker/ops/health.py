@@ -17,9 +17,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import start_http_server
 
 from contracts.logging import get_logger
+from contracts.metrics import WORKER_REGISTRY
 
 log = get_logger(__name__)
 
@@ -31,7 +32,7 @@ def serve_metrics(port: int, host: str = "0.0.0.0") -> Any:
     if not port:
         return None
     try:
-        server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+        server, _thread = start_http_server(port, addr=host, registry=WORKER_REGISTRY)
     except OSError as exc:
         log.warning("metrics.unavailable", port=port, error=str(exc))
         return None
