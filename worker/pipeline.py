@@ -54,6 +54,7 @@ from worker.intake.history import prepare_conversation
 from worker.intake.images import PreparedImage
 from worker.intake.message import load_record
 from worker.intake.prompt import build_messages, check_token_budget
+from worker.loop import cpu_gate
 from worker.recovery.cancel import RunWatch, wait_unless_stopped
 from worker.recovery.lease import Lease
 from worker.stream.coalesce import DeltaCoalescer
@@ -69,7 +70,8 @@ REJECTED = "rejected"  # the message did not match its task row: acknowledged, n
 def run_task(message: dict[str, Any], ctx: WorkerContext, *, delivery_id: str | None = None) -> str | None:
     """Run the task a queue message names to one terminal state; returns that state, REJECTED for a
     message that does not match its row, or None when the task was already terminal."""
-    record = _store_call(load_record, message, ctx.store, delivery_id=delivery_id)
+    with cpu_gate.step():
+        record = _store_call(load_record, message, ctx.store, delivery_id=delivery_id)
     if record is None:
         return REJECTED
     job = JobRequest.from_payload(record.request)
@@ -180,6 +182,7 @@ class TaskRun:
             time.sleep(poll_s)
 
     # -- step: count the attempt ---------------------------------------------------------------
+    @cpu_gate.gated
     def _begin_attempt(self) -> bool:
         """Count this attempt (the task is running); False when it is already terminal."""
         start = _store_call(self.ctx.store.begin_attempt, self.task_id)
@@ -305,6 +308,7 @@ class TaskRun:
         self._wait(delay, watch)
 
     # -- the terminal states: persist, then publish ----------------------------------------------
+    @cpu_gate.gated
     def _complete(self, result: StreamResult) -> str:
         usage = result.usage or {}
         bill = cost(self.job.model, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
@@ -321,6 +325,7 @@ class TaskRun:
                                    metadata=self.job.metadata)
         return COMPLETED
 
+    @cpu_gate.gated
     def _fail(self, error: QvqError, **bill: Any) -> str:
         """End the run failed; `bill` (usage, cost) when the failed attempt was a billed answer."""
         log.warning("task.failed", code=error.code, error=error.message)
@@ -336,6 +341,7 @@ class TaskRun:
             self._publish_terminal(ev.FAILED, error=error.to_dict())
         return FAILED
 
+    @cpu_gate.gated
     def _stop(self, watch: RunWatch) -> str:
         if watch.superseded and not watch.cancelled:
             log.warning("task.superseded", attempt=self.attempt,

@@ -29,6 +29,11 @@ from worker.stream.chunks import Chunk, ChunkStream
 from worker.stream.transport import model_transport
 
 OnText = Callable[[str, str], None]  # ("reasoning" | "answer", text)
+# Idle model connections kept for the next call (saving its TCP and TLS handshake). httpcore's pool checks
+# every idle connection against all the others on each request and each response's end (O(idle x all)):
+# with 200 kept, the end of 200 streams spent 36% of the loop's GIL time there and delayed the streams
+# still running (bench/RESULTS.md). Once more connections than this are open, a finished one is closed.
+KEEPALIVE_CONNECTIONS = 16
 
 # 429 texts that mean "you will not get more by waiting" (qvq-api.md, Errors).
 _QUOTA_429 = ("free allocated quota exceeded", "overdue", "arrearage", "not purchased", "billing")
@@ -75,7 +80,7 @@ class QvqModel:
             settings = self.settings
             timeout = httpx.Timeout(connect=min(10.0, settings.connect_timeout_s), read=settings.stall_timeout_s,
                                     write=60.0, pool=30.0)
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=settings.worker_concurrency + 10)
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=KEEPALIVE_CONNECTIONS)
             # Recent openai releases type their client against the `httpx2` fork; a plain httpx.AsyncClient
             # works with every release (tested), and keeps transport errors in the httpx tree map_error knows.
             self._client = openai.AsyncOpenAI(
