@@ -5,6 +5,9 @@ kombu keeps the messages of a queue in Redis lists (the queue's name, plus one l
 `unacked` (delivery tag -> [message, exchange, routing key]) indexed by the zset `unacked_index`.
 The queue-depth metric, the recovery sweep and `qvq follow`'s waiting line read these, always through
 CELERY_BROKER_URL (which defaults to REDIS_URL).
+
+Every message we send carries the header SENT_AT (contracts/sender.py): a queue's oldest message is the
+last of its list (kombu LPUSHes and BRPOPs), so its age is read with one LINDEX per list.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ PRIORITY_STEPS = (3, 6, 9)
 UNACKED = "unacked"
 UNACKED_INDEX = "unacked_index"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+SENT_AT = "qvq_sent_at"  # message header: when it was sent (Unix time)
 
 
 def queue_lists(queue: str) -> list[str]:
@@ -36,6 +40,24 @@ def unacked_message_id(raw: Any) -> str | None:
         return message_id(json.loads(raw)[0])
     except (ValueError, IndexError, TypeError, AttributeError):
         return None
+
+
+def oldest_age(client: Any, queue: str, now: float) -> float:
+    """Seconds the queue's oldest waiting message has waited (0 when none is waiting or none says)."""
+    pipe = client.pipeline(transaction=False)
+    for name in queue_lists(queue):
+        pipe.lindex(name, -1)
+    sent = [_sent_at(raw) for raw in pipe.execute() if raw is not None]
+    known = [moment for moment in sent if moment is not None]
+    return max(0.0, now - min(known)) if known else 0.0
+
+
+def _sent_at(raw: Any) -> float | None:
+    try:
+        value = json.loads(raw).get("headers", {}).get(SENT_AT)
+    except (ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, int | float) else None
 
 
 def depth(client: Any, queue: str) -> int:

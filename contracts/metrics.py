@@ -10,8 +10,11 @@
 | qvq_model_attempts_total | counter | code ("ok" or an error code) | worker: task.retrying, task.completed, task.failed (model.* codes) |
 | qvq_active_streams | gauge | - | worker: tasks started and not yet ended in this process |
 | qvq_queue_depth | gauge | queue (the task queue and the callbacks queue) | API, read from the broker at scrape time (LLEN of the queue and kombu's priority lists) |
+| qvq_queue_oldest_age_seconds | gauge | queue | API, at scrape time: how long the queue's oldest message has waited (0 when empty) |
 | qvq_flow_wait_seconds | histogram | reason (model_quota, tenant_concurrency, tenant_rate) | flow control: observed when a held-back task's wait ends (worker/flow.py) |
 | qvq_events_published_total | counter | type (the event type) | worker: every event its publisher sent to Redis |
+| qvq_task_failures_total | counter | code (the error code) | worker: task.failed, by its code (budget.exceeded, image.*, model.*...) |
+| qvq_callback_tries_total | counter | outcome (delivered, retry, gone, refused) | worker: every callback POST tried |
 | qvq_http_requests_total | counter | route (the route's template), method, status | API: every answered request |
 | qvq_http_request_duration_seconds | histogram | route | API: request start to the response's end |
 | qvq_http_requests_in_flight | gauge | - | API: requests started and not yet answered |
@@ -26,17 +29,28 @@ prometheus_client's default registry, so a process that only imports the package
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, Counter, Gauge, Histogram
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from contracts import broker
 from contracts.catalog import MODELS
 from contracts.errors import ERROR_CODES
+from contracts.logging import get_logger
 
+log = get_logger(__name__)
 STATUSES = ("completed", "failed", "cancelled")
 TOKEN_KINDS = ("prompt", "completion")
 FIRST_TOKEN_KINDS = ("reasoning", "answer")
@@ -78,6 +92,10 @@ FLOW_WAIT = Histogram("qvq_flow_wait_seconds", "Time a task was held back by flo
                       ["reason"], buckets=WAIT_BUCKETS, registry=WORKER_REGISTRY)
 EVENTS_PUBLISHED = Counter("qvq_events_published", "Events written to Redis (pub/sub + replay log), by type.",
                            ["type"], registry=WORKER_REGISTRY)
+TASK_FAILURES = Counter("qvq_task_failures", "Tasks that ended failed, by error code.", ["code"],
+                        registry=WORKER_REGISTRY)
+CALLBACK_TRIES = Counter("qvq_callback_tries", "Callback POSTs tried, by outcome.", ["outcome"],
+                         registry=WORKER_REGISTRY)
 
 HTTP_REQUESTS = Counter("qvq_http_requests", "API requests answered, by route template, method and status.",
                         ["route", "method", "status"], registry=API_REGISTRY)
@@ -87,17 +105,32 @@ HTTP_IN_FLIGHT = Gauge("qvq_http_requests_in_flight", "API requests started and 
                        registry=API_REGISTRY)
 
 QUEUE_DEPTH_NAME = "qvq_queue_depth"
+QUEUE_AGE_NAME = "qvq_queue_oldest_age_seconds"
 
 #: The names a dashboard or alert may use (the exported sample names of every metric above), by process.
 WORKER_METRIC_NAMES = frozenset({
     "qvq_tasks_total", "qvq_task_duration_seconds", "qvq_first_token_seconds", "qvq_tokens_total",
     "qvq_cost_cny_total", "qvq_model_attempts_total", "qvq_active_streams", "qvq_flow_wait_seconds",
-    "qvq_events_published_total",
+    "qvq_events_published_total", "qvq_task_failures_total", "qvq_callback_tries_total",
 })
 API_METRIC_NAMES = frozenset({
-    QUEUE_DEPTH_NAME, "qvq_http_requests_total", "qvq_http_request_duration_seconds", "qvq_http_requests_in_flight",
+    QUEUE_DEPTH_NAME, QUEUE_AGE_NAME, "qvq_http_requests_total", "qvq_http_request_duration_seconds", "qvq_http_requests_in_flight",
 })
 METRIC_NAMES = WORKER_METRIC_NAMES | API_METRIC_NAMES
+
+
+def serve_registry(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> Any:
+    """Serve a registry on its own port from a daemon thread (the worker's, or the API's when
+    QVQ_API_METRICS_PORT is set); the server, or None when the port is 0 or taken (logged, never fatal)."""
+    if not port:
+        return None
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        log.warning("metrics.unavailable", port=port, error=str(exc))
+        return None
+    log.info("metrics.serving", port=port)
+    return server
 
 
 def model_label(name: Any) -> str:
@@ -116,10 +149,11 @@ def status_label(status: str) -> str:
 
 # -- queue depth, read from the broker at scrape time ------------------------------------------------
 class QueueDepthCollector(Collector):
-    """qvq_queue_depth{queue}: messages waiting in the broker, counted (LLEN) when Prometheus scrapes.
+    """qvq_queue_depth{queue} and qvq_queue_oldest_age_seconds{queue}, read from the broker when
+    Prometheus scrapes (LLEN, and LINDEX of each list's oldest message).
 
-    `source` is a callable returning the broker's Redis client (or None when there is none yet); a broker
-    that does not answer yields no sample rather than a wrong one.
+    `use` gives it the broker's Redis client; a broker that does not answer yields no sample rather than
+    a wrong one.
     """
 
     def __init__(self, queues: Iterable[str]) -> None:
@@ -132,24 +166,33 @@ class QueueDepthCollector(Collector):
             self._client = client
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
-        yield GaugeMetricFamily(QUEUE_DEPTH_NAME, "Messages waiting in the broker queue.", labels=["queue"])
+        yield from self._families()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(QUEUE_DEPTH_NAME, "Messages waiting in the broker queue.", labels=["queue"])
+        depth, age = self._families()
         with self._lock:
             client = self._client
         if client is not None:
+            now = time.time()
             for queue in self.queues:
-                depth = _depth(client, queue)
-                if depth is not None:
-                    family.add_metric([queue], depth)
-        yield family
+                read = _read(client, queue, now)
+                if read is not None:
+                    depth.add_metric([queue], read[0])
+                    age.add_metric([queue], read[1])
+        yield depth
+        yield age
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (GaugeMetricFamily(QUEUE_DEPTH_NAME, "Messages waiting in the broker queue.", labels=["queue"]),
+                GaugeMetricFamily(QUEUE_AGE_NAME, "Seconds the queue's oldest waiting message has waited.",
+                                  labels=["queue"]))
 
 
-def _depth(client: Any, queue: str) -> int | None:
+def _read(client: Any, queue: str, now: float) -> tuple[int, float] | None:
     try:
-        return broker.depth(client, queue)
-    except Exception:  # a scrape must not fail because the broker is down; the sample is absent
+        return broker.depth(client, queue), broker.oldest_age(client, queue, now)
+    except Exception:  # a scrape must not fail because the broker is down; the samples are absent
         return None
 
 

@@ -9,12 +9,13 @@ The producer builds its own light Celery app (`producer_app`); the worker passes
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import Celery
 
+from contracts import broker, retry
 from contracts import callbacks as cb
-from contracts import retry
 from contracts.job import TASK_NAME, message_for
 from contracts.settings import Settings
 
@@ -47,8 +48,13 @@ class TaskSender:
 
     def send_message(self, message: dict[str, Any]) -> None:
         self.app.send_task(TASK_NAME, args=[message], task_id=str(message["task_id"]), queue=self.queue,
-                           serializer="json", retry=True, retry_policy=retry.ENQUEUE)
+                           serializer="json", retry=True, retry_policy=retry.ENQUEUE, headers=_sent_now())
 
     def send_callback(self, event_id: str) -> None:
         self.app.send_task(cb.TASK_NAME, args=[event_id], queue=cb.QUEUE, serializer="json",
-                           retry=True, retry_policy=retry.ENQUEUE)
+                           retry=True, retry_policy=retry.ENQUEUE, headers=_sent_now())
+
+
+def _sent_now() -> dict[str, float]:
+    """The header the queue-age metric reads (contracts/broker.py)."""
+    return {broker.SENT_AT: time.time()}

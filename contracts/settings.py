@@ -138,6 +138,8 @@ class Settings:
     max_image_bytes: int = MAX_IMAGE_BYTES  # the vendor's limit: not a setting
     queue: str = setting("QVQ_QUEUE", QUEUE, _queue_name)  # the Celery queue producers send to and workers consume
     metrics_port: int = setting("QVQ_METRICS_PORT", 9808, _port)  # a worker's Prometheus endpoint; 0: off
+    # The API's metrics on a port of their own (not the API's: its Service stays free of them); 0: GET /metrics
+    api_metrics_port: int = setting("QVQ_API_METRICS_PORT", 0, _port)
     heartbeat_file: str = setting("QVQ_HEARTBEAT_FILE", "")  # touched every few seconds by a consuming worker
     sweep_interval_s: float = setting("QVQ_SWEEP_INTERVAL_S", 10.0, _positive_float)  # the recovery sweep's round
     requeue_grace_s: float = setting("QVQ_REQUEUE_GRACE_S", 60.0, _positive_float)  # before a queued task is looked for

@@ -55,9 +55,13 @@ def create_app(settings: Settings | None = None, *, keepalive_s: float = events.
         sweeper = asyncio.create_task(uploads.sweep_uploads(api))
         revokes = RevokeListener(services.tasks.sender.app, services.tasks.cancel_revoked).start()
         app.state.revokes = revokes
+        metrics = ops.serve_metrics(settings)
         try:
             yield
         finally:
+            if metrics is not None:
+                metrics.shutdown()
+                metrics.server_close()
             revokes.stop()
             sweeper.cancel()
             with suppress(asyncio.CancelledError):

@@ -4,7 +4,7 @@
 |---|---|
 | GET /livez | 200 while the process answers; checks nothing else (a Redis blip must not restart API pods) |
 | GET /readyz | 200 when Redis and the database answer within READY_TIMEOUT_S, else 503 with what failed |
-| GET /metrics | Prometheus text: this process's metrics and qvq_queue_depth read from the broker |
+| GET /metrics | Prometheus text: this process's metrics and the queues read from the broker (on QVQ_API_METRICS_PORT instead, when set) |
 | GET /healthz | as /readyz, answered {"status": "ok" | "degraded"} (kept for existing probes) |
 
 `install(app, settings)` adds them. /metrics shows the API's own families (contracts/metrics.py,
@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from contracts import callbacks as cb
 from contracts.logging import get_logger
-from contracts.metrics import API_REGISTRY, queue_depth_collector
+from contracts.metrics import API_REGISTRY, queue_depth_collector, serve_registry
 from contracts.settings import Settings
 from producer.api.responses import JSONResponse
 
@@ -38,13 +38,19 @@ READY_TIMEOUT_S = 3.0
 
 
 def install(app: FastAPI, settings: Settings) -> None:
-    """Add /livez, /readyz and /metrics to the app."""
+    """Add /livez, /readyz and /metrics to the app (/metrics only when QVQ_API_METRICS_PORT does not
+    move the metrics to a port of their own: `serve_metrics`)."""
     probes = _Probes(settings)
-    app.include_router(router(probes))
+    app.include_router(router(probes, metrics_here=not settings.api_metrics_port))
     queue_depth_collector([settings.queue, cb.QUEUE]).use(probes.broker())
 
 
-def router(probes: _Probes) -> APIRouter:
+def serve_metrics(settings: Settings) -> Any:
+    """The API's metrics on QVQ_API_METRICS_PORT (a daemon thread); the server to shut down, or None."""
+    return serve_registry(API_REGISTRY, settings.api_metrics_port)
+
+
+def router(probes: _Probes, *, metrics_here: bool = True) -> APIRouter:
     routes = APIRouter(tags=["ops"])
 
     @routes.get("/livez")
@@ -65,12 +71,13 @@ def router(probes: _Probes) -> APIRouter:
         return JSONResponse({"status": "ok" if healthy else "degraded", **checks},
                             status_code=200 if healthy else 503)
 
-    @routes.get("/metrics", response_class=Response, responses={200: {
-        "description": "Prometheus text exposition format",
-        "content": {"text/plain": {"schema": {"type": "string"}}}}})
-    async def metrics() -> Response:
-        body = await run_in_threadpool(generate_latest, API_REGISTRY)
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+    if metrics_here:
+        @routes.get("/metrics", response_class=Response, responses={200: {
+            "description": "Prometheus text exposition format",
+            "content": {"text/plain": {"schema": {"type": "string"}}}}})
+        async def metrics() -> Response:
+            body = await run_in_threadpool(generate_latest, API_REGISTRY)
+            return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return routes
 

@@ -80,6 +80,7 @@ def test_worker_metrics_count_completed_failed_retried_and_cancelled_tasks(
     assert page.value("qvq_model_attempts_total", code="ok") == 2
     assert page.value("qvq_model_attempts_total", code="model.unavailable") == 1
     assert page.value("qvq_model_attempts_total", code="model.rejected") == 1
+    assert page.value("qvq_task_failures_total", code="model.rejected") == 1
     assert page.value("qvq_active_streams") == 0
     assert page.value("qvq_events_published_total", type="task.completed") == 2
     assert page.value("qvq_events_published_total", type="task.retrying") == 1
@@ -102,15 +103,19 @@ def test_api_metrics_report_the_queue_depth_from_the_broker(service_env: dict[st
     client = make_client()
     with ApiServer(Settings.from_env(service_env)) as api:
         empty = _scrape(f"{api.url}/metrics")
+        submitted_at = time.time()
         for _ in range(3):  # no worker runs: they wait in the queue
             client.submit(images=[str(image)], prompt="What colour?")
-        page = _scrape(f"{api.url}/metrics")
+        page = _scrape_until(f"{api.url}/metrics", lambda p: p.value("qvq_queue_oldest_age_seconds", queue="qvq") > 0)
+        waited = time.time() - submitted_at
     for name in API_METRIC_NAMES:
         assert page.has(name), name
     assert not any(page.has(name) for name in WORKER_METRIC_NAMES)  # only the API's own families
     assert empty.value(QUEUE_DEPTH_NAME, queue="qvq") == 0
     assert page.value(QUEUE_DEPTH_NAME, queue="qvq") == 3
     assert page.value(QUEUE_DEPTH_NAME, queue="qvq-callbacks") == 0  # every queue, the callbacks' too
+    assert empty.value("qvq_queue_oldest_age_seconds", queue="qvq") == 0
+    assert 0 < page.value("qvq_queue_oldest_age_seconds", queue="qvq") <= waited  # the first of the three
 
 
 def test_api_requests_are_counted_by_route_template_and_carry_a_request_id(service_env: dict[str, str],
@@ -145,3 +150,15 @@ def test_api_requests_are_counted_by_route_template_and_carry_a_request_id(servi
     submitted = [entry for entry in logs if entry["event"] == "task.submitted"]
     assert len(submitted) == 1 and submitted[0]["request_id"] == "req-42.a:b", logs
     assert submitted[0]["task_id"] == created.json()["task_id"]
+
+
+def test_the_api_metrics_move_to_their_own_port_when_one_is_set(service_env: dict[str, str]) -> None:
+    port = free_port()
+    with ApiServer(Settings.from_env({**service_env, "QVQ_API_METRICS_PORT": str(port)})) as api:
+        assert httpx.get(f"{api.url}/livez", timeout=10).status_code == 200
+        assert httpx.get(f"{api.url}/metrics", timeout=10).status_code == 404  # not on the API's own port
+        page = _scrape(f"http://127.0.0.1:{port}/metrics")
+    assert page.value("qvq_http_requests_total", route="/livez", method="GET", status="200") >= 1
+    assert page.has(QUEUE_DEPTH_NAME)
+    with pytest.raises(httpx.TransportError):  # stopped with the app
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)

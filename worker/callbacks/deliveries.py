@@ -40,6 +40,7 @@ import structlog
 
 from contracts import callbacks as cb
 from contracts import keys, retry
+from contracts import metrics as m
 from contracts.logging import get_logger
 from contracts.settings import Settings
 from contracts.ssrf import UrlGuard
@@ -129,6 +130,7 @@ def _record(ctx: WorkerContext, record: CallbackRecord, tried: post.Attempt, sta
         "status_code": tried.status_code, "error": tried.error})
     if next_at is not None:
         ctx.redis.zadd(keys.CALLBACKS_DUE, {event_id: next_at.timestamp()})
+    m.CALLBACK_TRIES.labels(str(tried.outcome)).inc()
     log.info("callback.attempt", attempt=record.attempts + 1, outcome=str(tried.outcome),
              status_code=tried.status_code, delivery=status)
 

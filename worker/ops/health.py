@@ -17,10 +17,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import start_http_server
-
 from contracts.logging import get_logger
-from contracts.metrics import WORKER_REGISTRY
+from contracts.metrics import WORKER_REGISTRY, serve_registry
 
 log = get_logger(__name__)
 
@@ -28,16 +26,8 @@ HEARTBEAT_INTERVAL_S = 5.0
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0") -> Any:
-    """Start the metrics endpoint; the server, or None when it is off or its port is taken."""
-    if not port:
-        return None
-    try:
-        server, _thread = start_http_server(port, addr=host, registry=WORKER_REGISTRY)
-    except OSError as exc:
-        log.warning("metrics.unavailable", port=port, error=str(exc))
-        return None
-    log.info("metrics.serving", port=port)
-    return server
+    """Start the worker's metrics endpoint; the server, or None when it is off or its port is taken."""
+    return serve_registry(WORKER_REGISTRY, port, host)
 
 
 class Heartbeat:

@@ -76,6 +76,7 @@ class EventMetrics:
             _completed(model, fields)
         elif type_ == ev.FAILED:
             code = (fields.get("error") or {}).get("code")
+            m.TASK_FAILURES.labels(m.code_label(code)).inc()
             if isinstance(code, str) and code.startswith("model."):  # the model call failed, not the images
                 m.MODEL_ATTEMPTS.labels(m.code_label(code)).inc()
 
