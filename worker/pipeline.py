@@ -70,8 +70,7 @@ REJECTED = "rejected"  # the message did not match its task row: acknowledged, n
 def run_task(message: dict[str, Any], ctx: WorkerContext, *, delivery_id: str | None = None) -> str | None:
     """Run the task a queue message names to one terminal state; returns that state, REJECTED for a
     message that does not match its row, or None when the task was already terminal."""
-    with cpu_gate.step():
-        record = _store_call(load_record, message, ctx.store, delivery_id=delivery_id)
+    record = cpu_gate.gated(_store_call)(load_record, message, ctx.store, delivery_id=delivery_id)
     if record is None:
         return REJECTED
     job = JobRequest.from_payload(record.request)
