@@ -62,7 +62,7 @@ def configure(log_format: str = "console", level: str = "INFO") -> None:
     root.setLevel(level.upper())
     logging.captureWarnings(True)
     threading.excepthook = _log_thread_crash  # a background thread's traceback is a log line too
-    for noisy in ("httpx", "httpcore", "botocore", "boto3", "urllib3", "openai"):
+    for noisy in ("httpx", "httpcore", "botocore", "boto3", "urllib3", "openai", "alembic.runtime.plugins"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

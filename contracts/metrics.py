@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -40,7 +42,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -119,18 +121,47 @@ API_METRIC_NAMES = frozenset({
 METRIC_NAMES = WORKER_METRIC_NAMES | API_METRIC_NAMES
 
 
-def serve_registry(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> Any:
+Check = Callable[[], str | None]  # None: healthy; else what is wrong (answered 503)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the stdlib's name)
+        """Scrapes and probes are not logged."""
+
+
+def serve_registry(registry: CollectorRegistry, port: int, host: str = "0.0.0.0",
+                   checks: dict[str, Check] | None = None) -> Any:
     """Serve a registry on its own port from a daemon thread (the worker's, or the API's when
-    QVQ_API_METRICS_PORT is set); the server, or None when the port is 0 or taken (logged, never fatal)."""
+    QVQ_API_METRICS_PORT is set), and each of `checks` at its path (200 "ok", or 503 and its problem);
+    the server (`shutdown()`, `server_close()`), or None when the port is 0 or taken (logged, never fatal)."""
     if not port:
         return None
+    app = _with_checks(make_wsgi_app(registry), checks or {})
     try:
-        server, _thread = start_http_server(port, addr=host, registry=registry)
+        server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
     except OSError as exc:
         log.warning("metrics.unavailable", port=port, error=str(exc))
         return None
+    threading.Thread(target=server.serve_forever, name="qvq-metrics", daemon=True).start()
     log.info("metrics.serving", port=port)
     return server
+
+
+def _with_checks(metrics: Any, checks: dict[str, Check]) -> Any:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        check = checks.get(environ.get("PATH_INFO", ""))
+        if check is None:
+            return metrics(environ, start_response)  # type: ignore[no-any-return]
+        problem = check()
+        start_response("200 OK" if problem is None else "503 Service Unavailable",
+                       [("Content-Type", "text/plain; charset=utf-8")])
+        return [(problem or "ok").encode() + b"\n"]
+
+    return app
 
 
 def model_label(name: Any) -> str:

@@ -12,6 +12,7 @@ and every background loop started and stopped.
     worker_shutting_down  the heartbeat stops (not ready), the sweep stops; on a warm shutdown the running
                           streams are handed back after QVQ_SHUTDOWN_GRACE_S
     worker_shutdown       every loop stops, the context closes
+    task_received         the consumer took a message: the liveness probe's sign of life
     task_revoked          a revoked task is cancelled (contracts/cancel.py)
     task_failure          logged
 
@@ -32,7 +33,9 @@ from typing import Any, TypeVar
 
 import celery.apps.worker
 from celery import signals
+from celery.worker import state as worker_state
 
+from contracts import broker
 from contracts import callbacks as cb
 from contracts.cancel import cancel_task
 from contracts.logging import configure, get_logger
@@ -41,7 +44,7 @@ from contracts.settings import get_settings
 from worker.callbacks.scheduler import DueScheduler
 from worker.celery import app, delivery_problems
 from worker.context import WorkerContext
-from worker.ops.health import Heartbeat, serve_metrics
+from worker.ops.health import ConsumerWatch, Heartbeat, serve_metrics
 from worker.ops.probe import missing_key
 from worker.ops.probe import report as report_probe
 from worker.recovery.sweep import Sweep
@@ -59,6 +62,7 @@ class _Process:
     scheduler: DueScheduler | None = None
     heartbeat: Heartbeat | None = None
     metrics: Any = None
+    consumer: ConsumerWatch | None = None
 
 
 _process: _Process | None = None
@@ -162,7 +166,8 @@ def _start(**_: Any) -> None:
     if settings.heartbeat_file and _process.heartbeat is None:
         _process.heartbeat = Heartbeat(settings.heartbeat_file).start()
     if _process.metrics is None:
-        _process.metrics = serve_metrics(settings.metrics_port)
+        _process.consumer = _consumer_watch(context)
+        _process.metrics = serve_metrics(settings.metrics_port, consumer=_process.consumer)
     if _process.sweep is None:
         _process.sweep = Sweep(context.redis, context.store, context.bus, context.sender.send_run,
                                interval_s=settings.sweep_interval_s, lease_ttl_s=settings.lease_ttl_s,
@@ -209,7 +214,24 @@ def _stop(**_: Any) -> None:
     process.context.close()
 
 
+def _consumer_watch(context: WorkerContext) -> ConsumerWatch:
+    """The worker's liveness: it takes messages while some wait in its queues (worker/ops/health.py)."""
+    settings = context.settings
+
+    def waiting() -> int:
+        return sum(broker.depth(context.broker, queue) for queue in (settings.queue, cb.QUEUE))
+
+    return ConsumerWatch(waiting, busy=lambda: len(worker_state.reserved_requests) >= settings.worker_concurrency)
+
+
 # -- tasks ---------------------------------------------------------------------------------------
+@on(signals.task_received)
+def _on_received(**_: Any) -> None:
+    """The consumer took a message (the liveness probe's sign of life)."""
+    if _process is not None and _process.consumer is not None:
+        _process.consumer.received()
+
+
 @on(signals.task_revoked)
 def _on_revoked(request: Any = None, expired: bool = False, **_: Any) -> None:
     """`celery control revoke TASK_ID`: the task is cancelled, like `qvq cancel`."""

@@ -27,6 +27,6 @@ def main(debug: bool) -> None:
 
 
 for command in (services.demo, tasks.submit, tasks.follow, tasks.result, tasks.cancel, reports.usage,
-                reports.limits, tasks.failed, tasks.list_tasks, tasks.retry, services.worker, services.api,
+                reports.limits, tasks.failed, tasks.list_tasks, tasks.retry, services.worker, services.flower, services.api,
                 services.emulator, callbacks.callbacks):
     main.add_command(command)

@@ -1,4 +1,4 @@
-"""`qvq demo | worker | api | emulator`: the processes this package runs. Each imports what it runs only
+"""`qvq demo | worker | flower | api | emulator`: the processes this package runs. Each imports what it runs only
 when it runs (the worker, uvicorn, the emulator), so a producer-only command stays light."""
 
 from __future__ import annotations
@@ -37,6 +37,22 @@ def worker(ctx: click.Context) -> None:
     settings = get_settings()
     app.worker_main(celery_worker_args(concurrency=settings.worker_concurrency, queue=settings.queue,
                                        extra=ctx.args))
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+@friendly_errors
+def flower(ctx: click.Context) -> None:
+    """Run Flower on the workers' broker, its log lines in the service's format (LOG_FORMAT=json: one JSON
+    object each); extra options go to Flower (--port=5555, --basic-auth=..., or FLOWER_* variables)."""
+    from celery.bin.celery import celery as celery_command
+
+    from contracts.logging import configure
+
+    settings = get_settings()
+    configure(settings.log_format, settings.log_level)  # before Flower's: tornado then adds no handler of its own
+    celery_command.main(["-A", "worker.celery:app", "flower", *ctx.args], prog_name="qvq flower",
+                        standalone_mode=True)
 
 
 @click.command()

@@ -66,7 +66,7 @@ def test_the_image_runs_as_a_numeric_non_root_user_with_a_healthcheck() -> None:
 
 class _Ok(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - the http.server interface
-        self.send_response(200 if self.path == "/metrics" else 503)
+        self.send_response(200 if self.path in ("/metrics", "/livez") else 503)
         self.end_headers()
 
     def log_message(self, *args: object) -> None:
@@ -84,7 +84,7 @@ def test_the_health_script_follows_the_endpoint() -> None:
         assert subprocess.run([*script, f"http://127.0.0.1:{port}/readyz"], capture_output=True,
                               timeout=10).returncode == 1
         default = subprocess.run(script, env={"QVQ_METRICS_PORT": str(port)}, timeout=10)
-        assert default.returncode == 0  # the worker's metrics endpoint by default
+        assert default.returncode == 0  # the worker's /livez by default
     finally:
         server.shutdown()
     closed = subprocess.run([*script, f"http://127.0.0.1:{free_port()}/metrics"], capture_output=True, text=True,

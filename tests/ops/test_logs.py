@@ -8,6 +8,8 @@ import io
 import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from contracts.logging import configure
 from contracts.settings import Settings
 from producer.api import create_app
 from tests.imagegen import make_image
+from tests.ops import free_port
 from tests.reliability import directive
 from tests.waiting import wait_until
 
@@ -123,3 +126,28 @@ def _is_json(line: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def test_qvq_flower_logs_json_lines_and_exports_none_of_the_services_metrics(redis_url: str) -> None:
+    port = free_port()
+    env = {"PATH": "/usr/bin:/bin", "LOG_FORMAT": "json", "REDIS_URL": redis_url, "HOME": "/tmp"}
+    process = subprocess.Popen([sys.executable, "-m", "producer.cli", "flower", f"--port={port}",
+                                "--address=127.0.0.1"], env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/healthcheck"), timeout=60)
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert "flower_" in metrics and "qvq_" not in metrics
+    finally:
+        process.terminate()
+        out, err = process.communicate(timeout=30)
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert lines and all(json.loads(line)["event"] for line in lines), lines[:5]
+    assert any("Visit me at" in json.loads(line)["event"] for line in lines)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

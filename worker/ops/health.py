@@ -1,8 +1,9 @@
 """How a worker shows it is alive and consuming: its Prometheus endpoint and a heartbeat file.
 
 - QVQ_METRICS_PORT (default 9808, 0 = off): Prometheus text on every path of that port, served by a
-  thread of the worker process (Celery's threads pool: one process serves every stream). Answering is
-  the worker's liveness (an HTTP probe on it).
+  thread of the worker process (Celery's threads pool: one process serves every stream), but `/livez`:
+  the worker's liveness. It answers 503 when the consumer has stopped taking messages while they wait
+  (`ConsumerWatch`): a hung consumer is restarted, where a process that merely answers would stay "live".
 - QVQ_HEARTBEAT_FILE (default off): touched every HEARTBEAT_INTERVAL_S seconds once the worker consumes
   (after worker_ready), removed at shutdown. A fresh file is the worker's readiness (an exec probe:
   `find FILE -mmin -1`), and serves as liveness where no port may be opened.
@@ -14,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +28,43 @@ log = get_logger(__name__)
 HEARTBEAT_INTERVAL_S = 5.0
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> Any:
-    """Start the worker's metrics endpoint; the server, or None when it is off or its port is taken."""
-    return serve_registry(WORKER_REGISTRY, port, host)
+CONSUMER_STALL_S = 120.0  # no message taken for this long, while some wait and a slot is free: not live
+
+
+def serve_metrics(port: int, host: str = "0.0.0.0", consumer: ConsumerWatch | None = None) -> Any:
+    """Start the worker's metrics endpoint (and /livez); the server, or None when it is off or its port
+    is taken."""
+    return serve_registry(WORKER_REGISTRY, port, host, checks={"/livez": consumer.problem} if consumer else None)
+
+
+class ConsumerWatch:
+    """Whether this worker still takes messages: `received()` on every message it takes (Celery's
+    task_received). `problem()` names what is wrong when none was taken for `stall_s` while messages
+    wait in its queues (`waiting`) and it has a free slot (`busy` is False); None otherwise, and when
+    the broker cannot be read (a restart would not bring it back)."""
+
+    def __init__(self, waiting: Callable[[], int], busy: Callable[[], bool], stall_s: float = CONSUMER_STALL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._waiting = waiting
+        self._busy = busy
+        self.stall_s = stall_s
+        self._clock = clock
+        self._last = clock()
+
+    def received(self) -> None:
+        self._last = self._clock()
+
+    def problem(self) -> str | None:
+        quiet = self._clock() - self._last
+        if quiet < self.stall_s or self._busy():
+            return None
+        try:
+            waiting = self._waiting()
+        except Exception:  # the broker is away: the sweep and the consumer reconnect, a restart would not help
+            return None
+        if waiting <= 0:
+            return None
+        return f"{waiting} messages wait and this worker has taken none for {quiet:.0f} s, with a free slot"
 
 
 class Heartbeat:
