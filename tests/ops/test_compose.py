@@ -1,5 +1,7 @@
-"""docker-compose.yml: valid Compose, healthchecks and health conditions everywhere, only three published
-ports (configurable), scalable workers found by Prometheus, a stop grace period that covers the task limit."""
+"""docker-compose.yml: valid Compose, healthchecks and health conditions everywhere, only four published
+ports (configurable, on 127.0.0.1 by default), no secret with a default, limits and rotated logs on every
+container, scalable workers found by Prometheus with the alert rules, Flower scraped, Grafana provisioned,
+and a stop grace period that covers the task limit."""
 
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ import yaml
 from tests.ops import REPO, schemas_dir
 
 COMPOSE = REPO / "docker-compose.yml"
-PUBLISHED = {"api", "flower", "minio"}
+PUBLISHED = {"api", "flower", "minio", "grafana"}
+SECRETS = {"REDIS_PASSWORD", "POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "QVQ_API_KEYS", "QVQ_WEBHOOK_API_KEY",
+           "QVQ_WEBHOOK_SECRET", "FLOWER_PASSWORD", "GRAFANA_ADMIN_PASSWORD"}
 ONE_SHOT = {"minio-init"}
 
 
@@ -52,13 +56,58 @@ def test_compose_file_matches_the_compose_specification(compose: dict[str, Any])
     assert errors == []
 
 
-def test_docker_compose_config_accepts_the_file() -> None:
+def test_docker_compose_config_accepts_the_file_with_secrets_and_refuses_it_without(tmp_path: Path) -> None:
     command = next((c for c in (["docker", "compose"], ["docker-compose"]) if _runs([*c, "version"])), None)
     if command is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
-    result = subprocess.run([*command, "--env-file", str(REPO / ".env.example"), "-f", str(COMPOSE), "config",
-                             "--quiet"], capture_output=True, text=True, timeout=60, cwd=REPO)
-    assert result.returncode == 0, result.stderr
+    filled = tmp_path / ".env"
+    filled.write_text((REPO / ".env.example").read_text() + "".join(
+        f"{name}={'uploads:' if name == 'QVQ_API_KEYS' else ''}secret-{name.lower().replace('_', '-')}-0123456789\n"
+        for name in SECRETS))
+
+    def config(env_file: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*command, "--env-file", str(env_file), "-f", str(COMPOSE), "config", "--quiet"],
+                              capture_output=True, text=True, timeout=60, cwd=REPO,
+                              env={"PATH": "/usr/local/bin:/usr/bin:/bin"})
+
+    accepted = config(filled)
+    assert accepted.returncode == 0, accepted.stderr
+    refused = config(REPO / ".env.example")  # copied unchanged: its secrets are empty
+    assert refused.returncode != 0 and any(name in refused.stderr for name in SECRETS), refused.stderr
+
+
+def test_no_secret_has_a_default_and_every_one_is_required() -> None:
+    text = COMPOSE.read_text()
+    for name in SECRETS:
+        uses = re.findall(r"\$\{%s(:?[-?][^}]*)?\}" % name, text)
+        assert uses, name
+        assert all(use.startswith(":?") for use in uses), (name, uses)
+    example = dict(re.findall(r"^([A-Z_][A-Z0-9_]*)=(.*)$", (REPO / ".env.example").read_text(), re.M))
+    assert all(example[name] == "" for name in SECRETS), "an example secret would start a stack with a known key"
+
+
+def test_every_container_has_limits_and_rotated_logs(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        limits = service["deploy"]["resources"]["limits"]
+        assert limits["memory"] and float(limits["cpus"]) > 0, name
+        assert service["logging"]["options"]["max-size"] and int(service["logging"]["options"]["max-file"]) > 1, name
+
+
+def test_prometheus_loads_the_alert_rules_and_scrapes_flower_and_grafana_shows_the_dashboard(
+        services: dict[str, Any]) -> None:
+    prometheus = yaml.safe_load((REPO / "infra" / "prometheus" / "prometheus.yml").read_text())
+    assert prometheus["rule_files"] == ["alerts.yml"]
+    assert "./infra/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in services["prometheus"]["volumes"]
+    jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
+    assert jobs["flower"]["static_configs"][0]["targets"] == ["flower:5555"]
+    assert services["flower"]["command"][:2] == ["qvq", "flower"]  # JSON log lines
+    grafana = services["grafana"]
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in grafana["volumes"]}
+    provisioning = REPO / mounts["/etc/grafana/provisioning"]
+    dashboards = yaml.safe_load((provisioning / "dashboards" / "qvq.yml").read_text())["providers"][0]
+    assert (REPO / mounts[f"{dashboards['options']['path']}/qvq-dashboard.json"]).name == "qvq-dashboard.json"
+    source = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
 
 
 def _runs(command: list[str]) -> bool:
@@ -78,13 +127,13 @@ def test_every_service_has_a_healthcheck_and_waits_for_healthy_dependencies(serv
             assert dependency in services
 
 
-def test_only_the_api_flower_and_minio_console_are_published_on_configurable_ports(
+def test_only_the_api_flower_grafana_and_minio_console_are_published_on_loopback_by_default(
         services: dict[str, Any]) -> None:
     published = {name for name, service in services.items() if service.get("ports")}
     assert published == PUBLISHED
     for name in published:
         for port in services[name]["ports"]:
-            assert re.fullmatch(r"\$\{QVQ_[A-Z_]+_PORT:-\d+\}:\d+", port), (name, port)
+            assert re.fullmatch(r"\$\{QVQ_BIND_ADDRESS:-127\.0\.0\.1\}:\$\{QVQ_[A-Z_]+_PORT:-\d+\}:\d+", port), (name, port)
     assert not any("container_name" in service for service in services.values())
 
 
