@@ -22,6 +22,9 @@ from tests.ops import REPO, schemas_dir
 KUBE = REPO / "infra" / "kubernetes"
 BASE = KUBE / "base"
 OVERLAYS = sorted(p for p in (KUBE / "overlays").iterdir() if p.is_dir())
+COMPONENTS = sorted(p for p in (KUBE / "components").iterdir() if p.is_dir())
+EXAMPLE = KUBE / "overlays" / "example"
+CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")  # validated against their CRDs, not the core schemas
 KEDA_CRDS = {"ScaledObject": "keda.sh_scaledobjects.yaml", "TriggerAuthentication": "keda.sh_triggerauthentications.yaml"}
 
 
@@ -37,7 +40,7 @@ def _base_objects() -> dict[tuple[str, str], dict[str, Any]]:
     return {(d["kind"], d["metadata"]["name"]): d for docs in _manifests(BASE).values() for d in docs}
 
 
-@pytest.mark.parametrize("directory", [BASE, *OVERLAYS], ids=lambda p: p.name)
+@pytest.mark.parametrize("directory", [BASE, *OVERLAYS, *COMPONENTS], ids=lambda p: p.name)
 def test_every_manifest_is_listed_by_its_kustomization(directory: Path) -> None:
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     listed = {Path(r).name for r in kustomization.get("resources", []) if not r.startswith("..")}
@@ -54,17 +57,18 @@ def test_kubectl_kustomize_builds_it(directory: Path) -> None:
     result = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     kinds = {d["kind"] for d in yaml.safe_load_all(result.stdout) if d}
-    assert {"Deployment", "Service", "ConfigMap", "Secret", "PodDisruptionBudget"} <= kinds
+    assert {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
+    assert ("Secret" in kinds) is (directory == EXAMPLE)  # secrets are never in the base
     assert ("ScaledObject" in kinds) != ("HorizontalPodAutoscaler" in kinds)  # one autoscaler, never both
 
 
 def test_core_manifests_match_the_kubernetes_schemas() -> None:
     version = kubernetes_validate.latest_version()
     checked = 0
-    for directory in (BASE, *OVERLAYS):
+    for directory in (BASE, *OVERLAYS, *COMPONENTS):
         for documents in _manifests(directory).values():
             for document in documents:
-                if document["apiVersion"].startswith("keda.sh/") or "$patch" in document:
+                if document["apiVersion"].startswith(CRD_GROUPS) or "$patch" in document:
                     continue
                 kubernetes_validate.validate(document, version, strict=True)
                 checked += 1
@@ -118,7 +122,7 @@ def test_workers_scale_on_the_celery_queue_with_credentials_from_the_secret() ->
     trigger = scaled["spec"]["triggers"][0]
     assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == QUEUE
     auth = objects[("TriggerAuthentication", trigger["authenticationRef"]["name"])]
-    secret = objects[("Secret", "qvq-secrets")]
+    secret = _documents(EXAMPLE / "secret.yaml")[0]
     refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
     assert set(refs) == {"address", "password"}
     assert all(r["name"] == "qvq-secrets" and r["key"] in secret["stringData"] for r in refs.values())
@@ -167,3 +171,43 @@ def test_the_worker_grace_period_covers_the_task_limit_and_the_image_is_versione
     assert f"QVQ_IMAGE_TAG={version}" in (REPO / ".env.example").read_text()
     for name in ("qvq-api", "qvq-worker"):  # the same tag without kustomize
         assert _container(objects[("Deployment", name)])["image"] == f"qvq-queue:{tags['qvq-queue']}"
+
+
+def test_the_base_holds_no_secret_and_the_example_overlay_holds_every_key_the_pods_need() -> None:
+    assert not any(kind == "Secret" for kind, _ in _base_objects())
+    secret = _documents(EXAMPLE / "secret.yaml")[0]
+    assert secret["metadata"]["name"] == "qvq-secrets"
+    assert {"REDIS_URL", "DATABASE_URL", "QVQ_API_KEYS", "QVQ_WEBHOOK_SECRET", "BROKER_ADDRESS",
+            "BROKER_PASSWORD"} <= set(secret["stringData"])
+
+
+def test_metrics_have_their_own_ports_reached_only_from_monitoring_and_the_worker_liveness_checks_consuming() -> None:
+    objects = _base_objects()
+    config = objects[("ConfigMap", "qvq-config")]["data"]
+    ports = {name: {p["name"]: p["containerPort"] for p in _container(objects[("Deployment", name)])["ports"]}
+             for name in ("qvq-api", "qvq-worker")}
+    assert ports["qvq-api"]["metrics"] == int(config["QVQ_API_METRICS_PORT"])
+    assert ports["qvq-worker"]["metrics"] == int(config["QVQ_METRICS_PORT"])
+    service = objects[("Service", "qvq-api")]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]  # /metrics is not on the Service
+    worker = _container(objects[("Deployment", "qvq-worker")])
+    assert worker["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
+    for name in ("qvq-api", "qvq-worker"):
+        policy = objects[("NetworkPolicy", name)]["spec"]
+        assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": name}
+        open_ports = [p["port"] for rule in policy["ingress"] if "from" not in rule for p in rule["ports"]]
+        monitored = [p["port"] for rule in policy["ingress"] if "from" in rule for p in rule["ports"]]
+        assert open_ports == (["http"] if name == "qvq-api" else []) and monitored == ["metrics"]
+
+
+def test_the_monitoring_component_scrapes_both_ports_named_metrics_and_ships_the_alert_rules() -> None:
+    component = KUBE / "components" / "monitoring"
+    monitors = {d["metadata"]["name"]: d for d in _documents(component / "podmonitors.yaml")}
+    objects = _base_objects()
+    for name, monitor in monitors.items():
+        labels = objects[("Deployment", name)]["spec"]["template"]["metadata"]["labels"]
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+    assert set(monitors) == {"qvq-api", "qvq-worker"}
+    rule = _documents(component / "prometheusrule.yaml")[0]
+    assert rule["kind"] == "PrometheusRule" and rule["spec"]["groups"][0]["rules"]
