@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import functools
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -65,11 +66,29 @@ class WorkerLoop:
         if self.in_loop():
             coro.close()
             raise RuntimeError("WorkerLoop.run called from the loop's own thread (await the coroutine instead)")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        return self.submit(coro).result()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start a coroutine on the loop, in a copy of the caller's context (its log fields, such as the
+        task_id, and its trace span go with it); a future of its result. Cancelling the future cancels it."""
+        loop, context = self.loop, contextvars.copy_context()
+        result: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def start() -> None:
+            if result.cancelled():
+                coro.close()
+                return
+            task = loop.create_task(coro, context=context)
+            task.add_done_callback(lambda done: _settle(result, done))
+            result.add_done_callback(lambda future: loop.call_soon_threadsafe(task.cancel) if future.cancelled()
+                                     else None)
+
+        loop.call_soon_threadsafe(start)
+        return result
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
         """Run a coroutine on the loop without waiting; an exception it raises is logged."""
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        future = self.submit(coro)
         self._background.add(future)
         future.add_done_callback(self._spawned_done)
         return future
@@ -126,6 +145,19 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def _settle(result: concurrent.futures.Future[T], task: asyncio.Task[T]) -> None:
+    """The task's outcome onto the caller's future (as asyncio.run_coroutine_threadsafe does)."""
+    if task.cancelled():
+        result.cancel()
+    if not result.set_running_or_notify_cancel():  # cancelled (by the caller, or just now)
+        return
+    error = task.exception()
+    if error is not None:
+        result.set_exception(error)
+    else:
+        result.set_result(task.result())
 
 
 async def _cancel_all() -> None:
