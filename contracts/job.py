@@ -53,11 +53,14 @@ class JobRequest:
     callback_url: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     enqueued_at: float = 0.0
+    trace: dict[str, str] | None = None  # the caller's traceparent/tracestate (contracts/tracing.py); not a request field
 
     def to_payload(self) -> dict[str, Any]:
         data = asdict(self)
         data["images"] = list(self.images)
         data["version"] = PAYLOAD_VERSION
+        if self.trace is None:
+            del data["trace"]  # a worker of an earlier release reads an untraced task's payload as before
         return data
 
     @classmethod

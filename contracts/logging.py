@@ -22,6 +22,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+from opentelemetry import trace as otel_trace
 
 from contracts.redaction import redact
 
@@ -40,6 +41,7 @@ def configure(log_format: str = "console", level: str = "INFO") -> None:
     )
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
+        add_trace_ids,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -70,6 +72,17 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return structlog.stdlib.get_logger(name)
 
 
+def _library_default() -> None:
+    """Before a process calls `configure` (a program that only imports the client, a test), our lines go
+    to the standard library's logging, whose defaults show warnings on stderr and drop the rest: never
+    structlog's default of printing every line to stdout, which would mix into a command's output."""
+    if not structlog.is_configured():
+        structlog.configure(processors=[structlog.contextvars.merge_contextvars, add_trace_ids,
+                                        structlog.dev.ConsoleRenderer(colors=False)],
+                            logger_factory=structlog.stdlib.LoggerFactory(),
+                            wrapper_class=structlog.stdlib.BoundLogger)
+
+
 class RedactedArgs(logging.Filter):
     """Masks secrets in a standard-library record's arguments (uvicorn's access line carries the path)."""
 
@@ -87,6 +100,15 @@ def redact_logger(name: str) -> None:
 
 
 # -- processors (plain functions: logger, method name, event dict) ------------------------------------
+def add_trace_ids(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    """`trace_id` and `span_id` of the current OpenTelemetry span, when one records (tracing on)."""
+    context = otel_trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event_dict["trace_id"] = format(context.trace_id, "032x")
+        event_dict["span_id"] = format(context.span_id, "016x")
+    return event_dict
+
+
 def access_fields(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
     """uvicorn's access line ('%s - "%s %s HTTP/%s" %d') as fields."""
     record = event_dict.get("_record")
@@ -155,3 +177,6 @@ def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
         return
     get_logger("qvq.threads").error("thread.crashed", thread_name=getattr(args.thread, "name", None),
                                     exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+_library_default()

@@ -138,6 +138,11 @@ class Settings:
     max_image_bytes: int = MAX_IMAGE_BYTES  # the vendor's limit: not a setting
     queue: str = setting("QVQ_QUEUE", QUEUE, _queue_name)  # the Celery queue producers send to and workers consume
     metrics_port: int = setting("QVQ_METRICS_PORT", 9808, _port)  # a worker's Prometheus endpoint; 0: off
+    # Tracing (contracts/tracing.py) is on when one of these names an exporter; the SDK reads every OTEL_*
+    otel_endpoint: str = setting("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+    otel_traces_endpoint: str = setting("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "")
+    otel_traces_exporter: str = setting("OTEL_TRACES_EXPORTER", "")
+    otel_sdk_disabled: bool = setting("OTEL_SDK_DISABLED", False, _bool)
     # The API's metrics on a port of their own (not the API's: its Service stays free of them); 0: GET /metrics
     api_metrics_port: int = setting("QVQ_API_METRICS_PORT", 0, _port)
     heartbeat_file: str = setting("QVQ_HEARTBEAT_FILE", "")  # touched every few seconds by a consuming worker

@@ -26,6 +26,7 @@ from typing import Any
 import redis
 from celery import Celery
 
+from contracts import tracing
 from contracts.bus import EventBus
 from contracts.settings import Settings, get_settings
 from contracts.store import Store, TaskRecord
@@ -58,16 +59,21 @@ class Client:
     def submit(self, images: Sequence[str] = (), prompt: str = "", model: str | None = None,
                **fields: Any) -> TaskHandle[Client]:
         """Validate and enqueue one job (fields as in the job request table); returns its handle.
-        Local paths become file:// references (a worker reads them with QVQ_ALLOW_LOCAL_FILES=1)."""
+        Local paths become file:// references (a worker reads them with QVQ_ALLOW_LOCAL_FILES=1).
+        `traceparent=` (and `tracestate=`) names the trace the task continues; by default, the caller's
+        current OpenTelemetry span."""
+        trace = tracing.given(fields)
         request = {"images": [as_ref(ref) for ref in images], "prompt": prompt, **fields}
         if model is not None:
             request["model"] = model
-        return self.submit_request(request)
+        return self.submit_request(request, trace=trace)
 
-    def submit_request(self, request: dict[str, Any], *, local_files: bool = True) -> TaskHandle[Client]:
+    def submit_request(self, request: dict[str, Any], *, local_files: bool = True,
+                       trace: tracing.Carrier | None = None) -> TaskHandle[Client]:
         """Validate and enqueue a job request (a dict as in the README). `local_files=False` refuses
-        references to files on this machine."""
-        submitted = self.services.tasks.submit(ADMIN, request, local_files=local_files)
+        references to files on this machine; `trace`: the trace to continue (default: the current span)."""
+        submitted = self.services.tasks.submit(ADMIN, request, local_files=local_files,
+                                               trace=trace or tracing.current())
         return TaskHandle(submitted.record.id, submitted.created, self)
 
     def cancel(self, task_id: str) -> bool:

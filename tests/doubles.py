@@ -91,7 +91,7 @@ class ScriptedModel:
     async def stream(self, *, model: str, messages: list[dict[str, Any]], high_resolution: bool, attempt: int,
                      on_text: Callable[[str, str], None], should_stop: Callable[[], bool] = lambda: False,
                      on_open: Callable[[Any], None] | None = None,
-                     prompt_tokens_estimate: int | None = None) -> StreamResult:
+                     prompt_tokens_estimate: int | None = None, trace: Any = None) -> StreamResult:
         self.calls.append({"model": model, "messages": messages, "attempt": attempt})
         step = self.steps.pop(0)
         if isinstance(step, BaseException):

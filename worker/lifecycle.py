@@ -5,7 +5,7 @@ and every background loop started and stopped.
     setup_logging         Celery does not take the root logger over
     celeryd_after_setup   the banner becomes a log line (LOG_FORMAT=json); qvq-callbacks is consumed too
     worker_init           the delivery settings are checked: the worker refuses to start when they break
-                          the guarantees, or when DashScope is named without a key
+                          the guarantees, or when DashScope is named without a key; tracing set up
     worker_ready          the context is built and its loops started (the event loop, leases, cancel
                           watcher, flow mover), the model endpoint probed on the loop (not waited for),
                           then the health endpoints, the recovery sweep and the callback scheduler start
@@ -35,7 +35,7 @@ import celery.apps.worker
 from celery import signals
 from celery.worker import state as worker_state
 
-from contracts import broker
+from contracts import broker, tracing
 from contracts import callbacks as cb
 from contracts.cancel import cancel_task
 from contracts.logging import configure, get_logger
@@ -151,6 +151,7 @@ def _check_delivery(sender: Any = None, **_: Any) -> None:
         log.error("worker.refused", problems=problems)
         print("qvq worker refused to start: " + "; ".join(problems), file=sys.stderr)
         raise SystemExit(2)  # bad settings, as the qvq command's exit codes say
+    tracing.setup(settings, "qvq-worker")  # before the first task: Celery's, httpx's, redis' and SQL spans
 
 
 @on(signals.worker_ready)
@@ -212,6 +213,7 @@ def _stop(**_: Any) -> None:
         if loop is not None:
             loop.stop()
     process.context.close()
+    tracing.shutdown()  # the spans still buffered are exported
 
 
 def _consumer_watch(context: WorkerContext) -> ConsumerWatch:

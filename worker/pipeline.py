@@ -29,12 +29,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import sqlalchemy as sa
 import structlog
 
 from contracts import events as ev
-from contracts import retry
-from contracts.catalog import cost, cost_as_text
+from contracts import retry, tracing
+from contracts.catalog import cost
 from contracts.errors import (
     InternalError,
     ModelError,
@@ -55,6 +54,7 @@ from worker.intake.images import PreparedImage
 from worker.intake.message import load_record
 from worker.intake.prompt import build_messages, check_token_budget
 from worker.loop import cpu_gate
+from worker.persist import persist, store_call
 from worker.recovery.cancel import RunWatch, wait_unless_stopped
 from worker.recovery.lease import Lease
 from worker.stream.coalesce import DeltaCoalescer
@@ -70,11 +70,13 @@ REJECTED = "rejected"  # the message did not match its task row: acknowledged, n
 def run_task(message: dict[str, Any], ctx: WorkerContext, *, delivery_id: str | None = None) -> str | None:
     """Run the task a queue message names to one terminal state; returns that state, REJECTED for a
     message that does not match its row, or None when the task was already terminal."""
-    record = cpu_gate.gated(_store_call)(load_record, message, ctx.store, delivery_id=delivery_id)
+    record = cpu_gate.gated(store_call)(load_record, message, ctx.store, delivery_id=delivery_id)
     if record is None:
         return REJECTED
     job = JobRequest.from_payload(record.request)
-    with structlog.contextvars.bound_contextvars(task_id=job.task_id, model=job.model):
+    with tracing.continued(job.trace, "qvq.run", task_id=job.task_id, model=job.model, tenant=job.tenant or "",
+                           run=record.run) as span, structlog.contextvars.bound_contextvars(
+            task_id=job.task_id, model=job.model, **tracing.log_fields(span, job.trace)):
         run = TaskRun(job, ctx, seq_floor=record.last_seq)
         if ctx.flow is None:
             return run.run()
@@ -82,14 +84,6 @@ def run_task(message: dict[str, Any], ctx: WorkerContext, *, delivery_id: str | 
         # a mover puts it back on the queue when due) and return without running it.
         with ctx.flow.admitted(job, message, run._publish) as admitted:
             return run.run() if admitted else None
-
-
-def _store_call(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """A store read or attempt count; StoreUnavailable when the database cannot be reached."""
-    try:
-        return call(*args, **kwargs)
-    except TRANSIENT_DB_ERRORS as exc:
-        raise StoreUnavailable(f"the database is unavailable: {type(exc).__name__}: {exc}") from exc
 
 
 class TaskRun:
@@ -169,7 +163,7 @@ class TaskRun:
             lease = self.ctx.leases.try_acquire(self.task_id)
             if lease is not None:
                 return lease
-            record = _store_call(self.ctx.store.get, self.task_id)
+            record = store_call(self.ctx.store.get, self.task_id)
             if record is None or record.is_terminal:
                 log.info("task.duplicate_delivery_dropped", status=record.status if record else None)
                 return None
@@ -184,7 +178,7 @@ class TaskRun:
     @cpu_gate.gated
     def _begin_attempt(self) -> bool:
         """Count this attempt (the task is running); False when it is already terminal."""
-        start = _store_call(self.ctx.store.begin_attempt, self.task_id)
+        start = store_call(self.ctx.store.begin_attempt, self.task_id)
         if start is None:
             if self._waited_since is not None:  # the run it waited for ended and let go of the lease
                 log.info("task.duplicate_delivery_dropped", status="terminal")
@@ -199,6 +193,7 @@ class TaskRun:
         return True
 
     # -- step: the images and the messages ------------------------------------------------------
+    @tracing.spanned("qvq.images")
     def _prepare(self) -> tuple[list[dict[str, Any]], int]:
         """The chat messages and the estimated input tokens (refused here when over the model's input).
         A conversation's earlier turns go whole, their images fetched and validated again (history.py)."""
@@ -224,7 +219,7 @@ class TaskRun:
         if not self.job.conversation_id:
             return []
         before = dt.datetime.fromtimestamp(self.job.enqueued_at, dt.UTC)
-        return _store_call(self.ctx.store.history, self.job.conversation_id, before,  # type: ignore[no-any-return]
+        return store_call(self.ctx.store.history, self.job.conversation_id, before,  # type: ignore[no-any-return]
                            self.job.tenant)
 
     # -- step: the stream, retried ---------------------------------------------------------------
@@ -256,11 +251,11 @@ class TaskRun:
         coalescer = DeltaCoalescer(self._emit_delta, max_delay_s=settings.coalesce_ms / 1000,
                                    max_chars=settings.coalesce_chars)
         try:
-            result = await self.ctx.model.stream(
-                model=self.job.model, messages=messages, high_resolution=self.job.high_resolution,
-                attempt=self.attempt, on_text=call.tap(_delta_sink(coalescer)), should_stop=watch.should_stop,
-                on_open=call.on_open(watch.attach), prompt_tokens_estimate=estimate,
-            )
+            with tracing.span("qvq.model_call", attempt=self.attempt):
+                result = await self.ctx.model.stream(
+                    model=self.job.model, messages=messages, high_resolution=self.job.high_resolution,
+                    attempt=self.attempt, on_text=call.tap(_delta_sink(coalescer)), should_stop=watch.should_stop,
+                    on_open=call.on_open(watch.attach), prompt_tokens_estimate=estimate, trace=self.job.trace)
             coalescer.flush()
             return result
         except StreamStopped:
@@ -294,7 +289,7 @@ class TaskRun:
         if delay >= watch.remaining_s():  # waiting would run past the time limit: fail with this error
             log.warning("model.retry_past_time_limit", code=error.code, delay_s=delay)
             raise error
-        next_attempt = _store_call(self.ctx.store.start_attempt, self.task_id)
+        next_attempt = store_call(self.ctx.store.start_attempt, self.task_id)
         if next_attempt is None:  # finished elsewhere meanwhile (cancelled while queued for a retry)
             raise StreamStopped(StreamResult())
         self.attempt = next_attempt
@@ -367,36 +362,11 @@ class TaskRun:
 
     # -- step: persist -------------------------------------------------------------------------
     def _persist(self, outcome: Outcome) -> dict[str, Any] | None:
-        """The terminal claim, retried through a short database outage (retry.DATABASE); the bill written
-        ({"cost", "usage"}) when this run made it, else None. StoreUnavailable once the policy gives up; StoreRejected when the database refuses
-        the values for good (a DataError: retrying, or running the task again, would only bill again)."""
-        tries = 0
-
-        def claim() -> dict[str, Any] | None:
-            nonlocal tries
-            tries += 1
-            return self.ctx.store.finish(self.task_id, outcome)
-
-        try:
-            claimed = retry.DATABASE.call(claim)
-        except TRANSIENT_DB_ERRORS as exc:
-            log.error("store.finish_gave_up", error=str(exc), tries=tries)
-            raise StoreUnavailable(f"cannot persist the result: {type(exc).__name__}: {exc}") from exc
-        except (sa.exc.StatementError, ValueError) as exc:  # DataError; text the driver cannot encode
-            cause = type(getattr(exc, "orig", None) or exc).__name__
-            log.error("store.finish_refused", status=outcome.status, error=cause)
-            raise StoreRejected(f"the database refused the {outcome.status} result ({cause}); "
-                                "the attempts already billed stay billed") from exc
-        if not claimed and tries > 1:
-            # A try that raised may have committed before its connection broke: then it is ours.
-            record = _store_call(self.ctx.store.get, self.task_id)
-            if record and record.status == outcome.status and record.attempts == self.attempt:
-                claimed = {"cost": cost_as_text(record.cost), "usage": record.usage}
-        if not claimed:
-            log.info("task.already_terminal", status=outcome.status)
-        return claimed
+        with tracing.span("qvq.persist", status=outcome.status):
+            return persist(self.ctx.store, self.task_id, outcome)
 
     # -- step: publish the terminal event and call back ----------------------------------------
+    @tracing.spanned("qvq.publish")
     def _publish_terminal(self, type_: str, **fields: Any) -> int | None:
         """Publish the terminal event (already persisted), note its seq, and POST it to the callback_url."""
         seq = self._publish_terminal_event(type_, **fields)

@@ -21,6 +21,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
+from contracts import tracing
 from contracts.logging import redact_logger
 from contracts.settings import Settings, get_settings
 from contracts.store import Store
@@ -80,6 +81,8 @@ def create_app(settings: Settings | None = None, *, keepalive_s: float = events.
     ops.install(app, settings)
     page = viewer_page()
     _install_middleware(app, settings, page)
+    if tracing.setup(settings, "qvq-api"):  # OTEL_* names an exporter: FastAPI's server spans, outermost
+        tracing.instrument_app(app)
     app.openapi = lambda: openapi.document(app)  # type: ignore[method-assign]
 
     @app.get("/", include_in_schema=False)

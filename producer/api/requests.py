@@ -3,7 +3,8 @@
 - **X-Request-ID**: a caller's id is kept when it is 1-128 characters of `A-Za-z0-9._:-` (anything else
   is replaced, so a log line never carries a caller's arbitrary text); otherwise a new one (32 hex). It is
   echoed on the response and bound as `request_id` on every log line of the request, uvicorn's access
-  line included.
+  line included; a valid `traceparent` header binds its `trace_id` too (with tracing on, the log
+  processor puts the API's own span there: the same trace).
 - **Access timing**: `duration_s` (request start to the response's headers) is bound while the response
   starts, which is when uvicorn writes its access line, in the same context.
 - **Metrics** (contracts/metrics.py): `qvq_http_requests_total{route,method,status}`,
@@ -22,6 +23,7 @@ import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts import metrics as m
+from contracts import tracing
 
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -38,6 +40,11 @@ def request_id(scope: Scope) -> str:
                 return str(text)
             break
     return uuid.uuid4().hex
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope.get("headers") or ()
+            if name in (b"traceparent", b"tracestate")}
 
 
 def route_label(scope: Scope) -> str:
@@ -76,8 +83,9 @@ class RequestContext:
                 await send(message)
 
         m.HTTP_IN_FLIGHT.inc()
+        carried = tracing.trace_id(tracing.carrier(_headers(scope)))
         try:
-            with structlog.contextvars.bound_contextvars(request_id=rid):
+            with structlog.contextvars.bound_contextvars(request_id=rid, **({"trace_id": carried} if carried else {})):
                 await self.app(scope, receive, observed_send)
         finally:
             m.HTTP_IN_FLIGHT.dec()

@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
 
+from contracts import tracing
 from contracts.errors import RequestError
 from contracts.logging import get_logger
 from contracts.store import TaskRecord
@@ -36,6 +37,11 @@ log = get_logger(__name__)
 router = APIRouter()
 errors = schemas.error_responses
 TaskId = Annotated[str, Path()]
+
+
+def request_trace(request: Request) -> tracing.Carrier | None:
+    """The trace a submit carries into its task: the API's own span (tracing on), else the caller's headers."""
+    return tracing.current() or tracing.carrier(request.headers)
 
 
 def created_response(submitted: Submitted) -> JSONResponse:
@@ -56,7 +62,7 @@ async def submit_task(request: Request, api: Api, principal: Caller) -> JSONResp
     body = await read_json(request, api.settings.max_request_bytes)
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object (a job request)")
-    return created_response(await api.run(api.services.tasks.submit, principal, body))
+    return created_response(await api.run(api.services.tasks.submit, principal, body, trace=request_trace(request)))
 
 
 @router.get("/tasks", response_model=schemas.TaskList, responses=errors(400, 401, 403, 422, 503))

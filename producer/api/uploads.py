@@ -25,7 +25,7 @@ from producer.api import schemas
 from producer.api.bodies import invalid, read_multipart
 from producer.api.deps import Api, AppServices, Caller
 from producer.api.responses import JSONResponse
-from producer.api.tasks import created_response
+from producer.api.tasks import created_response, request_trace
 
 log = get_logger(__name__)
 router = APIRouter()
@@ -85,7 +85,7 @@ async def upload_task(request: Request, api: Api, principal: Caller) -> JSONResp
         for index, file in enumerate(files):
             stored.append(await _store(api, principal, file, f"images[{index}]"))
         body["images"] = [upload.ref for upload in stored]
-        return created_response(await api.run(api.services.tasks.submit, principal, body))
+        return created_response(await api.run(api.services.tasks.submit, principal, body, trace=request_trace(request)))
     except BaseException:
         for upload in stored:
             await api.run(api.services.uploads.delete, upload.id)

@@ -38,7 +38,7 @@ from producer.api.bodies import bad_request, limited_stream, media_type, parse_j
 from producer.api.deps import Api, AppServices, Viewer
 from producer.api.notifications import StoredObject, parse_notification
 from producer.api.responses import JSONResponse
-from producer.api.tasks import created_response
+from producer.api.tasks import created_response, request_trace
 
 log = get_logger(__name__)
 MNS_MESSAGE = re.compile(rb"<Message>(.*?)</Message>", re.DOTALL)
@@ -64,7 +64,8 @@ async def job_webhook(request: Request, api: Api) -> JSONResponse:
         raise bad_request("the body must be a JSON object (a job request)")
     if "idempotency_key" not in body:  # a replay of the same signed request returns the same task
         body["idempotency_key"] = "webhook:" + digest[:40]  # the verified digest, never the raw header
-    response = created_response(await api.run(api.services.tasks.submit, principal, body))
+    response = created_response(await api.run(api.services.tasks.submit, principal, body,
+                                              trace=request_trace(request)))
     response.status_code = 202
     return response
 

@@ -69,8 +69,8 @@ class Core:
 
     # -- requests ------------------------------------------------------------------------------
     @staticmethod
-    def submit(request: dict[str, Any]) -> Call:
-        return Call("POST", "/v1/tasks", json=request)
+    def submit(request: dict[str, Any], trace: dict[str, str] | None = None) -> Call:
+        return Call("POST", "/v1/tasks", json=request, headers=dict(trace or {}))
 
     @staticmethod
     def job(images: Sequence[str], prompt: str, model: str | None, fields_: dict[str, Any]) -> dict[str, Any]:

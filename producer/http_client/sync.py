@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from contracts import tracing
 from contracts.errors import RequestError
 from producer.http_client.core import DROPPED, TIMEOUT, Call, Core, Follow, HttpTaskRecord, Pages, unreachable
 from producer.protocol import QueueView, TaskHandle
@@ -36,15 +37,18 @@ class HttpClient:
     # -- submit, cancel, retry -------------------------------------------------------------------
     def submit(self, images: Sequence[str] = (), prompt: str = "", model: str | None = None,
                **fields_: Any) -> TaskHandle[HttpClient]:
-        """As Client.submit; local image files are uploaded first (POST /v1/uploads)."""
+        """As Client.submit; local image files are uploaded first (POST /v1/uploads). The trace goes as the
+        `traceparent` header."""
+        trace = tracing.given(fields_)
         refs = list(images)
         for index, path in self.core.local_paths(refs):
             call, files = self.core.upload(path)
             refs[index] = self._call(call, files=files)["ref"]
-        return self.submit_request(self.core.job(refs, prompt, model, fields_))
+        return self.submit_request(self.core.job(refs, prompt, model, fields_), trace=trace)
 
-    def submit_request(self, request: dict[str, Any]) -> TaskHandle[HttpClient]:
-        created = self._call(self.core.submit(request))
+    def submit_request(self, request: dict[str, Any], *,
+                       trace: tracing.Carrier | None = None) -> TaskHandle[HttpClient]:
+        created = self._call(self.core.submit(request, trace or tracing.current()))
         return TaskHandle(created["task_id"], bool(created["created"]), self)
 
     def cancel(self, task_id: str) -> bool:

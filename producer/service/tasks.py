@@ -16,6 +16,7 @@ repeats a rule.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from contracts.sender import TaskSender
 from contracts.settings import Settings
 from contracts.store import ANY_TENANT, FAILED, QUEUED, RUNNING, Outcome, Store, TaskRecord, TenantScope
 from contracts.tenants import ADMIN, Principal
+from contracts.tracing import Carrier
 
 WAITING = "waiting"  # a listing filter, not a status: queued or running, held back by flow control
 MAX_SHOWN_ID = 128
@@ -70,11 +72,13 @@ class TaskService:
         self.sender = sender
 
     # -- submit --------------------------------------------------------------------------------
-    def submit(self, principal: Principal, request: dict[str, Any], *, local_files: bool = False) -> Submitted:
+    def submit(self, principal: Principal, request: dict[str, Any], *, local_files: bool = False,
+               trace: Carrier | None = None) -> Submitted:
         """Validate and enqueue a job request (README, Job request). `local_files=False` refuses
-        references to files on this machine (callers over HTTP are elsewhere)."""
-        job = parse_job(self._as_tenant(principal, request), default_model=self.settings.model,
-                        local_files=local_files)
+        references to files on this machine (callers over HTTP are elsewhere); `trace`: the caller's
+        trace context, carried in the task (contracts/tracing.py)."""
+        job = dataclasses.replace(parse_job(self._as_tenant(principal, request), default_model=self.settings.model,
+                                            local_files=local_files), trace=trace)
         try:
             self._check_conversation(job)
             self._check_uploads(job)

@@ -79,7 +79,7 @@ def test_docker_compose_config_accepts_the_file_with_secrets_and_refuses_it_with
 def test_no_secret_has_a_default_and_every_one_is_required() -> None:
     text = COMPOSE.read_text()
     for name in SECRETS:
-        uses = re.findall(r"\$\{%s(:?[-?][^}]*)?\}" % name, text)
+        uses = re.findall(r"\$\{" + name + r"(:?[-?][^}]*)?\}", text)
         assert uses, name
         assert all(use.startswith(":?") for use in uses), (name, uses)
     example = dict(re.findall(r"^([A-Z_][A-Z0-9_]*)=(.*)$", (REPO / ".env.example").read_text(), re.M))

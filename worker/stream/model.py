@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import openai
 
+from contracts import tracing
 from contracts.errors import ModelError, StreamStopped
 from contracts.settings import Settings
 from contracts.tokens import estimate_text_tokens
@@ -102,6 +103,7 @@ class QvqModel:
         self, *, model: str, messages: list[dict[str, Any]], high_resolution: bool, attempt: int,
         on_text: OnText, should_stop: Callable[[], bool] = lambda: False,
         on_open: Callable[[Any], None] | None = None, prompt_tokens_estimate: int | None = None,
+        trace: dict[str, str] | None = None,
     ) -> StreamResult:
         """Stream one completion, calling on_text for every piece of text as it arrives.
 
@@ -112,13 +114,14 @@ class QvqModel:
         A stream that ends without `finish_reason` is broken (model.stream_broken). One that ends
         properly without a usage chunk (a server that ignores include_usage) completes, with usage
         counted by us and marked `"estimated": True`: `prompt_tokens_estimate` (the worker's count of
-        the request) and an estimate of the text received.
+        the request) and an estimate of the text received. The request carries the trace context: the
+        current span's, else `trace` as the caller gave it (contracts/tracing.py).
         """
         result = StreamResult()
         closer = TaskCloser.current()
         try:
-            await self._read(model, messages, high_resolution, attempt, on_text, should_stop, result,
-                             lambda: on_open(closer) if on_open else None)
+            await self._read(model, messages, high_resolution, {"X-Qvq-Attempt": str(attempt), **tracing.outgoing(trace)},
+                             on_text, should_stop, result, lambda: on_open(closer) if on_open else None)
         except asyncio.CancelledError:
             closer.disarm()
             if not closer.fired:
@@ -136,14 +139,14 @@ class QvqModel:
             result.usage = estimated_usage(result, messages, prompt_tokens_estimate)
         return result
 
-    async def _read(self, model: str, messages: list[dict[str, Any]], high_resolution: bool, attempt: int,
+    async def _read(self, model: str, messages: list[dict[str, Any]], high_resolution: bool, headers: dict[str, str],
                     on_text: OnText, should_stop: Callable[[], bool], result: StreamResult,
                     opened: Callable[[], None]) -> None:
         manager = self.client.chat.completions.with_streaming_response.create(  # type: ignore[call-overload]
             model=model, messages=messages, stream=True,
             stream_options={"include_usage": True},
             extra_body={"vl_high_resolution_images": True} if high_resolution else None,
-            extra_headers={"X-Qvq-Attempt": str(attempt)},
+            extra_headers=headers,
         )
         stream = ChunkStream(manager)
         try:
