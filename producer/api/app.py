@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None, *, keepalive_s: float = events.
             await run_in_threadpool(services.close)
 
     app = FastAPI(title="qvq-queue", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None,
-                  default_response_class=JSONResponse)
+                  default_response_class=JSONResponse, generate_unique_id_function=openapi.operation_id)
     app.state.authenticator = Authenticator(KeyRing.parse(settings.api_keys))
     errors.install(app)
     redact_logger("uvicorn.access")  # ?api_key= never reaches the access log

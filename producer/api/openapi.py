@@ -6,11 +6,18 @@ import json
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from fastapi.openapi.utils import get_openapi
 
 from producer.api import schemas
 
 DESCRIPTION = "Visual-reasoning jobs on Alibaba QVQ: submit, watch live, get the result."
+
+
+def operation_id(route: APIRoute) -> str:
+    """An operation's id is its route function's name (`submit_task`, `get_task`): what a generated
+    client names its method."""
+    return route.name
 
 
 def document(app: FastAPI) -> dict[str, Any]:
@@ -24,6 +31,7 @@ def document(app: FastAPI) -> dict[str, Any]:
         components[model.__name__] = schema
     _name_patterns_as_property_names(components)
     _replace_fastapi_errors(doc)
+    _declare_server_errors(doc)
     doc["components"].setdefault("securitySchemes", {})["webhook_signature"] = {
         "type": "apiKey", "in": "header", "name": "X-Qvq-Signature",
         "description": 't=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>"> with QVQ_WEBHOOK_SECRET(S)'}
@@ -45,6 +53,24 @@ def _replace_fastapi_errors(doc: dict[str, Any]) -> None:
                 operation["responses"]["422"] = {"description": "a field is invalid (request.invalid)", **error}
     for name in ("HTTPValidationError", "ValidationError"):
         doc.get("components", {}).get("schemas", {}).pop(name, None)
+
+
+def _declare_server_errors(doc: dict[str, Any]) -> None:
+    """Every operation may answer 500 (`internal`, as ErrorBody); /readyz documents its 503 body."""
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+    for path in doc.get("paths", {}).values():
+        for operation in path.values():
+            operation.setdefault("responses", {}).setdefault(
+                "500", {"description": "an internal error (internal); nothing internal is shown", **error})
+    ready = doc.get("paths", {}).get("/readyz", {}).get("get")
+    if ready is not None:
+        checks = {"type": "object", "required": ["status", "redis", "database"], "properties": {
+            "status": {"type": "string", "enum": ["ready", "not_ready"]},
+            "redis": {"type": "boolean"}, "database": {"type": "boolean"}}}
+        for status, description in (("200", "Redis and the database answer"),
+                                    ("503", "Redis or the database does not answer (false)")):
+            ready["responses"][status] = {"description": description,
+                                          "content": {"application/json": {"schema": checks}}}
 
 
 def _name_patterns_as_property_names(node: Any) -> None:

@@ -4,6 +4,7 @@ runs every check against it over real HTTP (a bounded number of examples; QVQ_SL
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -43,9 +44,16 @@ def test_the_document_declares_bodies_errors_statuses_and_security(api: ApiServe
     assert "HTTPValidationError" not in document["components"]["schemas"]  # FastAPI's {detail} is never sent
     events = document["paths"]["/v1/tasks/{task_id}/events"]["get"]["responses"]["200"]["content"]
     assert list(events) == ["text/event-stream"]
+    ids = []
     for name, path in document["paths"].items():
         for operation in path.values():
             assert bool(operation.get("security")) is name.startswith("/v1/"), operation["operationId"]
+            assert operation["responses"]["500"]["content"]["application/json"]["schema"] == error
+            ids.append(operation["operationId"])
+    assert len(ids) == len(set(ids)) and all(re.fullmatch(r"[a-z][a-z_]*[a-z]", i) for i in ids), ids
+    assert {"submit_task", "get_task", "list_tasks", "task_events", "cancel_task"} <= set(ids), ids
+    ready = document["paths"]["/readyz"]["get"]["responses"]
+    assert ready["503"]["content"]["application/json"]["schema"]["properties"]["redis"] == {"type": "boolean"}
 
 
 def test_schemathesis_finds_nothing_with_every_check(api: ApiServer) -> None:
