@@ -13,6 +13,7 @@ from typing_extensions import TypeAliasType
 
 from contracts.catalog import MODELS
 from contracts.job import MAX_IMAGES, MAX_PROMPT_CHARS
+from contracts.store import CALLBACK_DELIVERED, CALLBACK_FAILED, CALLBACK_GONE, CALLBACK_PENDING
 
 SAFE_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}$"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -35,6 +36,7 @@ MetadataValue = TypeAliasType(  # type: ignore[misc]
 )
 DATETIME_DESCRIPTION = "ISO 8601 / RFC 3339 date-time, e.g. 2026-12-01T00:00:00Z"
 Status = Literal["queued", "running", "completed", "failed", "cancelled"]
+CALLBACK_STATUSES = (CALLBACK_PENDING, CALLBACK_DELIVERED, CALLBACK_GONE, CALLBACK_FAILED)
 ListedStatus = Literal["queued", "running", "completed", "failed", "cancelled", "waiting"]
 
 
@@ -123,19 +125,107 @@ class Cost(BaseModel):
     attempts: list[AttemptCost] = Field(default_factory=list)
 
 
+class TaskError(BaseModel):
+    code: str = Field(..., description="a stable error code (README, Errors)")
+    message: str
+
+
+class ImageSummary(BaseModel):
+    """One image as the worker checked and sent it."""
+
+    model_config = ConfigDict(extra="allow")
+    ref: str
+    format: str | None = Field(None, description="PNG, JPEG, WEBP, ...")
+    width: int | None = None
+    height: int | None = None
+    bytes: int | None = Field(None, description="the object's size as fetched")
+    sent_width: int | None = Field(None, description="after downscaling to the model's pixel budget")
+    sent_height: int | None = None
+    tokens: int | None = Field(None, description="image tokens counted by the vendor's rule")
+    sha256: str | None = Field(None, description="of the bytes fetched (absent on rows older than the check)")
+
+
+class Usage(BaseModel):
+    """Tokens of the task: the model's usage chunk (or our count, `estimated`), and with `billed` every
+    billed attempt summed, as the bill counts them."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    estimated: bool | None = None
+    billed: dict[str, Any] | None = Field(None, description="every billed attempt's tokens, summed")
+
+
+class Timings(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    queue_s: float | None = Field(None, description="submit to the run's start")
+    first_reasoning_s: float | None = Field(None, description="the run's start to its first reasoning text")
+    first_answer_s: float | None = None
+    total_s: float | None = Field(None, description="the run's start to its end")
+
+
+class CallbackTry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    at: Moment
+    outcome: str = Field(..., description="delivered, retry, gone or refused")
+    status_code: int | None
+    error: str | None
+
+
+class CallbackDelivery(BaseModel):
+    """The delivery of the terminal event to `callback_url` (its query is never shown)."""
+
+    event_id: str
+    run: int
+    url: str
+    status: str = Field(..., json_schema_extra={"enum": list(CALLBACK_STATUSES)})
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    next_attempt_at: Moment | None
+    created_at: Moment
+    delivered_at: Moment | None
+    attempt_log: list[CallbackTry]
+
+
+class Waiting(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    reason: str | None = Field(None, description="model_quota, tenant_concurrency, tenant_rate")
+    wait_s: float | None = None
+    since: float | None = Field(None, description="Unix time the wait began")
+
+
 class TaskRecord(BaseModel):
+    """A task (GET /v1/tasks/{id}): its request, its text, its images, its bill and how its runs went."""
+
     model_config = ConfigDict(extra="allow")
     task_id: str
     status: Status
     model: str
     tenant: str | None
+    conversation_id: str | None = None
+    idempotency_key: str | None = None
+    request: dict[str, Any] = Field(..., description="the job request as accepted (README, Job request)")
+    reasoning: str | None = Field(None, description="the model's thinking, whole")
+    answer: str | None = None
+    error: TaskError | None
+    error_code: str | None = None
+    error_message: str | None = None
     attempts: int
+    retry_base: int = 0
+    run: int = Field(0, description="0 for the first run; each retry starts the next")
+    last_seq: int = Field(0, description="the highest event seq known: follow from here")
+    images: list[ImageSummary] | None = None
+    usage: Usage | None = None
+    cost: Cost | None = None
+    timings: Timings | None = None
+    metadata: dict[str, Any]
     created_at: Moment
     started_at: Moment | None = None
     finished_at: Moment | None = None
-    metadata: dict[str, Any]
-    error: dict[str, Any] | None
-    cost: Cost | None = None
+    callback: CallbackDelivery | None = None
+    waiting: Waiting | None = Field(None, description="while flow control holds the task back")
 
 
 class TaskSummary(BaseModel):
@@ -145,7 +235,7 @@ class TaskSummary(BaseModel):
     tenant: str | None
     conversation_id: str | None
     attempts: int
-    error: dict[str, Any] | None
+    error: TaskError | None
     cost: Cost | None
     created_at: Moment
     started_at: Moment | None

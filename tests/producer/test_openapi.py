@@ -52,6 +52,12 @@ def test_the_document_declares_bodies_errors_statuses_and_security(api: ApiServe
             ids.append(operation["operationId"])
     assert len(ids) == len(set(ids)) and all(re.fullmatch(r"[a-z][a-z_]*[a-z]", i) for i in ids), ids
     assert {"submit_task", "get_task", "list_tasks", "task_events", "cancel_task"} <= set(ids), ids
+    record = document["components"]["schemas"]["TaskRecord"]["properties"]
+    typed = {"images": "ImageSummary", "usage": "Usage", "cost": "Cost", "timings": "Timings",
+             "callback": "CallbackDelivery", "waiting": "Waiting", "error": "TaskError"}
+    for name, model in typed.items():  # a generated client gets classes, not bare dicts
+        assert f"#/components/schemas/{model}" in str(record[name]), (name, record[name])
+    assert len(record) >= 26
     ready = document["paths"]["/readyz"]["get"]["responses"]
     assert ready["503"]["content"]["application/json"]["schema"]["properties"]["redis"] == {"type": "boolean"}
 
