@@ -56,8 +56,8 @@ def _rate_limited_attempts(stack: Stack, task_ids: list[str]) -> int:
                if e["type"] == ev.RETRYING and e["error"]["code"] == "model.rate_limited")
 
 
-def _burst(make_stack: Any, tasks: int, rpm: int, limiter: bool = True) -> dict[str, Any]:
-    stack = _rate_limited_stack(make_stack, rpm, 10_000_000, limiter=limiter)
+def _burst(make_stack: Any, tasks: int, rpm: int, limiter: bool = True, margin_ms: str = TEST_MARGIN_MS) -> dict[str, Any]:
+    stack = _rate_limited_stack(make_stack, rpm, 10_000_000, limiter=limiter, QVQ_FLOW_MARGIN_MS=margin_ms)
     for index in range(3):
         stack.start_worker(concurrency=max(10, tasks // 3 + 5), name=f"w{index}")
     start = time.monotonic()
@@ -86,7 +86,9 @@ def _wait_terminal_quietly(stack: Stack, ids: list[str], timeout: float) -> dict
 
 
 def test_a_burst_across_three_workers_stays_within_the_service_rate_limit(make_stack: Any) -> None:
-    result = _burst(make_stack, tasks=60, rpm=600)
+    # 60 calls through three workers: with both cores held by another process, grants reached the emulator
+    # past the 500 ms slack (two 429s in a loaded run). Nothing here measures time: a second of slack.
+    result = _burst(make_stack, tasks=60, rpm=600, margin_ms="1000")
     assert result["completed"] == 60
     assert result["rate_limited_429"] == 0 and result["429_in_attempts"] == 0
     assert result["max_requests_1s"] <= 10 and result["max_requests_60s"] <= 600
