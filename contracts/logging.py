@@ -100,12 +100,17 @@ def redact_logger(name: str) -> None:
 
 
 # -- processors (plain functions: logger, method name, event dict) ------------------------------------
+def span_fields(span: Any) -> dict[str, str]:
+    """A recording span's `trace_id` and `span_id` (hex), {} for the no-op span of tracing off."""
+    context = span.get_span_context()
+    if not context.is_valid:
+        return {}
+    return {"trace_id": format(context.trace_id, "032x"), "span_id": format(context.span_id, "016x")}
+
+
 def add_trace_ids(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
     """`trace_id` and `span_id` of the current OpenTelemetry span, when one records (tracing on)."""
-    context = otel_trace.get_current_span().get_span_context()
-    if context.is_valid:
-        event_dict["trace_id"] = format(context.trace_id, "032x")
-        event_dict["span_id"] = format(context.span_id, "016x")
+    event_dict.update(span_fields(otel_trace.get_current_span()))
     return event_dict
 
 

@@ -27,7 +27,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 from contracts.errors import RequestError
-from contracts.logging import get_logger
+from contracts.logging import get_logger, span_fields
 from contracts.settings import Settings
 
 log = get_logger(__name__)
@@ -123,8 +123,7 @@ def spanned(name: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
 
 def log_fields(current_span: Any, found: Carrier | None) -> dict[str, str]:
     """`trace_id` for log lines: the span's (tracing on), else the carried one's; nothing without either."""
-    context = current_span.get_span_context()
-    known = format(context.trace_id, "032x") if context.is_valid else trace_id(found)
+    known = span_fields(current_span).get("trace_id") or trace_id(found)
     return {"trace_id": known} if known else {}
 
 
