@@ -86,9 +86,10 @@ def _wait_terminal_quietly(stack: Stack, ids: list[str], timeout: float) -> dict
 
 
 def test_a_burst_across_three_workers_stays_within_the_service_rate_limit(make_stack: Any) -> None:
-    # 60 calls through three workers: with both cores held by another process, grants reached the emulator
-    # past the 500 ms slack (two 429s in a loaded run). Nothing here measures time: a second of slack.
-    result = _burst(make_stack, tasks=60, rpm=600, margin_ms="1000")
+    # 60 calls through three workers: with both cores held by other processes, grants reached the emulator
+    # (in this process, as starved as the workers) past a 500 ms slack, and once past 1,000 ms (seven 429s
+    # in a run at load 5.7). Nothing here measures time: two seconds of slack.
+    result = _burst(make_stack, tasks=60, rpm=600, margin_ms="2000")
     assert result["completed"] == 60
     assert result["rate_limited_429"] == 0 and result["429_in_attempts"] == 0
     assert result["max_requests_1s"] <= 10 and result["max_requests_60s"] <= 600

@@ -24,7 +24,7 @@ from contracts.settings import Settings
 from producer.aio import AsyncClient
 from producer.client import Client
 from tests.producer import ApiServer, sse_events
-from tests.reliability import Stack, directive, terminal_events, text_of
+from tests.reliability import Stack, after_last_retry, directive, terminal_events, text_of
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -201,8 +201,8 @@ def test_fail_retry_complete_every_follower_from_seq_0_ends_with_the_completed_r
         assert types[0] == ev.QUEUED and ev.FAILED in types, name  # the first run was replayed
         queued = [e for e in events if e["type"] == ev.QUEUED]
         assert [e.get("run") for e in queued] == [0, 1], name
-        second = events[events.index(queued[1]):]
-        assert text_of(second, ev.REASONING_DELTA) == record.reasoning, name
+        second = events[events.index(queued[1]):]  # a loaded machine may retry the model within the run
+        assert text_of(after_last_retry(second), ev.REASONING_DELTA) == record.reasoning, name
     log = stack.events(task_id)
     assert [e["type"] for e in terminal_events(log)] == [ev.FAILED, ev.COMPLETED]
     assert ev.is_terminal(log[-1])  # nothing follows a run's terminal event
