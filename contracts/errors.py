@@ -63,6 +63,7 @@ ERROR_CODES: dict[str, bool] = {
     "auth.invalid": False,
     "auth.forbidden": False,
     "task.not_found": False,
+    "batch.not_found": False,
     "events.expired": False,
     "request.too_large": False,
     "request.unsupported_media_type": False,

@@ -27,9 +27,16 @@ EVENT_TYPES = (QUEUED, STARTED, IMAGES_READY, WAITING, REASONING_DELTA, ANSWER_D
 DELTA_TYPES = frozenset({REASONING_DELTA, ANSWER_DELTA})
 TERMINAL_TYPES = frozenset({COMPLETED, FAILED, CANCELLED})
 #: Why flow control holds a task back (task.waiting's `reason`).
-WAIT_REASONS = ("model_quota", "tenant_concurrency", "tenant_rate")
+WAIT_REASONS = ("model_quota", "tenant_concurrency", "tenant_rate", "identical_job")
+IDENTICAL_JOB = "identical_job"  # waiting for an identical job's answer (the result cache's single flight)
 #: The terminal event of each terminal status, and back.
 EVENT_OF_STATUS = {"completed": COMPLETED, "failed": FAILED, "cancelled": CANCELLED}
+
+
+# -- a batch's events (on qvq:batch:{id}; `batch_id`, `seq`, `type`, `ts`, `round` and the tally) ------------
+BATCH_PROGRESS = "batch.progress"  # items, counts by status, done, tokens, cost, rate, eta_s: a few a second at most
+BATCH_COMPLETED = "batch.completed"  # the same, once per round, when no item is queued or running
+BATCH_EVENT_TYPES = (BATCH_PROGRESS, BATCH_COMPLETED)
 
 
 def is_terminal(event: dict[str, Any]) -> bool:

@@ -34,9 +34,10 @@ MAX_METADATA_DEPTH = 8
 UPLOAD_REF = re.compile(r"upload://([0-9a-f]{32})")
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,256}")
 
+_OMITTED_WHEN_UNSET = ("trace", "cache", "batch_id")
 _FIELDS = {
     "task_id", "idempotency_key", "model", "images", "prompt", "conversation_id",
-    "high_resolution", "tenant", "callback_url", "metadata",
+    "high_resolution", "tenant", "callback_url", "metadata", "cache",
 }
 
 
@@ -54,13 +55,16 @@ class JobRequest:
     metadata: dict[str, Any] = field(default_factory=dict)
     enqueued_at: float = 0.0
     trace: dict[str, str] | None = None  # the caller's traceparent/tracestate (contracts/tracing.py); not a request field
+    cache: bool = False  # answer from the result cache when the same request was answered (worker/cache.py)
+    batch_id: str | None = None  # the batch this job is an item of (contracts/batches/); not a request field
 
     def to_payload(self) -> dict[str, Any]:
         data = asdict(self)
         data["images"] = list(self.images)
         data["version"] = PAYLOAD_VERSION
-        if self.trace is None:
-            del data["trace"]  # a worker of an earlier release reads an untraced task's payload as before
+        for name in _OMITTED_WHEN_UNSET:  # a worker of an earlier release reads such a payload as before
+            if not data[name]:
+                del data[name]
         return data
 
     @classmethod
@@ -97,6 +101,7 @@ def parse_job(raw: dict[str, Any], *, default_model: str = "qvq-max", local_file
         callback_url=_callback(raw.get("callback_url")),
         metadata=_metadata(raw.get("metadata")),
         enqueued_at=time.time(),
+        cache=_bool(raw, "cache"),
     )
 
 

@@ -13,6 +13,10 @@
     qvq:budget:{tenant}:{period}*  a tenant's spent and reserved money for a UTC day or month
     qvq:callbacks:due              zset: callback deliveries by the time they are due
     qvq:sweep:*                    the recovery sweep's round lock, suspects, cursors
+    qvq:batch:{id}                 pub/sub channel of a batch's events (and :log, :seq as for a task)
+    qvq:batch:{id}:tick            held for a moment after a batch.progress (at most a few per second)
+    qvq:cache:{tenant}:{key}       the result cache: the task whose answer this request has (TTL)
+    qvq:cache:{tenant}:{key}:flight  held by the one run computing it (single flight)
 
 Keys of one tenant or model family carry a `{hash tag}`, so the Lua scripts that touch several of them
 run on one slot of a Redis Cluster.
@@ -21,6 +25,8 @@ run on one slot of a Redis Cluster.
 from __future__ import annotations
 
 TASK_PREFIX = "qvq:task:"
+BATCH_PREFIX = "qvq:batch:"
+CACHE_PREFIX = "qvq:cache:"
 CANCEL_CHANNEL = "qvq:cancel"
 FLOW_PREFIX = "qvq:flow:"
 BUDGET_PREFIX = "qvq:budget:"
@@ -59,6 +65,29 @@ def cancel_key(task_id: str) -> str:
 def lease_key(task_id: str) -> str:
     """Held by the worker running the task (worker/recovery/lease.py), so a redelivery never runs it twice."""
     return f"{TASK_PREFIX}{task_id}:lease"
+
+
+# -- one batch -----------------------------------------------------------------------------------
+def batch_stream_keys(batch_id: str) -> tuple[str, str, str]:
+    """A batch's seq counter, replay log and channel (the publish script's keys, as for a task)."""
+    base = f"{BATCH_PREFIX}{batch_id}"
+    return f"{base}:seq", f"{base}:log", base
+
+
+def batch_tick_key(batch_id: str) -> str:
+    """Set for a moment after a batch.progress: progress is published at most a few times a second."""
+    return f"{BATCH_PREFIX}{batch_id}:tick"
+
+
+# -- the result cache ----------------------------------------------------------------------------
+def cache_key(tenant: str | None, key: str) -> str:
+    """The task whose answer a request (by its content key) has, per tenant (worker/cache.py)."""
+    return f"{CACHE_PREFIX}{{{tenant or '-'}}}:{key}"
+
+
+def cache_flight_key(tenant: str | None, key: str) -> str:
+    """Held by the run computing an answer, so identical concurrent jobs make one model call."""
+    return f"{cache_key(tenant, key)}:flight"
 
 
 # -- flow control --------------------------------------------------------------------------------

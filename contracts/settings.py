@@ -111,6 +111,8 @@ class Settings:
     allowed_buckets: tuple[str, ...] = setting("QVQ_ALLOWED_BUCKETS", (), _list)
     image_delivery: str = setting("QVQ_IMAGE_DELIVERY", "inline")
     event_ttl_s: int = setting("QVQ_EVENT_TTL_S", 86_400, _positive_int)
+    result_cache: bool = setting("QVQ_RESULT_CACHE", False, _bool)  # every job as if it asked "cache": true
+    result_cache_ttl_s: int = setting("QVQ_RESULT_CACHE_TTL_S", 86_400, _positive_int)
     webhook_secret: str = setting("QVQ_WEBHOOK_SECRET", "", secret=True)
     webhook_secrets: tuple[str, ...] = setting("QVQ_WEBHOOK_SECRETS", (), _list, secret=True)  # tenant:secret
     api_keys: tuple[str, ...] = setting("QVQ_API_KEYS", (), _list, secret=True)

@@ -27,6 +27,7 @@ import redis
 from celery import Celery
 
 from contracts import tracing
+from contracts.batches.follow import BatchFollow, follow
 from contracts.bus import EventBus
 from contracts.settings import Settings, get_settings
 from contracts.store import Store, TaskRecord
@@ -34,6 +35,7 @@ from contracts.tenants import ADMIN
 from producer.protocol import TaskHandle
 from producer.results import wait_for_result
 from producer.service import Services
+from producer.service.batches import ENDED, render_results
 from producer.service.queue import QueueProbe, QueueState
 from producer.service.tasks import not_found
 
@@ -134,6 +136,30 @@ class Client:
 
     def conversation_exists(self, conversation_id: str) -> bool:
         return self.services.tasks.conversation_exists(ADMIN, conversation_id)
+
+    # -- batches -------------------------------------------------------------------------------
+    def submit_batch(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A batch (README, Batches): estimated, then every item queued; a dry run only estimates."""
+        return self.services.batches.submit(ADMIN, request, local_files=True)
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        return self.services.batches.view(ADMIN, batch_id)
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        return self.services.batches.cancel(ADMIN, batch_id)
+
+    def retry_batch(self, batch_id: str) -> dict[str, Any]:
+        return self.services.batches.retry(ADMIN, batch_id)
+
+    def batch_events(self, batch_id: str, from_seq: int = 0) -> Iterator[dict[str, Any]]:
+        """batch.progress and batch.completed, replayed then live, ending at the batch's end."""
+        record = self.services.batches.get(ADMIN, batch_id)
+        state = BatchFollow(batch_id, from_seq=from_seq, round_=record.round)
+        return follow(self.redis, state, lambda: self.batch(batch_id)["status"] in ENDED)
+
+    def batch_results(self, batch_id: str, fmt: str = "jsonl") -> Iterator[str]:
+        """The finished items, a line each in the batch's order (JSON Lines, or CSV with its header)."""
+        return render_results(self.services.batches.results(ADMIN, batch_id), fmt)
 
     def queue_state(self) -> QueueState:
         """The messages waiting in this client's queue and the workers consuming it."""

@@ -46,6 +46,9 @@ from contracts.job import JobRequest
 from contracts.logging import get_logger
 from contracts.retry import TRANSIENT_DB_ERRORS, TRANSIENT_REDIS_ERRORS
 from contracts.store import CANCELLED, COMPLETED, FAILED, HistoryTurn, Outcome
+from worker.batches import admit_item
+from worker.batches import item_ended as batch_item_ended
+from worker.cache import CacheLookup, content_key
 from worker.callbacks.deliveries import schedule as schedule_callback
 from worker.context import WorkerContext
 from worker.flow.control import ModelCall
@@ -101,6 +104,7 @@ class TaskRun:
         self._events_down_until = 0.0
         self._waited_since: float | None = None  # when this delivery began waiting for another's lease
         self.input_tokens = 0  # the counted input of the model call (check_token_budget), for flow control
+        self.cache: CacheLookup | None = None  # the result cache, when the job asks for it (worker/cache.py)
         self._last_delta: asyncio.Future[int] | None = None  # the latest delta queued on the loop
 
     # -- the run -------------------------------------------------------------------------------
@@ -124,6 +128,8 @@ class TaskRun:
             outcome = self._steps(watch)
         finally:
             self.ctx.cancels.unregister(self.task_id)
+            if self.cache is not None:  # a flight this run led ends: a waiter takes over, or reads the answer
+                self.cache.release()
         log.info("task.finished", status=outcome, attempt=self.attempt,
                  duration_s=round(time.time() - self.started, 3))
         return outcome
@@ -136,9 +142,13 @@ class TaskRun:
         if watch.should_stop():
             return self._stop(watch)
         self._publish(ev.STARTED, worker=self.ctx.name)
+        cached_from = None
         try:
+            admit_item(self.ctx, self.job, watch)
             messages, estimate = self._prepare()
-            result = self._stream(messages, estimate, watch)
+            result, cached_from = self._cached(watch)
+            if result is None:
+                result = self._stream(messages, estimate, watch)
         except StreamStopped as stopped:
             self.partial = stopped.result or StreamResult()
             return self._stop(watch)
@@ -149,7 +159,7 @@ class TaskRun:
         except Exception as exc:
             log.exception("task.crashed")
             return self._fail(InternalError(f"{type(exc).__name__}: {exc}"))
-        return self._complete(result)
+        return self._complete(result, cached_from)
 
     @property
     def attempts_since_retry(self) -> int:
@@ -202,6 +212,9 @@ class TaskRun:
         history, self.images, shown = prepared.history, prepared.images, prepared.summaries
         self._publish(ev.IMAGES_READY, images=shown, image_tokens=prepared.tokens)
         estimate = self.input_tokens = check_token_budget(job.model, job.prompt, self.images, history)
+        if job.cache or self.ctx.settings.result_cache:
+            self.cache = CacheLookup(self.ctx.settings, self.ctx.redis, self.ctx.store, job,
+                                     content_key(job, self.images, history))
         return build_messages(job.prompt, self.images, history, url_for=self._image_url), estimate
 
     def _image_url(self, image: PreparedImage) -> str:
@@ -221,6 +234,16 @@ class TaskRun:
         before = dt.datetime.fromtimestamp(self.job.enqueued_at, dt.UTC)
         return store_call(self.ctx.store.history, self.job.conversation_id, before,  # type: ignore[no-any-return]
                            self.job.tenant)
+
+    def _cached(self, watch: RunWatch) -> tuple[StreamResult | None, str | None]:
+        """The cached answer and the task it came from, when the cache has it (an identical job in
+        flight is waited for); (None, None): call the model."""
+        source = self.cache.answer(lambda seconds: self._wait(seconds, watch), self._publish,
+                                   watch.remaining_s) if self.cache else None
+        if source is None:
+            return None, None
+        usage = {name: value for name, value in (source.usage or {}).items() if name != "billed"}
+        return StreamResult(reasoning=source.reasoning or "", answer=source.answer or "", usage=usage), source.id
 
     # -- step: the stream, retried ---------------------------------------------------------------
     def _stream(self, messages: list[dict[str, Any]], estimate: int, watch: RunWatch) -> StreamResult:
@@ -303,20 +326,24 @@ class TaskRun:
 
     # -- the terminal states: persist, then publish ----------------------------------------------
     @cpu_gate.gated
-    def _complete(self, result: StreamResult) -> str:
+    def _complete(self, result: StreamResult, cached_from: str | None = None) -> str:
+        """End the run completed; `cached_from`: the answer is that task's, from the cache (billed 0)."""
         usage = result.usage or {}
-        bill = cost(self.job.model, int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+        billed = (0, 0) if cached_from else (int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0)))
+        bill = cost(self.job.model, *billed)
         timings = self._timings(result)
-        outcome = self._outcome(COMPLETED, reasoning=result.reasoning, answer=result.answer,
+        outcome = self._outcome(COMPLETED, reasoning=result.reasoning, answer=result.answer, cached_from=cached_from,
                                 images=self._summaries(), usage=usage, cost=bill, timings=timings)
         try:
             written = self._persist(outcome)
         except StoreRejected as error:  # the answer was billed: the failed row keeps its bill
             return self._fail(error, usage=usage, cost=bill)
         if written:  # the bill as the row has it: every billed attempt of the task, from the ledger
+            if self.cache is not None and not cached_from:
+                self.cache.remember(self.task_id)
             self._publish_terminal(ev.COMPLETED, reasoning=result.reasoning, answer=result.answer,
                                    usage=written["usage"], cost=written["cost"], timings=timings,
-                                   metadata=self.job.metadata)
+                                   metadata=self.job.metadata, cached=cached_from is not None, cached_from=cached_from)
         return COMPLETED
 
     @cpu_gate.gated
@@ -368,7 +395,8 @@ class TaskRun:
     # -- step: publish the terminal event and call back ----------------------------------------
     @tracing.spanned("qvq.publish")
     def _publish_terminal(self, type_: str, **fields: Any) -> int | None:
-        """Publish the terminal event (already persisted), note its seq, and POST it to the callback_url."""
+        """Publish the terminal event (already persisted), note its seq, POST it to the callback_url, and
+        tell the batch (if any)."""
         seq = self._publish_terminal_event(type_, **fields)
         if seq is not None:
             self._note_seq(seq)
@@ -376,6 +404,7 @@ class TaskRun:
             event = {"seq": seq, "task_id": self.task_id, "type": type_, "ts": time.time(),
                      "attempt": self.attempt, **fields}
             schedule_callback(self.ctx, self.job.callback_url, event)
+        batch_item_ended(self.ctx, self.job)
         return seq
 
     def _publish_terminal_event(self, type_: str, **fields: Any) -> int | None:

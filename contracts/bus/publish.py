@@ -67,5 +67,12 @@ def publish_args(task_id: str, type_: str, attempt: int, fields: dict[str, Any])
     return [keys.seq_key(task_id), keys.log_key(task_id), keys.channel(task_id)], encoded[1:]
 
 
+def batch_publish_args(batch_id: str, type_: str, fields: dict[str, Any]) -> tuple[list[str], str]:
+    """The script's keys and its event argument for one event of a batch (contracts/batches.py)."""
+    body = {"batch_id": batch_id, "type": type_, "ts": time.time(), **fields}
+    encoded = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    return list(keys.batch_stream_keys(batch_id)), encoded[1:]
+
+
 def is_subscribe_confirmation(message: dict[str, Any] | None) -> bool:
     return message is not None and message.get("type") == "subscribe"

@@ -18,6 +18,7 @@ from contracts.bus.publish import (
     PUBLISH_LUA,
     RECONNECTABLE,
     LostEvents,
+    batch_publish_args,
     is_subscribe_confirmation,
     publish_args,
 )
@@ -56,6 +57,20 @@ class EventBus:
             self.lost.note(task_id)
             raise
 
+    def publish_many(self, events: list[tuple[str, str, int, int, dict[str, Any]]]) -> list[int]:
+        """Many tasks' events in one pipelined round trip: (task id, type, attempt, seq floor, fields) each;
+        their seqs, in order. For the bulk steps of a batch (queue, cancel)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id, type_, attempt, floor, fields in events:
+            script_keys, event = publish_args(task_id, type_, attempt, fields)
+            self._publish(keys=script_keys, args=[event, self.ttl_s, floor, 0], client=pipe)
+        return [int(seq) for seq in pipe.execute()]
+
+    def publish_batch(self, batch_id: str, type_: str, **fields: Any) -> int:
+        """One event of a batch (batch.progress, batch.completed) on its own log and channel."""
+        script_keys, event = batch_publish_args(batch_id, type_, fields)
+        return int(self._publish(keys=script_keys, args=[event, self.ttl_s, 0, 0]))
+
     def note_lost(self, task_id: str) -> None:
         """An event of this task was dropped without a try (a publisher's cooldown): mark the hole."""
         self.lost.note(task_id)
@@ -73,8 +88,15 @@ class EventBus:
 
     def read_log(self, task_id: str, after_seq: int = 0) -> list[dict[str, Any]]:
         """Every logged event with seq > after_seq, in log order."""
+        return self._read_log(keys.log_key(task_id), after_seq)
+
+    def read_batch_log(self, batch_id: str, after_seq: int = 0) -> list[dict[str, Any]]:
+        """A batch's logged events with seq > after_seq."""
+        return self._read_log(keys.batch_stream_keys(batch_id)[1], after_seq)
+
+    def _read_log(self, log: str, after_seq: int) -> list[dict[str, Any]]:
         read = LogRead(after_seq)
-        while not read.take(self.redis.xrange(keys.log_key(task_id), min=read.start(), count=READ_BATCH) or []):
+        while not read.take(self.redis.xrange(log, min=read.start(), count=READ_BATCH) or []):
             pass
         return read.events
 

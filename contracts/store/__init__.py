@@ -6,6 +6,7 @@
     tasks.py      tasks: submit, attempts, the terminal claim, the sweep's queries, conversations, listings
     usage.py      the usage ledger (one row per billed attempt) and the usage report
     callbacks.py  callback deliveries
+    batches.py    batches: the batch row, its items, their tally, the completion claim
     uploads.py    uploads
     schema.py     the schema's version: Alembic migrations (migrations/), applied at start
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from sqlalchemy.engine import Engine
 
+from contracts.store.batches import BatchRecord, BatchStore, BatchTally
 from contracts.store.callbacks import CallbackStore
 from contracts.store.engine import DEFAULT_TIMEOUT_S, make_engine
 from contracts.store.records import (
@@ -45,20 +47,20 @@ from contracts.store.tables import (
     TERMINAL,
     metadata,
 )
-from contracts.store.tasks import TaskStore, idempotency_scope
+from contracts.store.tasks import TaskStore, idempotency_scope, task_row
 from contracts.store.uploads import UploadStore
 from contracts.store.usage import UsageStore, usage_report
 
 __all__ = [
-    "ANY_TENANT", "CALLBACK_DELIVERED", "CALLBACK_FAILED", "CALLBACK_GONE", "CALLBACK_PENDING", "CANCELLED",
+    "ANY_TENANT", "BatchRecord", "BatchTally", "CALLBACK_DELIVERED", "CALLBACK_FAILED", "CALLBACK_GONE", "CALLBACK_PENDING", "CANCELLED",
     "COMPLETED", "FAILED", "QUEUED", "RUNNING", "TERMINAL", "AnyTenant", "AttemptStart", "CallbackRecord",
-    "HistoryTurn", "Outcome", "Store", "TaskRecord", "TenantScope", "UploadRecord", "idempotency_scope", "iso", "make_engine",
+    "HistoryTurn", "Outcome", "Store", "TaskRecord", "TenantScope", "UploadRecord", "idempotency_scope", "iso", "task_row", "make_engine",
     "metadata", "usage_report",
 ]
 
 
-class Store(TaskStore, UsageStore, CallbackStore, UploadStore):
-    """The store of one process: tasks, the usage ledger, callback deliveries and uploads, one engine."""
+class Store(TaskStore, UsageStore, CallbackStore, UploadStore, BatchStore):
+    """The store of one process: tasks, the usage ledger, callback deliveries, uploads and batches, one engine."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

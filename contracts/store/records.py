@@ -54,6 +54,9 @@ class TaskRecord:
     run: int = 0  # 0 for the first run; each manual retry starts the next one
     last_seq: int = 0  # the highest event seq the store knows of (seq never goes back)
     idempotency_scope: str | None = None  # internal: "<tenant>/<idempotency_key>"
+    batch_id: str | None = None  # the batch this task is an item of
+    batch_item: int | None = None  # internal: its place in the batch's stable order
+    cached_from: str | None = None  # a cached answer: the task that paid for it
 
     def __post_init__(self) -> None:
         # Money is Decimal in Python (exact decimal strings in JSON: to_dict writes them back).
@@ -64,7 +67,8 @@ class TaskRecord:
         return self.status in TERMINAL
 
     def to_dict(self) -> dict[str, Any]:
-        out = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "idempotency_scope"}
+        out = {name: getattr(self, name) for name in self.__dataclass_fields__ if name not in _INTERNAL}
+        out["cached"] = self.cached_from is not None
         for name in ("created_at", "started_at", "finished_at"):
             out[name] = iso(out[name])
         out["cost"] = cost_as_text(self.cost) or None
@@ -81,6 +85,7 @@ class TaskRecord:
         return {name: full[name] for name in SUMMARY_FIELDS}
 
 
+_INTERNAL = frozenset({"idempotency_scope", "batch_item"})
 SUMMARY_FIELDS = ("task_id", "status", "model", "tenant", "conversation_id", "attempts", "error", "cost",
                   "created_at", "started_at", "finished_at")
 
@@ -126,6 +131,7 @@ class Outcome:
     cost: dict[str, Any] | None = None
     timings: dict[str, Any] | None = None
     last_seq: int = 0  # the highest seq the run published before its terminal event (never lowers the row's)
+    cached_from: str | None = None  # the answer is the cached one of this task: billed 0, ledger outcome `cached`
 
 
 @dataclass(frozen=True)

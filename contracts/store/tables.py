@@ -61,7 +61,29 @@ tasks = sa.Table(
     sa.Column("created_at", UtcDateTime(), nullable=False),
     sa.Column("started_at", UtcDateTime()),
     sa.Column("finished_at", UtcDateTime()),
+    # migration 0008: the batch an item belongs to and its place in it; the task a cached answer came from
+    sa.Column("batch_id", sa.String(128)),
+    sa.Column("batch_item", sa.Integer),
+    sa.Column("cached_from", sa.String(128)),
     sa.UniqueConstraint("idempotency_scope", name="uq_qvq_tasks_idempotency_scope"),
+    sa.Index("ix_qvq_tasks_batch_item", "batch_id", "batch_item"),
+)
+
+#: One row per batch (contracts/store/batches.py): its request, how many item numbers were handed out,
+#: whether the listing is done, its estimate, and its completion (claimed once per round: a retry of
+#: its failed items starts the next round).
+batches = sa.Table(
+    "qvq_batches", metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("tenant", sa.String(128), index=True),
+    sa.Column("request", sa.JSON, nullable=False),
+    sa.Column("items", sa.Integer, nullable=False, default=0),
+    sa.Column("listed", sa.Boolean, nullable=False, default=False),
+    sa.Column("estimate", sa.JSON),
+    sa.Column("round", sa.Integer, nullable=False, default=0),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("completed_at", UtcDateTime()),
+    sa.Column("cancelled_at", UtcDateTime()),
 )
 
 uploads = sa.Table(
@@ -91,7 +113,7 @@ usage = sa.Table(
     sa.Column("created_at", UtcDateTime(), nullable=False),
     # the ledger (migration 0400): every billed attempt, how it ended, and the prices used
     sa.Column("run", sa.Integer, nullable=False, default=0, server_default="0"),
-    sa.Column("outcome", sa.String(16)),  # completed | failed | cancelled | retried
+    sa.Column("outcome", sa.String(16)),  # completed | failed | cancelled | retried | cached
     sa.Column("estimated", sa.Boolean, nullable=False, default=False, server_default=sa.false()),
     sa.Column("input_price", sa.Numeric(18, 6)),  # CNY per 1,000 tokens
     sa.Column("output_price", sa.Numeric(18, 6)),

@@ -81,6 +81,14 @@ def idempotency_scope(tenant: str | None, key: str | None) -> str | None:
     return f"{tenant or ''}/{key}" if key else None
 
 
+def task_row(job: JobRequest, **extra: Any) -> dict[str, Any]:
+    """The row of a task just submitted (queued, no attempt yet)."""
+    return {"id": job.task_id, "status": QUEUED, "model": job.model, "tenant": job.tenant,
+            "conversation_id": job.conversation_id, "idempotency_key": job.idempotency_key,
+            "idempotency_scope": idempotency_scope(job.tenant, job.idempotency_key), "request": job.to_payload(),
+            "attempts": 0, "retry_base": 0, "run": 0, "last_seq": 0, "created_at": now(), **extra}
+
+
 class TaskStore:
     engine: Engine
 
@@ -94,11 +102,7 @@ class TaskStore:
             existing = self.find_by_idempotency_scope(scope)
             if existing:
                 return _same_request(existing, job), False
-        row = {
-            "id": job.task_id, "status": QUEUED, "model": job.model, "tenant": job.tenant,
-            "conversation_id": job.conversation_id, "idempotency_key": job.idempotency_key,
-            "idempotency_scope": scope, "request": job.to_payload(), "attempts": 0, "created_at": now(),
-        }
+        row = task_row(job)
         try:
             with self.engine.begin() as conn:
                 conn.execute(_INSERT_TASK, row)
@@ -167,7 +171,7 @@ class TaskStore:
                 .where(tasks.c.id == task_id, tasks.c.status.in_(statuses))
                 .values(status=QUEUED, retry_base=tasks.c.attempts, run=tasks.c.run + 1, reasoning=None, answer=None,
                         error_code=None, error_message=None, usage=None, cost=None, timings=None,
-                        finished_at=None)
+                        finished_at=None, cached_from=None)
             ).rowcount
         return self.get(task_id) if moved else None
 
@@ -181,6 +185,7 @@ class TaskStore:
             "error_code": outcome.error_code,
             "error_message": redact(outcome.error_message) if outcome.error_message else outcome.error_message,
             "usage": outcome.usage, "cost": outcome.cost, "timings": outcome.timings, "finished_at": now(),
+            "cached_from": outcome.cached_from,
         }
         if outcome.images is not None:
             values["images"] = outcome.images

@@ -19,6 +19,7 @@ from contracts.store.tables import now, tasks, usage
 
 _INSERT_USAGE = usage.insert()
 #: The report's counted columns (summed per group and in the total); cost_cny follows them.
+CACHED = "cached"  # the ledger outcome of an answer taken from the result cache (cost 0)
 USAGE_COUNTS = ("calls", "estimated_calls", "prompt_tokens", "completion_tokens", "total_tokens")
 
 
@@ -51,7 +52,12 @@ def insert_completed_usage(conn: sa.Connection, task_id: str, outcome: Outcome, 
     """The completed attempt's row, in the terminal write's transaction, when the model-call hook
     (worker/flow/control.py) did not write it."""
     assert outcome.usage is not None and outcome.cost is not None
-    costs = {name: Decimal(str(outcome.cost[name])) for name in ("input", "output", "total")}
+    if outcome.cached_from is not None:  # a cached answer: no call was made, nothing is billed
+        zero = {name: Decimal(0) for name in MONEY_FIELDS}
+        conn.execute(_INSERT_USAGE, _ledger_row(conn, task_id, outcome.attempt, model=model, tenant=tenant, prompt=0,
+                                                completion=0, total=0, costs=zero, outcome=CACHED, estimated=False))
+        return
+    costs = {name: Decimal(str(outcome.cost[name])) for name in MONEY_FIELDS}
     conn.execute(_INSERT_USAGE, _ledger_row(
         conn, task_id, outcome.attempt, model=model, tenant=tenant,
         prompt=int(outcome.usage.get("prompt_tokens") or 0), completion=int(outcome.usage.get("completion_tokens") or 0),

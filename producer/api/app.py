@@ -28,7 +28,7 @@ from contracts.store import Store
 from contracts.tenants import KeyRing
 from contracts.uploads import UploadStorage
 from producer.aio import AsyncClient
-from producer.api import errors, events, openapi, ops, reports, tasks, uploads, webhooks
+from producer.api import batches, errors, events, openapi, ops, reports, tasks, uploads, webhooks
 from producer.api.deps import AppServices
 from producer.api.fanout import FanoutHub
 from producer.api.page import viewer_page
@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None, *, keepalive_s: float = events.
     app.state.authenticator = Authenticator(KeyRing.parse(settings.api_keys))
     errors.install(app)
     redact_logger("uvicorn.access")  # ?api_key= never reaches the access log
-    for module in (tasks, uploads, events, reports, webhooks):
+    for module in (tasks, uploads, events, reports, webhooks, batches):
         app.include_router(module.router, prefix="/v1")
     ops.install(app, settings)
     page = viewer_page()

@@ -46,7 +46,7 @@ async def task_events(
 ) -> Response:
     """Server-Sent Events: the log replayed after max(from_seq, Last-Event-ID), then live."""
     record = await api.run(api.services.tasks.get, principal, task_id)
-    start = max(from_seq, _parse_last_event_id(last_event_id))
+    start = max(from_seq, parse_last_event_id(last_event_id))
     try:  # on the hub's bounded pool: viewers come by the thousand
         last, known = await api.fanout.bus.last_event(task_id), True
     except RECONNECTABLE:  # Redis is away: the stream waits for it, or ends with the row's outcome
@@ -94,7 +94,7 @@ async def sse_stream(aclient: AsyncClient, task_id: str, from_seq: int,
             await events.aclose()
 
 
-def _parse_last_event_id(value: str | None) -> int:
+def parse_last_event_id(value: str | None) -> int:
     if not value or not value.strip():
         return 0
     if not value.strip().isascii() or not value.strip().isdigit() or len(value.strip()) > 18:

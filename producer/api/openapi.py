@@ -25,7 +25,7 @@ def document(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes, description=DESCRIPTION)
     components = doc.setdefault("components", {}).setdefault("schemas", {})
-    for model in (schemas.JobRequestBody, schemas.ErrorBody):
+    for model in (schemas.JobRequestBody, schemas.BatchRequestBody, schemas.ErrorBody):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(schema.pop("$defs", {}))
         components[model.__name__] = schema

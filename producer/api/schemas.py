@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic.json_schema import SkipJsonSchema
 from typing_extensions import TypeAliasType
 
 from contracts.catalog import MODELS
@@ -22,6 +23,9 @@ _PATH_CHAR = r"[^\s?#\x00-\x1f\x7f]"
 URL_PATTERN = rf"^https?://{_HOST_PORT}(?:/{_PATH_CHAR}*)?$"
 IMAGE_REF_PATTERN = (rf"^(?:(?:s3|oss)://[a-z0-9][a-z0-9.-]{{1,62}}/{_PATH_CHAR}+|https?://{_HOST_PORT}"
                      rf"(?:/{_PATH_CHAR}*)?|upload://[0-9a-f]{{32}})$")
+#: A positive amount (CNY), at most 6 decimal places.
+MONEY_AMOUNT_PATTERN = r"^(?:[0-9]{0,12}[1-9][0-9]{0,12}(?:\.[0-9]{1,6})?|[0-9]{1,12}\.[0-9]{0,5}[1-9])$"
+SOURCE_PATTERN = rf"^(?:s3|oss)://[a-z0-9][a-z0-9.-]{{1,62}}(?:/{_PATH_CHAR}*)?$"
 #: At least one character that is not whitespace to Python's str.strip() too (which also strips
 #: \x1c-\x1f and \x85, unlike a JSON Schema \S).
 NOT_BLANK = r"[^\s\x1c-\x1f\x85]"
@@ -60,6 +64,7 @@ class JobRequestBody(BaseModel):
     callback_url: str | None = Field(None, max_length=2048, pattern=URL_PATTERN)
     metadata: dict[Text, MetadataValue] | None = Field(
         None, description="echoed in the result (at most 16 KB, depth 8; no NUL in any string)")
+    cache: bool = Field(False, description="answer from the result cache when this request was answered before")
 
 
 class ErrorDetail(BaseModel):
@@ -226,6 +231,9 @@ class TaskRecord(BaseModel):
     finished_at: Moment | None = None
     callback: CallbackDelivery | None = None
     waiting: Waiting | None = Field(None, description="while flow control holds the task back")
+    batch_id: str | None = Field(None, description="the batch this task is an item of")
+    cached: bool = Field(False, description="the answer came from the result cache (billed 0)")
+    cached_from: str | None = Field(None, description="the task that paid for a cached answer")
 
 
 class TaskSummary(BaseModel):
@@ -270,6 +278,81 @@ class UsageRow(BaseModel):
 class UsageReport(BaseModel):
     rows: list[UsageRow]
     total: UsageRow
+
+
+class BatchRequestBody(BaseModel):
+    """A batch (README, Batches): one question over every object under a prefix, or over a list of refs."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {"required": ["source"]}, {"required": ["items"]}]})
+    batch_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,100}$")] | SkipJsonSchema[None] = Field(
+        None, description="caller-chosen: submitting it again adds only new objects")
+    source: Annotated[str, StringConstraints(pattern=SOURCE_PATTERN)] | SkipJsonSchema[None] = Field(
+        None, description="s3://bucket/prefix")
+    suffix: Annotated[str, StringConstraints(max_length=64, pattern=NO_NUL)] | SkipJsonSchema[None] = Field(
+        None, description="keep keys ending with it, e.g. .jpg")
+    items: Annotated[list[Annotated[str, StringConstraints(pattern=IMAGE_REF_PATTERN)]],
+                              Field(min_length=1)] | SkipJsonSchema[None] = None
+    prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, pattern=PROMPT_PATTERN)
+    model: str | None = Field(None, description="default: QVQ_MODEL", json_schema_extra={"enum": [*MODELS, None]})
+    high_resolution: bool = False
+    tenant: str | None = Field(None, pattern=SAFE_ID_PATTERN)
+    callback_url: str | None = Field(None, max_length=2048, pattern=URL_PATTERN,
+                                     description="POSTed batch.completed, once per round")
+    max_cost_cny: Annotated[str, StringConstraints(pattern=MONEY_AMOUNT_PATTERN)] | SkipJsonSchema[None] = Field(
+        None, description="refused when the estimate's maximum is over it; no item starts once the batch spent it")
+    cache: bool = False
+    dry_run: bool = Field(False, description="count and estimate only: nothing is queued or called")
+
+
+class BatchEstimate(BaseModel):
+    image_tokens: int
+    cost_cny_min: Money
+    cost_cny_max: Money
+    currency: str = "CNY"
+    unread: int = Field(0, description="items whose size could not be read: counted from the smallest to "
+                                       "the largest image")
+
+
+class BatchCreated(BaseModel):
+    batch_id: str
+    items: int
+    created: int = Field(..., description="items added by this submit (0 when all were there)")
+    estimate: BatchEstimate | None
+
+
+class BatchDryRun(BaseModel):
+    items: int
+    estimate: BatchEstimate
+    dry_run: bool = True
+
+
+class Batch(BaseModel):
+    """A batch now (GET /v1/batches/{id}): its request, status and tally."""
+
+    model_config = ConfigDict(extra="allow")
+    batch_id: str
+    status: Literal["listing", "running", "cancelling", "completed", "cancelled"]
+    items: int
+    counts: dict[str, int] = Field(..., description="items by status")
+    done: int = Field(..., description="items that ended")
+    tokens: int
+    cost: Money
+    rate: float = Field(..., description="items ended per second, since the batch began")
+    eta_s: float | None
+    round: int
+    estimate: BatchEstimate | None = None
+
+
+class BatchCancelled(BaseModel):
+    batch_id: str
+    cancelled: int = Field(..., description="queued items cancelled")
+    stopping: int = Field(..., description="running items asked to stop")
+
+
+class BatchRetried(BaseModel):
+    batch_id: str
+    retried: int = Field(..., description="failed items queued again")
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from producer.cli import callbacks, reports, services, tasks
+from producer.cli import batches, callbacks, reports, services, tasks
 from producer.cli.common import API_URL_KEY
 
 
@@ -28,5 +28,5 @@ def main(debug: bool) -> None:
 
 for command in (services.demo, tasks.submit, tasks.follow, tasks.result, tasks.cancel, reports.usage,
                 reports.limits, tasks.failed, tasks.list_tasks, tasks.retry, services.worker, services.flower, services.api,
-                services.emulator, callbacks.callbacks):
+                services.emulator, callbacks.callbacks, batches.batch):
     main.add_command(command)

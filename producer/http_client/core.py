@@ -51,6 +51,10 @@ def task_path(task_id: str, suffix: str = "") -> str:
     return f"/v1/tasks/{quote(task_id, safe='')}{suffix}"
 
 
+def batch_path(batch_id: str, suffix: str = "") -> str:
+    return f"/v1/batches/{quote(batch_id, safe='')}{suffix}"
+
+
 def _query(**params: Any) -> dict[str, Any]:
     return {name: value.isoformat() if isinstance(value, dt.datetime) else value
             for name, value in params.items() if value is not None}
@@ -123,6 +127,19 @@ class Core:
         return Call("GET", task_path(task_id, "/events"), params={"from_seq": after},
                     headers={"Accept": "text/event-stream", "Last-Event-ID": str(after)})
 
+    @staticmethod
+    def batch_submit(request: dict[str, Any]) -> Call:
+        return Call("POST", "/v1/batches", json=request)
+
+    @staticmethod
+    def batch(batch_id: str, action: str = "") -> Call:
+        """GET the batch; with `action` ("cancel", "retry"), POST it."""
+        return Call("POST" if action else "GET", batch_path(batch_id, f"/{action}" if action else ""))
+
+    @staticmethod
+    def batch_results(batch_id: str, fmt: str) -> Call:
+        return Call("GET", batch_path(batch_id, "/results"), params={"format": fmt})
+
     # -- answers -------------------------------------------------------------------------------
     @staticmethod
     def answer(status: int, body: bytes) -> Any:
@@ -182,6 +199,8 @@ class Follow:
     """Where a followed event stream stands: the bytes decoded so far, the last seq seen, whether it
     ended, when to give up; a dropped connection resumes from the last seq (Last-Event-ID), no event twice."""
 
+    ends_with: frozenset[str] = ev.TERMINAL_TYPES  # the events after which the follow ends
+
     def __init__(self, task_id: str, from_seq: int, timeout: float | None, idle_timeout: float | None) -> None:
         self.task_id, self.last = task_id, from_seq
         self.deadline = None if timeout is None else time.monotonic() + timeout
@@ -211,7 +230,7 @@ class Follow:
         if int(event.get("seq", 0)) <= self.last:
             return False
         self.last = int(event["seq"])
-        self.terminal_seen = ev.is_terminal(event)
+        self.terminal_seen = event.get("type") in self.ends_with
         self.failures = 0
         return True
 
@@ -250,6 +269,17 @@ class Follow:
         delay = delays[self.failures]
         self.failures += 1
         return delay
+
+
+class BatchFollow(Follow):
+    """A batch's event stream (GET /v1/batches/{id}/events), followed as a task's is: ends at batch.completed."""
+
+    ends_with = frozenset({ev.BATCH_COMPLETED})
+
+    def call(self) -> Call:
+        self.decoder = EventStreamDecoder()
+        return Call("GET", batch_path(self.task_id, "/events"), params={"from_seq": self.last},
+                    headers={"Accept": "text/event-stream", "Last-Event-ID": str(self.last)})
 
 
 def unreachable(exc: Exception) -> UnavailableError:

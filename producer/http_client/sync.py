@@ -11,9 +11,22 @@ import httpx
 
 from contracts import tracing
 from contracts.errors import RequestError
-from producer.http_client.core import DROPPED, TIMEOUT, Call, Core, Follow, HttpTaskRecord, Pages, unreachable
+from producer.http_client.core import (
+    DROPPED,
+    TIMEOUT,
+    BatchFollow,
+    Call,
+    Core,
+    Follow,
+    HttpTaskRecord,
+    Pages,
+    unreachable,
+)
 from producer.protocol import QueueView, TaskHandle
 from producer.results import wait_for_result
+
+#: A batch's submit lists and queues every item before it answers: minutes for a large prefix.
+BATCH_SUBMIT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 
 
 class HttpClient:
@@ -69,7 +82,11 @@ class HttpClient:
                idle_timeout: float | None = None) -> Iterator[dict[str, Any]]:
         """Every event after from_seq, replayed then live, ending after the terminal one; a dropped
         connection is resumed from the last seq received (Last-Event-ID), no event twice."""
-        state = Follow(task_id, from_seq, timeout, idle_timeout)
+        return self._follow(Follow(task_id, from_seq, timeout, idle_timeout))
+
+    follow = events
+
+    def _follow(self, state: Follow) -> Iterator[dict[str, Any]]:
         while True:
             state.check_time()
             status = 0
@@ -80,8 +97,6 @@ class HttpClient:
             if state.ended(status):
                 return
             time.sleep(state.next_delay())
-
-    follow = events
 
     def _stream(self, state: Follow) -> Generator[dict[str, Any], None, int]:
         call = state.call()
@@ -127,6 +142,34 @@ class HttpClient:
                 return False
             raise
         return True
+
+    # -- batches -------------------------------------------------------------------------------
+    def submit_batch(self, request: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._call(self.core.batch_submit(request), timeout=BATCH_SUBMIT_TIMEOUT))
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        return dict(self._call(self.core.batch(batch_id)))
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        return dict(self._call(self.core.batch(batch_id, "cancel")))
+
+    def retry_batch(self, batch_id: str) -> dict[str, Any]:
+        return dict(self._call(self.core.batch(batch_id, "retry")))
+
+    def batch_events(self, batch_id: str, from_seq: int = 0) -> Iterator[dict[str, Any]]:
+        return self._follow(BatchFollow(batch_id, from_seq, None, None))
+
+    def batch_results(self, batch_id: str, fmt: str = "jsonl") -> Iterator[str]:
+        """The results as the API streams them, a line at a time."""
+        call = self.core.batch_results(batch_id, fmt)
+        try:
+            with self.http.stream(call.method, call.path, params=call.params) as response:
+                if response.status_code != 200:
+                    self.core.answer(response.status_code, response.read())
+                for line in response.iter_lines():
+                    yield line + "\n"
+        except httpx.TransportError as exc:
+            raise unreachable(exc) from exc
 
     def queue_state(self) -> QueueView | None:
         """None: the broker is the API's, not this client's to look at."""

@@ -4,6 +4,7 @@ the CLI): each takes the principal it acts for and answers records, or raises a 
     tasks.py       submit, get, cancel, retry, list, usage, limits
     uploads.py     images uploaded over HTTP
     callbacks.py   a task's callback delivery: show, redeliver
+    batches.py     batches: submit (list, estimate, queue), view, results, cancel, retry
 
 `Services.build(settings)` wires them over one store, one Redis client and one task sender.
 """
@@ -18,11 +19,12 @@ from contracts.sender import TaskSender, producer_app
 from contracts.settings import Settings
 from contracts.store import Store
 from contracts.uploads import UploadStorage
+from producer.service.batches import BatchService
 from producer.service.callbacks import CallbackService
 from producer.service.tasks import Submitted, TaskService
 from producer.service.uploads import UploadService
 
-__all__ = ["CallbackService", "Services", "Submitted", "TaskService", "UploadService"]
+__all__ = ["BatchService", "CallbackService", "Services", "Submitted", "TaskService", "UploadService"]
 
 
 @dataclass
@@ -30,6 +32,7 @@ class Services:
     tasks: TaskService
     uploads: UploadService
     callbacks: CallbackService
+    batches: BatchService
 
     @classmethod
     def build(cls, settings: Settings, *, store: Store | None = None, client: redis.Redis | None = None,
@@ -41,8 +44,9 @@ class Services:
         sender = TaskSender(producer_app(settings), settings.queue)
         tasks = TaskService(settings, store, client, sender)
         return cls(tasks, UploadService(settings, store, storage or UploadStorage(settings)),
-                   CallbackService(tasks, store, sender))
+                   CallbackService(tasks, store, sender), BatchService(tasks))
 
     def close(self) -> None:
+        self.batches.close()
         self.tasks.store.dispose()
         self.tasks.redis.close()

@@ -26,6 +26,7 @@ import sqlalchemy as sa
 
 from contracts import events as ev
 from contracts import flow, keys
+from contracts.batches.progress import item_ended
 from contracts.bus import EventBus
 from contracts.cancel import cancel_task, is_orphaned
 from contracts.errors import AuthError, ConflictError, EnqueueError, NotFoundError, RequestError
@@ -63,6 +64,17 @@ def tenant_scope(principal: Principal, tenant: str | None) -> TenantScope:
     return principal.tenant
 
 
+def as_tenant(principal: Principal, request: Any) -> Any:
+    """A tenant key submits for its own tenant only (an admin may name any)."""
+    if principal.tenant is None or not isinstance(request, dict):
+        return request
+    named = request.get("tenant")
+    if named is not None and named != principal.tenant:
+        raise AuthError(f"this key submits for tenant {principal.tenant!r} only", code="auth.forbidden",
+                        status=403, field="tenant")
+    return {**request, "tenant": principal.tenant}
+
+
 class TaskService:
     def __init__(self, settings: Settings, store: Store, client: redis.Redis, sender: TaskSender) -> None:
         self.settings = settings
@@ -77,11 +89,11 @@ class TaskService:
         """Validate and enqueue a job request (README, Job request). `local_files=False` refuses
         references to files on this machine (callers over HTTP are elsewhere); `trace`: the caller's
         trace context, carried in the task (contracts/tracing.py)."""
-        job = dataclasses.replace(parse_job(self._as_tenant(principal, request), default_model=self.settings.model,
+        job = dataclasses.replace(parse_job(as_tenant(principal, request), default_model=self.settings.model,
                                             local_files=local_files), trace=trace)
         try:
             self._check_conversation(job)
-            self._check_uploads(job)
+            self.check_uploads(job)
             record, created = self.store.create_task(job)
         except TRANSIENT_DB_ERRORS as exc:
             raise EnqueueError(f"could not record task {job.task_id}: the database is unavailable",
@@ -89,17 +101,6 @@ class TaskService:
         if created:
             self._enqueue(job, record)
         return Submitted(record, created)
-
-    @staticmethod
-    def _as_tenant(principal: Principal, request: dict[str, Any]) -> dict[str, Any]:
-        """A tenant key submits for its own tenant only (an admin may name any)."""
-        if principal.tenant is None or not isinstance(request, dict):
-            return request
-        named = request.get("tenant")
-        if named is not None and named != principal.tenant:
-            raise AuthError(f"this key submits for tenant {principal.tenant!r} only", code="auth.forbidden",
-                            status=403, field="tenant")
-        return {**request, "tenant": principal.tenant}
 
     def _check_conversation(self, job: JobRequest) -> None:
         """A turn continues a conversation of its own tenant, or starts one (with images). Conversation
@@ -110,7 +111,7 @@ class TaskService:
             raise RequestError(f"no conversation {job.conversation_id!r}; a new conversation starts with a "
                                "turn that has images", field="conversation_id", code="conversation.not_found")
 
-    def _check_uploads(self, job: JobRequest) -> None:
+    def check_uploads(self, job: JobRequest) -> None:
         """upload:// references only to live uploads of the job's own tenant."""
         for index, ref in enumerate(job.images):
             match = UPLOAD_REF.fullmatch(ref)
@@ -174,8 +175,13 @@ class TaskService:
             return None
 
     def cancel(self, principal: Principal, task_id: str) -> bool:
-        """Stop a queued or running task; False when it had already finished."""
-        return cancel_task(self.get(principal, task_id), store=self.store, client=self.redis, bus=self.bus)
+        """Stop a queued or running task; False when it had already finished. An item of a batch that
+        ends here tells its batch (a running one tells it when its worker stops it)."""
+        record = self.get(principal, task_id)
+        requested = cancel_task(record, store=self.store, client=self.redis, bus=self.bus)
+        if requested and record.batch_id is not None:
+            item_ended(self.store, self.redis, self.bus, self.sender, record.batch_id)
+        return requested
 
     def cancel_revoked(self, task_id: str) -> bool:
         """A Celery revoke heard by the API (service/revokes.py): the same cancel, for whoever owns it."""
@@ -241,4 +247,4 @@ def queued_fields(job: JobRequest, record: TaskRecord | None) -> dict[str, Any]:
     return {"model": job.model, "image_count": len(job.images), "run": record.run if record else 0}
 
 
-__all__ = ["ADMIN", "Submitted", "TaskService", "not_found", "queued_fields", "tenant_scope"]
+__all__ = ["ADMIN", "Submitted", "TaskService", "as_tenant", "not_found", "queued_fields", "tenant_scope"]

@@ -21,13 +21,13 @@ import pytest
 from botocore.response import StreamingBody
 
 from contracts.errors import ImageError
+from contracts.object_store import oss_region
 from contracts.settings import Settings
 from contracts.ssrf import is_public_address, resolve_host
 from tests import imagegen as gen
 from tests.s3server import S3Server, free_ports
 from worker.intake.fetch import ImageFetcher
 from worker.intake.images import prepare_images
-from worker.intake.sources.objects import oss_region
 
 PNG = gen.make_image("PNG", (64, 48))
 MB = 1024 * 1024
@@ -632,7 +632,7 @@ def test_allowed_buckets(make_fetcher: Any, store: S3Server) -> None:
     fetcher = make_fetcher(s3_endpoint_url=store.endpoint_url, allowed_buckets=("other", BUCKET))
     assert fetcher.fetch(f"s3://{BUCKET}/a.png") == PNG
     strict = make_fetcher(s3_endpoint_url=store.endpoint_url, allowed_buckets=("other", f"oss://{BUCKET}"))
-    strict.objects._clients["s3"] = Tripwire()
+    strict.objects.clients._clients["s3"] = Tripwire()
     error = fetch_error(strict, f"s3://{BUCKET}/a.png")
     assert error.code == "image.access_denied" and "QVQ_ALLOWED_BUCKETS" in error.message
 
@@ -654,7 +654,7 @@ def test_s3_client_is_built_once_across_threads(make_fetcher: Any, store: S3Serv
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(fetcher.fetch, [f"s3://{BUCKET}/a.png"] * 32))
     assert results == [PNG] * 32 and built == ["s3"]
-    assert fetcher.objects._clients["s3"].meta.config.max_pool_connections >= 50
+    assert fetcher.objects.clients._clients["s3"].meta.config.max_pool_connections >= 50
 
 
 def test_oss_uses_virtual_hosted_addressing(make_fetcher: Any, store: S3Server,
@@ -686,7 +686,7 @@ def test_oss_uses_virtual_hosted_addressing(make_fetcher: Any, store: S3Server,
 def test_oss_client_configuration(make_fetcher: Any) -> None:
     fetcher = make_fetcher(oss_endpoint_url="https://s3.oss-cn-hangzhou.aliyuncs.com",
                            oss_access_key_id="id", oss_access_key_secret="secret")
-    client = fetcher.objects._client("oss", "oss://b/k")
+    client = fetcher.objects.clients.client("oss", "oss://b/k")
     config = client.meta.config
     assert client.meta.region_name == "cn-hangzhou"
     assert config.s3 == {"addressing_style": "virtual"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from contracts.errors import ImageError
+from contracts.object_store import scheme_of
 
 
 class Source(Protocol):
@@ -20,7 +21,4 @@ def check_size(n: int, max_bytes: int, ref: str) -> None:
     if n > max_bytes:
         raise ImageError(f"more than {max_bytes:,} bytes", code="image.too_large", ref=ref)
 
-
-def scheme_of(ref: str) -> str:
-    """The reference's scheme, lower case; "" for a bare path."""
-    return ref.split("://", 1)[0].lower() if "://" in ref else ""
+__all__ = ["Source", "check_size", "scheme_of"]
