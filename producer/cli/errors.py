@@ -47,7 +47,7 @@ def _ours(exc: BaseException) -> Problem | None:
         return Problem(f"{exc} (fix the setting and try again)", EXIT_USAGE)
     if isinstance(exc, click.ClickException):
         return Problem(exc.format_message(), exc.exit_code)
-    if isinstance(exc, KeyError) and str(exc.args[0] if exc.args else "").startswith("no task"):
+    if isinstance(exc, KeyError) and str(exc.args[0] if exc.args else "").startswith(("no task", "no batch")):
         return Problem(str(exc.args[0]), EXIT_USAGE)
     if isinstance(exc, QvqError):
         unreachable = _redis(exc.__cause__) or _broker(exc.__cause__) if exc.__cause__ else None

@@ -20,6 +20,8 @@ from contracts import events as ev
 from contracts.settings import Settings
 from tests.imagegen import make_image
 from tests.producer import ApiServer, sse_events
+from tests.waiting import wait_until
+from tests.worker.test_callback import Receiver, serve
 
 pytestmark = pytest.mark.timeout(120)
 COLOURS = [(220, 20, 20), (20, 180, 20), (20, 20, 220)]
@@ -94,3 +96,74 @@ def test_a_prefix_dry_run_then_the_run_with_progress_results_and_the_estimate(
 
         again = httpx.post(f"{api.url}/v1/batches", json={**body, "batch_id": batch_id})
         assert again.status_code == 202 and again.json()["created"] == 0 and again.json()["items"] == 24
+
+
+ACME, GLOBEX = "acme-key-0123456789abcdef", "globex-key-0123456789abcdef"
+
+
+def test_cancel_retry_of_the_failed_the_callback_once_and_tenant_walls(
+        service_env: dict[str, str], start_worker: Any, s3: Any, emulator: Any) -> None:
+    bucket, source = _bucket_with_a_shift(s3, images=12)
+    start_worker(concurrency=4)
+    settings = Settings.from_env({**service_env, "QVQ_API_KEYS": f"acme:{ACME},globex:{GLOBEX}"})
+    acme = {"Authorization": f"Bearer {ACME}"}
+    globex = {"Authorization": f"Bearer {GLOBEX}"}
+    receiver = serve(Receiver([]))
+    missing = [f"s3://{bucket}/later/{n}.png" for n in range(2)]
+    body = {"items": [f"{source}photo-000.png", *missing, f"{source}photo-001.png"], "prompt": "Colour?",
+            "model": "qvq-plus", "callback_url": f"http://127.0.0.1:{receiver.server_address[1]}/batches"}
+    try:
+        with ApiServer(settings, keepalive_s=0.5) as api:
+            created = httpx.post(f"{api.url}/v1/batches", json=body, headers=acme)
+            assert created.status_code == 202, created.text
+            batch_id = created.json()["batch_id"]
+            # another tenant's key: every endpoint answers as for a missing batch, and changes nothing
+            for method, path in (("GET", ""), ("GET", "/results"), ("GET", "/events"), ("POST", "/cancel"),
+                                 ("POST", "/retry")):
+                answer = httpx.request(method, f"{api.url}/v1/batches/{batch_id}{path}", headers=globex)
+                assert answer.status_code == 404 and answer.json()["error"]["code"] == "batch.not_found", path
+            unknown = httpx.get(f"{api.url}/v1/batches/b-nothing-here", headers=acme)
+            assert unknown.status_code == 404 and unknown.json()["error"]["message"] == (
+                answer.json()["error"]["message"].replace(batch_id, "b-nothing-here"))
+            taken = httpx.post(f"{api.url}/v1/batches", json={**body, "batch_id": batch_id}, headers=globex)
+            assert taken.status_code == 409
+
+            events = _follow(api, batch_id, **acme)
+            assert events[-1]["counts"] == {"completed": 2, "failed": 2}
+            wait_until(lambda: len(receiver.received) == 1, timeout=30, what="the batch callback")
+            lines = [json.loads(line) for line in httpx.get(f"{api.url}/v1/batches/{batch_id}/results",
+                                                            headers=acme).text.splitlines()]
+            assert [line["status"] for line in lines] == ["completed", "failed", "failed", "completed"]
+            assert {line["error"]["code"] for line in lines if line["error"]} == {"image.not_found"}
+
+            for n, ref in enumerate(missing):  # the missing objects arrive; retry the failed items only
+                s3.put(bucket, ref.split("/", 3)[3], make_image("PNG", color=COLOURS[n]))
+            retried = httpx.post(f"{api.url}/v1/batches/{batch_id}/retry", headers=acme)
+            assert retried.status_code == 202 and retried.json()["retried"] == 2
+            events = _follow(api, batch_id, **acme)
+            assert events[-1]["type"] == ev.BATCH_COMPLETED and events[-1]["counts"] == {"completed": 4}
+            assert events[-1]["round"] == 1
+            wait_until(lambda: len(receiver.received) == 2, timeout=30, what="the second round's callback")
+            posted = [json.loads(body) for _headers, body in receiver.received]
+            assert [event["type"] for event in posted] == [ev.BATCH_COMPLETED] * 2
+            assert [event["counts"] for event in posted] == [{"completed": 2, "failed": 2}, {"completed": 4}]
+
+            # a slow batch on a worker with 4 threads: some items running, the rest queued, all cancelled
+            slow = httpx.post(f"{api.url}/v1/batches", headers=acme, json={
+                "source": source, "suffix": ".png", "model": "qvq-plus",
+                "prompt": "Slowly. [[emulator: tps=10 reasoning_tokens=300]]"})
+            assert slow.status_code == 202 and slow.json()["items"] == 12, slow.text
+            slow_id = slow.json()["batch_id"]
+            wait_until(lambda: httpx.get(f"{api.url}/v1/batches/{slow_id}", headers=acme).json()["counts"].get(
+                "running"), timeout=30, what="an item of the slow batch running")
+            cancelled = httpx.post(f"{api.url}/v1/batches/{slow_id}/cancel", headers=acme).json()
+            assert cancelled["cancelled"] >= 1 and cancelled["cancelled"] + cancelled["stopping"] == 12, cancelled
+            events = _follow(api, slow_id, **acme)
+            assert events[-1]["status"] == "cancelled" and events[-1]["counts"] == {"cancelled": 12}
+            view = httpx.get(f"{api.url}/v1/batches/{slow_id}", headers=acme).json()
+            assert view["status"] == "cancelled" and view["counts"] == {"cancelled": 12}
+
+            refused = httpx.post(f"{api.url}/v1/batches", headers=acme, json={**body, "max_cost_cny": "0.000001"})
+            assert refused.status_code == 422 and refused.json()["error"]["code"] == "budget.exceeded"
+    finally:
+        receiver.shutdown()
