@@ -127,10 +127,14 @@ def _images(value: Any, *, continuing: bool, local_files: bool = True) -> tuple[
                            field="images")
     if len(value) > MAX_IMAGES:
         raise RequestError(f"at most {MAX_IMAGES} images per job", field="images")
-    refs = tuple(_image_ref(ref, index) for index, ref in enumerate(value))
-    for index, ref in enumerate(refs):
-        _check_origin(ref, index, local_files)
-    return refs
+    return tuple(image_ref(ref, index, local_files=local_files) for index, ref in enumerate(value))
+
+
+def image_ref(ref: Any, index: int, *, local_files: bool = True) -> str:
+    """One image reference checked (`images[index]` names it in an error): its form, then its origin."""
+    checked = _image_ref(ref, index)
+    _check_origin(checked, index, local_files)
+    return checked
 
 
 def _check_origin(ref: str, index: int, local_files: bool) -> None:

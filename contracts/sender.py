@@ -10,6 +10,7 @@ The producer builds its own light Celery app (`producer_app`); the worker passes
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from celery import Celery
@@ -20,6 +21,7 @@ from contracts.job import TASK_NAME, message_for
 from contracts.settings import Settings
 
 BROKER_CONNECT_TIMEOUT_S = 5
+SEND_THREADS = 8  # within Celery's producer pool (broker_pool_limit, 10 by default)
 
 
 def producer_app(settings: Settings) -> Celery:
@@ -45,6 +47,19 @@ class TaskSender:
     def send_run(self, task_id: str, run: int) -> None:
         """Queue one run of a task: only which task and run, the worker reads the request from the row."""
         self.send_message(message_for(task_id, run))
+
+    def send_runs(self, runs: list[tuple[str, int]]) -> None:
+        """Queue many runs at once (a batch's page): SEND_THREADS sends in flight, each on a producer of
+        the app's pool, so the broker's round trips overlap (one at a time: 4.9 ms per run on a loaded
+        2-core machine, 2,000 runs in 9.8 s). The first failure is raised after the rest were tried."""
+        if len(runs) <= 1:
+            for task_id, run in runs:
+                self.send_run(task_id, run)
+            return
+        with ThreadPoolExecutor(min(SEND_THREADS, len(runs)), thread_name_prefix="qvq-send") as pool:
+            futures = [pool.submit(self.send_run, task_id, run) for task_id, run in runs]
+        for future in futures:
+            future.result()
 
     def send_message(self, message: dict[str, Any]) -> None:
         self.app.send_task(TASK_NAME, args=[message], task_id=str(message["task_id"]), queue=self.queue,

@@ -9,6 +9,11 @@ catalog's prices (contracts/catalog.py), as a min-max range in CNY.
 An object whose header cannot be read this way (not in a bucket, a format whose size sits past the
 first bytes, a read that failed) counts from the smallest to the largest image the service takes
 (`unread` says how many).
+
+A batch that runs (not a dry run, no `max_cost_cny`) reads at most SAMPLE headers before it answers
+(10,000 ranged reads would take longer than queuing 10,000 items): the others count from the smallest to
+the largest image in the range, and at the sample's mean in `image_tokens` (`sampled` says how many were
+read). The range is then wider, never wrong; a dry run reads every header.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from contracts.errors import ImageError
 from contracts.object_store import OBJECT_SCHEMES, ObjectClients, scheme_of
 from contracts.tokens import EXTRA_TOKENS, MIN_TOKENS, estimate_text_tokens, image_tokens, token_cap
 
+SAMPLE = 500  # headers a run reads before it answers (a dry run reads all)
 HEAD_BYTES = 64 * 1024  # JPEG's size marker follows its EXIF block, which is at most 64 KiB
 HEAD_READERS = 16  # ranged reads in flight at once
 TOKEN_SLACK = 0.1  # our downscale and the service's rounding move a count by a few percent at most
@@ -54,6 +60,9 @@ class Estimate:
     image_tokens_min: int = 0
     image_tokens_max: int = 0
     unread: int = 0
+    unsampled: int = 0  # not read (a run reads SAMPLE headers): bounded by the limits, at the sample's mean
+    _read_tokens: int = 0
+    _read: int = 0
     _text: tuple[int, int] = field(default=(0, 0), repr=False)
 
     def __post_init__(self) -> None:
@@ -68,9 +77,24 @@ class Estimate:
             self.image_tokens_min += MIN_TOKENS + EXTRA_TOKENS
             self.image_tokens_max += token_cap(self.high_resolution) + EXTRA_TOKENS
             return
+        self._read += 1
+        self._read_tokens += tokens
         self.image_tokens += tokens
         self.image_tokens_min += int(tokens * (1 - TOKEN_SLACK))
         self.image_tokens_max += int(tokens * (1 + TOKEN_SLACK)) + 1
+
+    def add_unsampled(self) -> None:
+        """An item whose header is not read (past the sample)."""
+        self.items += 1
+        self.unsampled += 1
+        self.image_tokens_min += MIN_TOKENS + EXTRA_TOKENS
+        self.image_tokens_max += token_cap(self.high_resolution) + EXTRA_TOKENS
+
+    @property
+    def point_tokens(self) -> int:
+        """The image tokens expected: the read ones, and the sample's mean for each unread one."""
+        mean = self._read_tokens / self._read if self._read else token_cap(self.high_resolution) + EXTRA_TOKENS
+        return self.image_tokens + round(mean * self.unsampled)
 
     @property
     def cost_min(self) -> Decimal:
@@ -83,8 +107,11 @@ class Estimate:
         return cost_decimal(self.model, self.image_tokens_max + self.items * self._text[1], output)["total"]
 
     def to_dict(self) -> dict[str, object]:
-        return {"image_tokens": self.image_tokens, "cost_cny_min": money_text(self.cost_min),
-                "cost_cny_max": money_text(self.cost_max), "currency": "CNY", "unread": self.unread}
+        out: dict[str, object] = {"image_tokens": self.point_tokens, "cost_cny_min": money_text(self.cost_min),
+                                  "cost_cny_max": money_text(self.cost_max), "currency": "CNY", "unread": self.unread}
+        if self.unsampled:
+            out["sampled"] = self.items - self.unsampled
+        return out
 
 
 class HeaderReader:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from contracts.errors import RequestError
-from contracts.job import JobRequest, parse_job
+from contracts.job import JobRequest, image_ref, parse_job
 from contracts.object_store import OBJECT_SCHEMES, scheme_of
 from contracts.text import check_text
 
@@ -50,10 +51,11 @@ class BatchRequest:
     def item_job(self, ref: str, version: str = "", *, local_files: bool = False) -> JobRequest:
         """The job request of one item, its idempotency key made of the batch id and the object's version
         (so submitting the batch again adds only what is new)."""
-        raw = {"images": [ref], "prompt": self.prompt, "model": self.model, "high_resolution": self.high_resolution,
-               "tenant": self.tenant, "cache": self.cache, "idempotency_key": self.item_key(ref, version)}
-        job = parse_job(raw, default_model=self.model, local_files=local_files)
-        return JobRequest(**{**job.__dict__, "batch_id": self.batch_id})
+        if not self.items:  # a listed object's key is checked by the job's rule (refs of `items` already were)
+            check_ref(ref, 0, local_files=local_files)
+        return JobRequest(task_id=str(uuid.uuid4()), model=self.model, images=(ref,), prompt=self.prompt,
+                          idempotency_key=self.item_key(ref, version), high_resolution=self.high_resolution,
+                          tenant=self.tenant, enqueued_at=time.time(), cache=self.cache, batch_id=self.batch_id)
 
     def item_key(self, ref: str, version: str) -> str:
         digest = hashlib.sha256(f"{ref}\n{version}".encode()).hexdigest()[:40]
@@ -77,7 +79,7 @@ def parse_batch(raw: Any, *, default_model: str = "qvq-max", local_files: bool =
     return BatchRequest(
         batch_id=_batch_id(raw.get("batch_id")), prompt=probe.prompt, model=probe.model,
         source=_source(source) if source is not None else None, suffix=_suffix(raw.get("suffix")),
-        items=_items(items, default_model, local_files) if items is not None else (),
+        items=_items(items, local_files) if items is not None else (),
         high_resolution=probe.high_resolution, tenant=probe.tenant, callback_url=probe.callback_url,
         max_cost_cny=_money(raw.get("max_cost_cny")), cache=probe.cache, dry_run=_flag(raw, "dry_run"),
     )
@@ -113,15 +115,20 @@ def _suffix(value: Any) -> str:
     return check_text(value, "suffix")
 
 
-def _items(value: Any, default_model: str, local_files: bool) -> tuple[str, ...]:
+def _items(value: Any, local_files: bool) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
         raise RequestError("must be a non-empty list of image references", field="items")
     for index, ref in enumerate(value):  # each by the job's own rule for an image reference
-        try:
-            parse_job({"images": [ref], "prompt": "-"}, default_model=default_model, local_files=local_files)
-        except RequestError as exc:
-            raise RequestError(exc.message, field=f"items[{index}]") from None
+        check_ref(ref, index, local_files=local_files)
     return tuple(value)
+
+
+def check_ref(ref: Any, index: int, *, local_files: bool) -> None:
+    """An item's reference, by the job's own rule for an image reference (RequestError naming items[index])."""
+    try:
+        image_ref(ref, index, local_files=local_files)
+    except RequestError as exc:
+        raise RequestError(exc.message, field=f"items[{index}]") from None
 
 
 def _money(value: Any) -> Decimal | None:

@@ -23,7 +23,7 @@ from itertools import islice
 from typing import Any
 
 from contracts import events as ev
-from contracts.batches.estimate import Estimate, HeaderReader
+from contracts.batches.estimate import SAMPLE, Estimate, HeaderReader
 from contracts.batches.progress import item_ended, status_of, tally_fields
 from contracts.batches.request import BatchRequest, parse_batch
 from contracts.catalog import money_text
@@ -145,8 +145,11 @@ class BatchService:
                 jobs = [request.item_job(ref, version, local_files=local_files) for ref, version in page]
                 for job in jobs:
                     self.tasks.check_uploads(job)
-                for tokens in reader.tokens(job.images[0] for job in jobs):
+                sample = max(0, SAMPLE - estimate.items)
+                for tokens in reader.tokens(job.images[0] for job in jobs[:sample]):
                     estimate.add(tokens)
+                for _job in jobs[sample:]:
+                    estimate.add_unsampled()
                 inserted = set(self.store.add_items(request.batch_id, [task_row(job, last_seq=1) for job in jobs]))
                 self._enqueue([job for job in jobs if job.task_id in inserted])
                 added += len(inserted)
@@ -162,8 +165,7 @@ class BatchService:
         try:
             seqs = self.tasks.bus.publish_many([(job.task_id, ev.QUEUED, 0, 0, queued_fields(job, None))
                                                 for job in jobs])
-            for job in jobs:
-                self.tasks.sender.send_run(job.task_id, 0)
+            self.tasks.sender.send_runs([(job.task_id, 0) for job in jobs])
         except Exception as exc:
             message = f"could not enqueue batch items: the queue is unavailable ({type(exc).__name__})"
             for job in jobs:

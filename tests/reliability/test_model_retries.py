@@ -25,12 +25,13 @@ RETRY_AFTER_S = 0.4
 
 def test_each_fault_on_attempt_1_completes_on_attempt_2_with_only_its_text(stack: Stack) -> None:
     prompt = f"Which colour is it? ({uuid.uuid4().hex[:8]})"
-    control = stack.submit(prompt, tps=100)  # same prompt and length, no fault: the text to expect
+    size = {"reasoning_tokens": 20, "answer_tokens": 10}  # the cut plan's two attempts fit the 6 s limit on a busy machine
+    control = stack.submit(prompt, tps=100, **size)  # same prompt and length, no fault: the text to expect
     # The cut plan runs at 25 chunks/s: its 12 chunks span many 20 ms coalescing windows, so some of its text
     # is published before the cut even on a loaded machine (text still buffered when an attempt fails is
     # dropped with it, by design: a burst of all 12 inside one window would publish nothing).
     ids = {plan: stack.submit(prompt, fault=plan, tps=25 if plan.startswith("cut") else 100,
-                              retry_after_s=RETRY_AFTER_S) for plan in RETRIED}
+                              retry_after_s=RETRY_AFTER_S, **size) for plan in RETRIED}
     records = stack.wait_terminal([control, *ids.values()], timeout=40)
     expected = records[control]
     assert expected.status == "completed" and expected.attempts == 1
