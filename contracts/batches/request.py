@@ -76,6 +76,8 @@ def parse_batch(raw: Any, *, default_model: str = "qvq-max", local_files: bool =
     if (source is None) == (items is None):
         raise RequestError("give either `source` (a bucket prefix) or `items` (a list of image references)",
                            field="source")
+    if items is not None and raw.get("suffix") is not None:
+        raise RequestError("`suffix` filters a `source` listing; give only the `items` you want", field="suffix")
     return BatchRequest(
         batch_id=_batch_id(raw.get("batch_id")), prompt=probe.prompt, model=probe.model,
         source=_source(source) if source is not None else None, suffix=_suffix(raw.get("suffix")),

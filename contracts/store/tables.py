@@ -67,6 +67,7 @@ tasks = sa.Table(
     sa.Column("cached_from", sa.String(128)),
     sa.UniqueConstraint("idempotency_scope", name="uq_qvq_tasks_idempotency_scope"),
     sa.Index("ix_qvq_tasks_batch_item", "batch_id", "batch_item"),
+    sa.Index("ix_qvq_tasks_batch_status", "batch_id", "status"),  # a batch's counts, its open items
 )
 
 #: One row per batch (contracts/store/batches.py): its request, how many item numbers were handed out,

@@ -160,14 +160,13 @@ class HttpClient:
         return self._follow(BatchFollow(batch_id, from_seq, None, None))
 
     def batch_results(self, batch_id: str, fmt: str = "jsonl") -> Iterator[str]:
-        """The results as the API streams them, a line at a time."""
+        """The results as the API streams them (text as it arrives: a CSV answer may hold line breaks)."""
         call = self.core.batch_results(batch_id, fmt)
         try:
             with self.http.stream(call.method, call.path, params=call.params) as response:
                 if response.status_code != 200:
                     self.core.answer(response.status_code, response.read())
-                for line in response.iter_lines():
-                    yield line + "\n"
+                yield from response.iter_text()
         except httpx.TransportError as exc:
             raise unreachable(exc) from exc
 

@@ -36,10 +36,12 @@ def upgrade() -> None:
         batch.add_column(sa.Column("batch_item", sa.Integer))
         batch.add_column(sa.Column("cached_from", sa.String(128)))
         batch.create_index("ix_qvq_tasks_batch_item", ["batch_id", "batch_item"])
+        batch.create_index("ix_qvq_tasks_batch_status", ["batch_id", "status"])
 
 
 def downgrade() -> None:
     with op.batch_alter_table("qvq_tasks") as batch:
+        batch.drop_index("ix_qvq_tasks_batch_status")
         batch.drop_index("ix_qvq_tasks_batch_item")
         batch.drop_column("cached_from")
         batch.drop_column("batch_item")
