@@ -5,11 +5,9 @@ lines name the trace. With tracing off, the carried traceparent still reaches th
 
 from __future__ import annotations
 
-import asyncio
 import http.server
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -24,6 +22,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from contracts.settings import Settings
 from contracts.tracing import carrier, enabled
 from tests.imagegen import make_image
+from tests.loopback_proxy import LoopbackProxy
 from tests.ops import free_port
 from tests.waiting import wait_until
 
@@ -68,54 +67,6 @@ class _OtlpHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class _HeaderProxy:
-    """A loopback TCP proxy to the emulator that keeps every byte the worker sends (the requests' heads)."""
-
-    def __init__(self, target: str) -> None:
-        self.target = httpx.URL(target)
-        self.sent = bytearray()
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
-        ready = threading.Event()
-        threading.Thread(target=self._serve, args=(ready,), daemon=True).start()
-        ready.wait(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.target.path}"
-
-    def traceparents(self, path: str = "/chat/completions") -> list[str]:
-        """The traceparent of every request to `path` (one per request head, in order)."""
-        heads = re.split(rb"(?m)^(?=(?:GET|POST) /)", bytes(self.sent))
-        return [found.group(1).decode() for head in heads if head.split(b"\r\n", 1)[0].split(b" ")[1:2] and
-                head.split(b" ", 2)[1].endswith(path.encode())
-                for found in [re.search(rb"(?im)^traceparent: *([^\r\n]+)", head)] if found]
-
-    def _serve(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-        server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
-        self.port = server.sockets[0].getsockname()[1]
-        ready.set()
-        self.loop.run_forever()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(self.target.host, self.target.port)
-        await asyncio.gather(self._pipe(reader, up_writer, keep=True), self._pipe(up_reader, writer, keep=False))
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, keep: bool) -> None:
-        try:
-            while data := await reader.read(65536):
-                if keep:
-                    self.sent += data
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-
-
 @pytest.fixture()
 def spans() -> Iterator[_Spans]:
     server = _Spans()
@@ -126,8 +77,8 @@ def spans() -> Iterator[_Spans]:
 
 
 @pytest.fixture()
-def proxy(service_env: dict[str, str]) -> Iterator[_HeaderProxy]:
-    yield _HeaderProxy(service_env["QVQ_BASE_URL"])  # its loop thread is a daemon: it ends with the run
+def proxy(service_env: dict[str, str]) -> Iterator[LoopbackProxy]:
+    yield LoopbackProxy(service_env["QVQ_BASE_URL"])  # its loop thread is a daemon: it ends with the run
 
 
 def _api(env: dict[str, str], tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
@@ -162,7 +113,7 @@ def _submit(url: str, tmp_path: Path) -> str:
 
 
 def test_a_traceparent_sent_to_the_api_is_continued_by_the_worker_up_to_the_model_call(
-        service_env: dict[str, str], start_worker: Any, spans: _Spans, proxy: _HeaderProxy, tmp_path: Path) -> None:
+        service_env: dict[str, str], start_worker: Any, spans: _Spans, proxy: LoopbackProxy, tmp_path: Path) -> None:
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{spans.server_address[1]}", "OTEL_BSP_SCHEDULE_DELAY": "100",
             "QVQ_UPLOAD_URL": str(tmp_path / "uploads"), "QVQ_API_INSECURE": "1", "LOG_FORMAT": "json"}
     worker = start_worker(QVQ_BASE_URL=proxy.url, **otel)
@@ -182,7 +133,7 @@ def test_a_traceparent_sent_to_the_api_is_continued_by_the_worker_up_to_the_mode
         span = by_id[span["parent"]]
         chain.append(span["name"])
     assert "qvq.run" in chain and "POST /v1/tasks" in chain  # the model call descends from the API's request
-    sent = proxy.traceparents()
+    sent = proxy.header_values("traceparent", "/chat/completions")
     assert sent and all(p.split("-")[1] == TRACE_ID for p in sent), sent  # every model request: this trace
     every = {s["span_id"]: s for s in spans.spans if s["trace_id"] == TRACE_ID}
     client = every[sent[-1].split("-")[2]]  # the model request's parent: httpx's client span, under qvq.model_call
@@ -191,7 +142,7 @@ def test_a_traceparent_sent_to_the_api_is_continued_by_the_worker_up_to_the_mode
 
 
 def test_with_tracing_off_the_carried_traceparent_reaches_the_model_service_as_it_came(
-        service_env: dict[str, str], start_worker: Any, proxy: _HeaderProxy, tmp_path: Path) -> None:
+        service_env: dict[str, str], start_worker: Any, proxy: LoopbackProxy, tmp_path: Path) -> None:
     env = {"QVQ_UPLOAD_URL": str(tmp_path / "uploads"), "QVQ_API_INSECURE": "1"}
     worker = start_worker(QVQ_BASE_URL=proxy.url, **env)
     api, url = _api({**service_env, **env}, tmp_path)
@@ -200,7 +151,7 @@ def test_with_tracing_off_the_carried_traceparent_reaches_the_model_service_as_i
     finally:
         api.terminate()
         api.wait(30)
-    assert proxy.traceparents() == [PARENT]
+    assert proxy.header_values("traceparent", "/chat/completions") == [PARENT]
     _assert_run_lines_name_the_trace(worker.log_events(task_id=task_id))
 
 

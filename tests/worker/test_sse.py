@@ -15,6 +15,7 @@ import pytest
 from contracts.errors import ModelError, StreamStopped
 from contracts.settings import Settings
 from contracts.tokens import estimate_text_tokens
+from tests.loopback_proxy import LoopbackProxy
 from worker.stream.chunks import ChunkStream
 from worker.stream.model import QvqModel
 
@@ -178,54 +179,29 @@ def test_a_stream_without_finish_reason_is_broken_even_with_usage() -> None:
     assert caught.value.code == "model.stream_broken"
 
 
-async def _counting_proxy(target: str) -> tuple[asyncio.Server, str, list[int]]:
-    """A loopback TCP proxy to `target` (http://host:port) that counts the connections it accepts."""
-    host, port = httpx.URL(target).host, httpx.URL(target).port
-    accepted: list[int] = []
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(1)
-        upstream_reader, upstream_writer = await asyncio.open_connection(host, port)
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", accepted
-
-
 def test_consecutive_model_calls_share_one_connection_and_a_stopped_one_is_not_reused(emulator: Any) -> None:
     async def scenario() -> tuple[list[str], int, int]:
-        server, url, accepted = await _counting_proxy(emulator.url)
-        async with server:
-            model = _model(url)
-            answers = []
-            for n in range(3):
-                result = await model.stream(
-                    model="qvq-max", messages=[{"role": "user", "content": f"[[emulator: answer_tokens=5]] Q{n}"}],
-                    high_resolution=False, attempt=1, on_text=lambda kind, text: None)
-                answers.append(result.answer)
-            after_three = len(accepted)
-            stop = [False]
+        proxy = LoopbackProxy(emulator.url)
+        model = _model(proxy.url)
+        answers = []
+        for n in range(3):
+            result = await model.stream(
+                model="qvq-max", messages=[{"role": "user", "content": f"[[emulator: answer_tokens=5]] Q{n}"}],
+                high_resolution=False, attempt=1, on_text=lambda kind, text: None)
+            answers.append(result.answer)
+        after_three = proxy.accepted
+        stop = [False]
 
-            def on_text(kind: str, text: str) -> None:
-                stop[0] = True
+        def on_text(kind: str, text: str) -> None:
+            stop[0] = True
 
-            with pytest.raises(StreamStopped):
-                await model.stream(model="qvq-max", messages=[{"role": "user", "content": "Stop me."}],
-                                   high_resolution=False, attempt=1, on_text=on_text, should_stop=lambda: stop[0])
-            await model.stream(model="qvq-max", messages=[{"role": "user", "content": "After the stop."}],
-                               high_resolution=False, attempt=1, on_text=lambda kind, text: None)
-            await model.aclose()
-            return answers, after_three, len(accepted)
+        with pytest.raises(StreamStopped):
+            await model.stream(model="qvq-max", messages=[{"role": "user", "content": "Stop me."}],
+                               high_resolution=False, attempt=1, on_text=on_text, should_stop=lambda: stop[0])
+        await model.stream(model="qvq-max", messages=[{"role": "user", "content": "After the stop."}],
+                           high_resolution=False, attempt=1, on_text=lambda kind, text: None)
+        await model.aclose()
+        return answers, after_three, proxy.accepted
 
     answers, after_three, after_five = asyncio.run(scenario())
     assert all(answers) and after_three == 1  # three whole streams, one connection
