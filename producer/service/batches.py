@@ -39,6 +39,7 @@ from contracts.errors import (
     UnavailableError,
 )
 from contracts.object_store import ObjectClients
+from contracts.sender import TaskSender, producer_app
 from contracts.store import FAILED, RUNNING, TERMINAL, BatchRecord, Outcome, TaskRecord, task_row
 from contracts.tenants import ADMIN, Principal
 from producer.service.tasks import TaskService, as_tenant, queued_fields
@@ -70,6 +71,8 @@ class BatchService:
         self.tasks = tasks
         self.store = tasks.store
         self.clients = clients or ObjectClients(tasks.settings)
+        #: Items are queued without a task-sent event each (contracts/sender.producer_app)
+        self.sender = TaskSender(producer_app(tasks.settings, sent_events=False), tasks.settings.queue)
 
     def close(self) -> None:
         self.clients.close()
@@ -165,7 +168,7 @@ class BatchService:
         try:
             seqs = self.tasks.bus.publish_many([(job.task_id, ev.QUEUED, 0, 0, queued_fields(job, None))
                                                 for job in jobs])
-            self.tasks.sender.send_runs([(job.task_id, 0) for job in jobs])
+            self.sender.send_runs([(job.task_id, 0) for job in jobs])
         except Exception as exc:
             message = f"could not enqueue batch items: the queue is unavailable ({type(exc).__name__})"
             for job in jobs:
