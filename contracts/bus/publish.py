@@ -32,6 +32,30 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return seq
 """
 
+# A batch's event: the same append and publish, only when it is not older than the last one published
+# (KEYS[4] holds its order, "<round> <done>"): two workers that tallied at nearly the same moment may
+# publish in the other order, and a follower must never see `done` go back within a round. ARGV: the
+# event without its "{", TTL seconds, the round, done, and "1" to publish whatever the order (the end).
+BATCH_PUBLISH_LUA = """
+local last = redis.call('GET', KEYS[4])
+local round, done = tonumber(ARGV[3]), tonumber(ARGV[4])
+if last and ARGV[5] ~= '1' then
+  local last_round, last_done = string.match(last, '(%d+) (%d+)')
+  last_round, last_done = tonumber(last_round), tonumber(last_done)
+  if round < last_round or (round == last_round and done < last_done) then
+    return 0
+  end
+end
+redis.call('SET', KEYS[4], round .. ' ' .. done, 'EX', ARGV[2])
+local seq = redis.call('INCR', KEYS[1])
+local event = '{"seq":' .. seq .. ',' .. ARGV[1]
+redis.call('XADD', KEYS[2], '*', 'event', event)
+redis.call('PUBLISH', KEYS[3], event)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return seq
+"""
+
 #: Errors after which a subscriber reconnects (Redis restarted, failed over, or dropped us).
 RECONNECTABLE = (redis.ConnectionError, redis.TimeoutError)
 CONFIRM_S = 5.0  # how long to wait for the server to confirm a subscription before reading the log
@@ -71,7 +95,7 @@ def batch_publish_args(batch_id: str, type_: str, fields: dict[str, Any]) -> tup
     """The script's keys and its event argument for one event of a batch (contracts/batches.py)."""
     body = {"batch_id": batch_id, "type": type_, "ts": time.time(), **fields}
     encoded = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-    return list(keys.batch_stream_keys(batch_id)), encoded[1:]
+    return [*keys.batch_stream_keys(batch_id), keys.batch_order_key(batch_id)], encoded[1:]
 
 
 def is_subscribe_confirmation(message: dict[str, Any] | None) -> bool:

@@ -14,6 +14,7 @@ import redis
 
 from contracts import keys
 from contracts.bus.publish import (
+    BATCH_PUBLISH_LUA,
     CONFIRM_S,
     PUBLISH_LUA,
     RECONNECTABLE,
@@ -44,6 +45,7 @@ class EventBus:
         self.redis = client
         self.ttl_s = ttl_s
         self._publish = client.register_script(PUBLISH_LUA)
+        self._publish_batch = client.register_script(BATCH_PUBLISH_LUA)
         self.lost = LostEvents()
 
     def publish(self, task_id: str, type_: str, attempt: int, *, seq_floor: int = 0, **fields: Any) -> int:
@@ -66,10 +68,13 @@ class EventBus:
             self._publish(keys=script_keys, args=[event, self.ttl_s, floor, 0], client=pipe)
         return [int(seq) for seq in pipe.execute()]
 
-    def publish_batch(self, batch_id: str, type_: str, **fields: Any) -> int:
-        """One event of a batch (batch.progress, batch.completed) on its own log and channel."""
+    def publish_batch(self, batch_id: str, type_: str, *, final: bool = False, **fields: Any) -> int | None:
+        """One event of a batch (batch.progress, batch.completed) on its own log and channel; its seq, or None
+        when a later tally (more items done in the round) was published already. `final` publishes anyway."""
         script_keys, event = batch_publish_args(batch_id, type_, fields)
-        return int(self._publish(keys=script_keys, args=[event, self.ttl_s, 0, 0]))
+        seq = int(self._publish_batch(keys=script_keys, args=[event, self.ttl_s, int(fields.get("round", 0)),
+                                                              int(fields.get("done", 0)), "1" if final else "0"]))
+        return seq or None
 
     def note_lost(self, task_id: str) -> None:
         """An event of this task was dropped without a try (a publisher's cooldown): mark the hole."""
