@@ -284,7 +284,8 @@ class BatchRequestBody(BaseModel):
     """A batch (README, Batches): one question over every object under a prefix, or over a list of refs."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
-        {"required": ["source"]}, {"required": ["items"], "not": {"required": ["suffix"]}}]})
+        {"required": ["source"], "not": {"required": ["items"]}},
+        {"required": ["items"], "not": {"anyOf": [{"required": ["suffix"]}, {"required": ["source"]}]}}]})
     batch_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,100}$")] | SkipJsonSchema[None] = Field(
         None, description="caller-chosen: submitting it again adds only new objects")
     source: Annotated[str, StringConstraints(pattern=SOURCE_PATTERN)] | SkipJsonSchema[None] = Field(
