@@ -10,6 +10,7 @@ The worker's image fetch (worker/intake/sources/objects.py) and the producer's b
 from __future__ import annotations
 
 import re
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, 
 from urllib3.exceptions import ProtocolError
 
 from contracts import retry
+from contracts.deadlines import DEADLINES, DOWNLOAD_TIME_FACTOR
 from contracts.errors import ImageError
 from contracts.settings import Settings
 
@@ -151,22 +153,39 @@ class ObjectClients:
         """The first `size` bytes of an object (one ranged GET, never the whole object) and its full size."""
         scheme = scheme_of(ref)
         bucket, key = self.bucket_key(ref)
+        budget_s = self.settings.fetch_timeout_s * DOWNLOAD_TIME_FACTOR
+        deadline = DEADLINES.start(budget_s)  # a store that drips bytes is cut off, as for a fetch
         try:
             response = self.client(scheme, ref).get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{size - 1}")
             body = response["Body"]
             try:
+                deadline.attach(socket_of(body))
                 data = body.read(size)
             finally:
                 body.close()
+            if deadline.fired:
+                raise ImageError(f"header not read after {budget_s:g}s", code="image.fetch_failed", ref=ref)
         except ClientError as exc:
             raise map_client_error(exc, bucket, key, ref) from exc
         except NoCredentialsError as exc:
             raise ImageError("no credentials to read the bucket", code="image.access_denied", ref=ref) from exc
         except OBJECT_STORE_ERRORS as exc:
-            raise ImageError(f"object store unreachable ({type(exc).__name__})", code="image.fetch_failed",
-                             ref=ref) from exc
+            what = f"header not read after {budget_s:g}s" if deadline.fired else \
+                f"object store unreachable ({type(exc).__name__})"
+            raise ImageError(what, code="image.fetch_failed", ref=ref) from exc
+        finally:
+            deadline.cancel()
         total = str(response.get("ContentRange") or "").rpartition("/")[2]
         return data, int(total) if total.isdigit() else int(response.get("ContentLength") or len(data))
+
+
+def socket_of(body: Any) -> socket.socket | None:
+    """The socket a botocore StreamingBody reads from: its urllib3 connection's, or, when the connection
+    let go of it (a response that closes the connection), the one under http.client's response file."""
+    raw = getattr(body, "_raw_stream", None)
+    candidates = (getattr(getattr(raw, "connection", None), "sock", None),
+                  getattr(getattr(getattr(getattr(raw, "_fp", None), "fp", None), "raw", None), "_sock", None))
+    return next((sock for sock in candidates if isinstance(sock, socket.socket)), None)
 
 
 def map_client_error(exc: ClientError, bucket: str, key: str, ref: str) -> ImageError:

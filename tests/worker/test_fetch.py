@@ -21,7 +21,7 @@ import pytest
 from botocore.response import StreamingBody
 
 from contracts.errors import ImageError
-from contracts.object_store import oss_region
+from contracts.object_store import ObjectClients, oss_region
 from contracts.settings import Settings
 from contracts.ssrf import is_public_address, resolve_host
 from tests import imagegen as gen
@@ -309,6 +309,20 @@ def test_an_object_store_dripping_bytes_is_cut_off_at_the_total_deadline(
     assert (error.code, error.retryable) == ("image.fetch_failed", True)
     assert "not finished" in error.message
     assert time.perf_counter() - started < 12  # 0.9 s per try, not the 14 s the whole drip takes
+
+
+def test_a_batch_header_read_from_a_dripping_store_is_cut_off_at_the_total_deadline(
+        public: LocalServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test-secret",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    clients = ObjectClients(Settings(fetch_timeout_s=0.3, s3_endpoint_url=public.url("")))
+    started = time.perf_counter()
+    with pytest.raises(ImageError) as cut:
+        clients.read_head("s3://dripping-bucket/a.png", 64 * 1024)
+    assert cut.value.code == "image.fetch_failed" and "header not read" in cut.value.message
+    assert time.perf_counter() - started < 12  # 0.9 s per try, not the 14 s the whole drip takes
+    clients.close()
 
 
 def test_http_connection_refused_is_retryable_fetch_failed(make_fetcher: Any) -> None:

@@ -11,16 +11,21 @@ timeouts per read, and its tries (retry.OBJECT_STORE_ATTEMPTS).
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 from botocore.exceptions import ClientError, NoCredentialsError
 
+from contracts.deadlines import DEADLINES, DOWNLOAD_TIME_FACTOR, Deadline
 from contracts.errors import ImageError
-from contracts.object_store import OBJECT_SCHEMES, OBJECT_STORE_ERRORS, ObjectClients, map_client_error
+from contracts.object_store import (
+    OBJECT_SCHEMES,
+    OBJECT_STORE_ERRORS,
+    ObjectClients,
+    map_client_error,
+    socket_of,
+)
 from contracts.settings import Settings
 from worker.intake.sources.common import check_size, scheme_of
-from worker.intake.sources.deadlines import DEADLINES, DOWNLOAD_TIME_FACTOR, Deadline
 
 READ_CHUNK = 256 * 1024
 
@@ -49,7 +54,7 @@ class ObjectSource:
             response = client.get_object(Bucket=bucket, Key=key)
             body = response["Body"]
             try:
-                deadline.attach(_socket_of(body))
+                deadline.attach(socket_of(body))
                 size = int(response.get("ContentLength") or 0)
                 if size > self.max_bytes:
                     raise ImageError(f"object is {size:,} bytes, over the limit of {self.max_bytes:,}; not downloaded",
@@ -97,12 +102,3 @@ class ObjectSource:
         url = self.clients.client(scheme, ref).generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires_s)
         return str(url)
-
-
-def _socket_of(body: Any) -> socket.socket | None:
-    """The socket a botocore StreamingBody reads from: its urllib3 connection's, or, when the connection
-    let go of it (a response that closes the connection), the one under http.client's response file."""
-    raw = getattr(body, "_raw_stream", None)
-    candidates = (getattr(getattr(raw, "connection", None), "sock", None),
-                  getattr(getattr(getattr(getattr(raw, "_fp", None), "fp", None), "raw", None), "_sock", None))
-    return next((sock for sock in candidates if isinstance(sock, socket.socket)), None)

@@ -22,11 +22,11 @@ from urllib.parse import urljoin
 
 import httpx
 
+from contracts.deadlines import DEADLINES, DOWNLOAD_TIME_FACTOR
 from contracts.errors import ImageError, UnsafeURL
 from contracts.retry import FETCH
 from contracts.settings import Settings
 from contracts.ssrf import Pinned, Resolver, UrlGuard, guarded_client
-from worker.intake.sources.deadlines import DEADLINES, DOWNLOAD_TIME_FACTOR
 
 MAX_REDIRECTS = 5
 POOL_CONNECTIONS = 50

@@ -3,7 +3,8 @@
 A read timeout bounds each read, not a download: a server that drips one byte per read timeout keeps a
 fetch open for ever. A `Deadline` holds the socket of one request; when it passes, the socket is shut
 down from the watchdog thread, which wakes the read blocked in it. Used by the https fetcher (httpcore's
-trace hook gives the socket) and the object stores (urllib3's connection gives it).
+trace hook gives the socket), the object stores (urllib3's connection gives it) and a batch's header reads
+(contracts/object_store.py).
 """
 
 from __future__ import annotations
