@@ -28,6 +28,7 @@ from celery import Celery
 
 from contracts import tracing
 from contracts.batches.follow import BatchFollow, follow
+from contracts.batches.progress import ENDED
 from contracts.bus import EventBus
 from contracts.settings import Settings, get_settings
 from contracts.store import Store, TaskRecord
@@ -35,7 +36,7 @@ from contracts.tenants import ADMIN
 from producer.protocol import TaskHandle
 from producer.results import wait_for_result
 from producer.service import Services
-from producer.service.batches import ENDED, render_results
+from producer.service.batches import render_results
 from producer.service.queue import QueueProbe, QueueState
 from producer.service.tasks import not_found
 

@@ -26,6 +26,10 @@ from contracts.store import BatchRecord, BatchTally, Store
 
 log = get_logger(__name__)
 PROGRESS_EVERY_S = 0.25  # at most four batch.progress a second, per batch
+#: A batch's statuses (status_of); ENDED: every item of the batch ended.
+LISTING, RUNNING, CANCELLING, COMPLETED, CANCELLED = "listing", "running", "cancelling", "completed", "cancelled"
+BATCH_STATUSES = (LISTING, RUNNING, CANCELLING, COMPLETED, CANCELLED)
+ENDED = (COMPLETED, CANCELLED)
 
 
 def tally_fields(record: BatchRecord, tally: BatchTally, *, at: float | None = None) -> dict[str, Any]:
@@ -42,10 +46,10 @@ def tally_fields(record: BatchRecord, tally: BatchTally, *, at: float | None = N
 def status_of(record: BatchRecord) -> str:
     """listing (items are being added), running, cancelling (items still stopping), completed or cancelled."""
     if record.completed_at is not None:
-        return "cancelled" if record.cancelled_at is not None else "completed"
+        return CANCELLED if record.cancelled_at is not None else COMPLETED
     if record.cancelled_at is not None:
-        return "cancelling"
-    return "running" if record.listed else "listing"
+        return CANCELLING
+    return RUNNING if record.listed else LISTING
 
 
 def item_ended(store: Store, client: redis.Redis, bus: EventBus, sender: TaskSender, batch_id: str, *,

@@ -130,7 +130,11 @@ class BatchStore:
         return BatchTally(counts, int(tokens), Decimal(str(cost)).quantize(MONEY_PLACES))
 
     def batch_spent(self, batch_id: str) -> Decimal:
-        return self.tally(batch_id).cost
+        """The batch's ledger total (CNY): every billed attempt of its items."""
+        spent = (sa.select(sa.func.coalesce(sa.func.sum(usage.c.total_cost), 0))
+                 .select_from(usage.join(tasks, usage.c.task_id == tasks.c.id)).where(tasks.c.batch_id == batch_id))
+        with self.engine.connect() as conn:
+            return Decimal(str(conn.execute(spent).scalar_one())).quantize(MONEY_PLACES)
 
     def batch_items(self, batch_id: str, *, after: int = -1, limit: int = 500,
                     statuses: tuple[str, ...] = ()) -> list[TaskRecord]:

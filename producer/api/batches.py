@@ -22,6 +22,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from contracts import events as ev
 from contracts.batches.follow import BatchFollow, afollow
+from contracts.batches.progress import ENDED
 from contracts.bus.sse import format_sse
 from contracts.logging import get_logger
 from contracts.tenants import Principal
@@ -30,7 +31,7 @@ from producer.api.bodies import bad_request, read_json
 from producer.api.deps import Api, AppServices, Caller, Viewer
 from producer.api.events import SSE_RETRY_MS, parse_last_event_id
 from producer.api.responses import JSONResponse
-from producer.service.batches import ENDED, render_results
+from producer.service.batches import render_results
 
 log = get_logger(__name__)
 router = APIRouter()

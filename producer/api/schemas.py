@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from pydantic.json_schema import SkipJsonSchema
 from typing_extensions import TypeAliasType
 
+from contracts.batches.progress import BATCH_STATUSES
 from contracts.catalog import MODELS
 from contracts.job import MAX_IMAGES, MAX_PROMPT_CHARS
 from contracts.store import CALLBACK_DELIVERED, CALLBACK_FAILED, CALLBACK_GONE, CALLBACK_PENDING
@@ -333,7 +334,7 @@ class Batch(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     batch_id: str
-    status: Literal["listing", "running", "cancelling", "completed", "cancelled"]
+    status: str = Field(..., json_schema_extra={"enum": list(BATCH_STATUSES)})
     items: int
     counts: dict[str, int] = Field(..., description="items by status")
     done: int = Field(..., description="items that ended")

@@ -21,6 +21,7 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from contracts import events as ev
+from contracts.batches.progress import ENDED
 from producer.cli.common import client, console, friendly_errors, notices, question
 from producer.cli.errors import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK
 from producer.cli.render import money
@@ -131,7 +132,7 @@ def results(batch_id: str, fmt: str) -> None:
     """The finished items' results, one line each, in the batch's order (while it runs: those so far)."""
     with client(read_only=True) as tasks:
         view = tasks.batch(batch_id)
-        if view["status"] not in ("completed", "cancelled"):
+        if view["status"] not in ENDED:
             notices.print(f"batch {batch_id} is {view['status']}: only the {view['done']:,} items that ended "
                           f"so far (of {view['items']:,})", markup=False)
         for line in tasks.batch_results(batch_id, fmt):

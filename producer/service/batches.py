@@ -44,7 +44,6 @@ from contracts.store import FAILED, RUNNING, TERMINAL, BatchRecord, Outcome, Tas
 from contracts.tenants import ADMIN, Principal
 from producer.service.tasks import TaskService, as_tenant, queued_fields
 
-ENDED = ("completed", "cancelled")  # the statuses of a batch whose every item ended
 PAGE = 500  # items listed, read, inserted and queued together
 RESULTS_PAGE = 500
 
