@@ -150,6 +150,15 @@ def test_a_duplicate_task_id_is_refused(qvq: Any, image: str) -> None:
     assert "task_id" in line and "already taken" in line
 
 
+def test_an_idempotency_key_reused_with_another_prompt_exits_2_naming_the_first_task(qvq: Any, image: str) -> None:
+    first = json.loads(qvq("submit", image, "--prompt", "hi", "--idempotency-key", "k-cli", "--json").stdout)
+    again = json.loads(qvq("submit", image, "--prompt", "hi", "--idempotency-key", "k-cli", "--json").stdout)
+    task_id = first["task_id"]
+    assert again == {**first, "created": False}
+    line = one_line_error(qvq("submit", image, "--prompt", "bye", "--idempotency-key", "k-cli", check_code=2))
+    assert "idempotency" in line and task_id in line
+
+
 def test_version_comes_from_the_package_metadata(qvq: Any) -> None:
     assert qvq("--version").stdout.strip() == f"qvq {importlib.metadata.version('qvq-queue')}"
 
