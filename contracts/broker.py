@@ -19,7 +19,6 @@ PRIORITY_SEPARATOR = "\x06\x16"
 PRIORITY_STEPS = (3, 6, 9)
 UNACKED = "unacked"
 UNACKED_INDEX = "unacked_index"
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 SENT_AT = "qvq_sent_at"  # message header: when it was sent (Unix time)
 
 

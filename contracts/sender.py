@@ -18,6 +18,7 @@ from celery import Celery
 from contracts import broker, retry
 from contracts import callbacks as cb
 from contracts.job import TASK_NAME, message_for
+from contracts.redis_clients import celery_broker
 from contracts.settings import Settings
 
 BROKER_CONNECT_TIMEOUT_S = 5
@@ -29,11 +30,12 @@ def producer_app(settings: Settings, *, sent_events: bool = True) -> Celery:
     announce each task to monitors (Flower, `celery events`) as it is sent; a batch's app does not (10,000
     task-sent events cost 4.5 s of a 10,000-item submit; its items show up when a worker receives them)."""
     app = Celery("qvq-producer", set_as_current=False)
+    broker_url, transport_options = celery_broker(settings.celery_broker_url)
     app.conf.update(
-        broker_url=settings.celery_broker_url,
+        broker_url=broker_url,
         broker_connection_timeout=BROKER_CONNECT_TIMEOUT_S,
         broker_connection_retry=False,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s, **transport_options},
         task_serializer="json",
         accept_content=["json"],
         task_send_sent_event=sent_events,  # Flower and `celery events` see each task from its submit on

@@ -23,6 +23,7 @@ from contracts.flow import (
 )
 from contracts.image_formats import MAX_IMAGE_BYTES
 from contracts.job import QUEUE
+from contracts.redis_url import check_broker_url, check_redis_url
 from contracts.tenants import SAFE_ID_RULE, KeyRing, is_safe_id
 from contracts.triggers import TriggerRule, parse_triggers
 
@@ -95,8 +96,9 @@ def _queue_name(raw: str) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str = setting("REDIS_URL", "redis://localhost:6379/0")
-    broker_url: str = setting("CELERY_BROKER_URL", "")  # empty means REDIS_URL
+    # one server, or a master behind Sentinel (contracts/redis_url.py lists the forms)
+    redis_url: str = setting("REDIS_URL", "redis://localhost:6379/0", check_redis_url)
+    broker_url: str = setting("CELERY_BROKER_URL", "", check_broker_url)  # empty means REDIS_URL
     database_url: str = setting("DATABASE_URL", "sqlite:///qvq.db", _database_url)
     dashscope_api_key: str = setting("DASHSCOPE_API_KEY", "", secret=True)
     base_url: str = setting("QVQ_BASE_URL", DASHSCOPE_BASE_URL)

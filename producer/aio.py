@@ -21,6 +21,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from contracts.bus.aio import AsyncEventBus, LiveSource
+from contracts.redis_clients import async_client
 from contracts.settings import Settings, get_settings
 from contracts.store import Store, TaskRecord
 from producer.client import Client, as_ref
@@ -32,7 +33,7 @@ class AsyncClient:
     def __init__(self, settings: Settings | None = None, *, store: Store | None = None,
                  redis_client: aioredis.Redis | None = None) -> None:
         self.settings = settings or get_settings()
-        self.redis = redis_client or aioredis.Redis.from_url(
+        self.redis = redis_client or async_client(
             self.settings.redis_url, socket_connect_timeout=5, health_check_interval=30)
         self.bus = AsyncEventBus(self.redis, ttl_s=self.settings.event_ttl_s)
         self._owns_store = store is None

@@ -30,6 +30,7 @@ from kombu.transport import redis as kombu_redis
 
 from contracts import callbacks as cb
 from contracts.job import TASK_NAME
+from contracts.redis_clients import celery_broker
 from contracts.settings import Settings, get_settings
 
 
@@ -40,7 +41,7 @@ def restore_interval_s(visibility_timeout_s: int) -> int:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     return {
-        "broker_url": settings.celery_broker_url,
+        "broker_url": celery_broker(settings.celery_broker_url)[0],
         "broker_connection_retry_on_startup": True,
         "broker_connection_retry": True,
         "broker_connection_max_retries": None,  # forever (0 would mean: never retry)
@@ -55,6 +56,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "socket_keepalive": True,
             "socket_connect_timeout": 5,
             "health_check_interval": 25,
+            **celery_broker(settings.celery_broker_url)[1],  # Sentinel's master name, when it names one
         },
         "task_serializer": "json",
         "accept_content": ["json"],

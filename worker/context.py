@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from redis import Redis as SyncRedis
 
 from contracts.bus import EventBus
+from contracts.redis_clients import async_client, sync_client
 from contracts.sender import TaskSender, producer_app
 from contracts.settings import Settings
 from contracts.store import Store
@@ -55,7 +56,7 @@ class WorkerContext:
 
     @classmethod
     def build(cls, settings: Settings, sender: TaskSender | None = None) -> WorkerContext:
-        client = redis.Redis.from_url(
+        client = sync_client(
             settings.redis_url, max_connections=settings.worker_concurrency + 50,
             health_check_interval=30, socket_keepalive=True, retry_on_timeout=True,
             socket_connect_timeout=5, socket_timeout=10,  # a vanished Redis must not hang a stream's thread
@@ -64,7 +65,7 @@ class WorkerContext:
         decode_budget.resize(settings.decode_memory_mb << 20)
         store = Store.from_url(settings.database_url, timeout_s=settings.db_timeout_s)
         loop = WorkerLoop()
-        aclient = aioredis.Redis.from_url(settings.redis_url, health_check_interval=30, socket_keepalive=True,
+        aclient = async_client(settings.redis_url, health_check_interval=30, socket_keepalive=True,
                                           socket_connect_timeout=5, socket_timeout=10)
         return cls(
             settings=settings,
@@ -81,7 +82,7 @@ class WorkerContext:
             flow=FlowControl(settings, client, store),
             loop=loop,
             aredis=aclient,
-            broker=(redis.Redis.from_url(settings.celery_broker_url, socket_connect_timeout=5, socket_timeout=10)
+            broker=(sync_client(settings.celery_broker_url, socket_connect_timeout=5, socket_timeout=10)
                     if settings.celery_broker_url != settings.redis_url else None),
         )
 

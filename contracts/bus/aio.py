@@ -1,6 +1,6 @@
 """The event bus for asyncio programs (the HTTP API's SSE, async backends): same events, same semantics.
 
-    bus = AsyncEventBus(redis.asyncio.Redis.from_url(url))
+    bus = AsyncEventBus(contracts.redis_clients.async_client(url))  # one server or behind Sentinel
     async for event in bus.subscribe(task_id, from_seq=0, timeout=300):
         ...
 

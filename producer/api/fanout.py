@@ -38,6 +38,7 @@ import redis.asyncio as aioredis
 from contracts.bus.aio import AsyncEventBus
 from contracts.bus.publish import CONFIRM_S, RECONNECTABLE
 from contracts.logging import get_logger
+from contracts.redis_clients import async_client
 
 log = get_logger(__name__)
 
@@ -64,9 +65,9 @@ class FanoutHub:
     """One pub/sub connection for every viewer of this process (see the module docstring)."""
 
     def __init__(self, redis_url: str, *, pool_size: int = POOL_SIZE, client: aioredis.Redis | None = None) -> None:
-        self.redis = client or aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
-            redis_url, max_connections=pool_size, timeout=POOL_TIMEOUT_S, socket_connect_timeout=5,
-            health_check_interval=30))
+        self.redis = client or async_client(
+            redis_url, blocking_pool=True, max_connections=pool_size, timeout=POOL_TIMEOUT_S,
+            socket_connect_timeout=5, health_check_interval=30)
         self._channels: dict[str, _Channel] = {}
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None

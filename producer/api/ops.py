@@ -18,7 +18,6 @@ from typing import Any
 
 import anyio
 import redis
-import redis.asyncio as aioredis
 import sqlalchemy as sa
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response
@@ -29,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from contracts import callbacks as cb
 from contracts.logging import get_logger
 from contracts.metrics import API_REGISTRY, queue_depth_collector, serve_registry
+from contracts.redis_clients import async_client, sync_client
 from contracts.settings import Settings
 from producer.api.responses import JSONResponse
 
@@ -96,7 +96,7 @@ class _Probes:
                 "database": await _within(run_in_threadpool(self.ping_database))}
 
     async def ping_redis(self) -> None:
-        client = aioredis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=READY_TIMEOUT_S,
+        client = async_client(self.settings.redis_url, socket_connect_timeout=READY_TIMEOUT_S,
                                          socket_timeout=READY_TIMEOUT_S)
         try:
             await client.ping()
@@ -112,7 +112,7 @@ class _Probes:
 
     def broker(self) -> redis.Redis:
         """The broker client the queue-depth collector reads (connects on the first scrape)."""
-        return redis.Redis.from_url(self.settings.celery_broker_url, socket_connect_timeout=2, socket_timeout=2)
+        return sync_client(self.settings.celery_broker_url, socket_connect_timeout=2, socket_timeout=2)
 
 
 async def _within(awaitable: Any) -> bool:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import redis
 
+from contracts.redis_clients import sync_client
 from contracts.sender import TaskSender, producer_app
 from contracts.settings import Settings
 from contracts.store import Store
@@ -39,7 +40,7 @@ class Services:
               storage: UploadStorage | None = None, migrate: bool = True) -> Services:
         """`migrate=False`: a read-only user, which never creates or changes the schema."""
         store = store or Store.from_url(settings.database_url, migrate=migrate)
-        client = client or redis.Redis.from_url(
+        client = client or sync_client(
             settings.redis_url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30)
         sender = TaskSender(producer_app(settings), settings.queue)
         tasks = TaskService(settings, store, client, sender)

@@ -13,6 +13,8 @@ from typing import Any
 import redis
 
 from contracts import broker
+from contracts.redis_clients import sync_client
+from contracts.redis_url import is_redis
 
 PROBE_TIMEOUT_S = 1.0
 
@@ -43,11 +45,11 @@ class QueueProbe:
         return QueueState(self.queue, self.depth(), self.consumers())
 
     def depth(self) -> int | None:
-        if not self.broker_url.startswith(broker.REDIS_SCHEMES):
+        if not is_redis(self.broker_url):
             return None
         try:
-            client = redis.Redis.from_url(self.broker_url, socket_connect_timeout=self.timeout,
-                                          socket_timeout=self.timeout)
+            client = sync_client(self.broker_url, socket_connect_timeout=self.timeout,
+                                 socket_timeout=self.timeout)
             try:
                 return broker.depth(client, self.queue)
             finally:

@@ -18,6 +18,7 @@ import httpx
 import redis
 
 from contracts import events as ev
+from contracts.redis_clients import sync_client
 from contracts.settings import Settings
 from contracts.store import TERMINAL, TaskRecord
 from emulator.config import EmulatorConfig
@@ -53,13 +54,15 @@ class Stack:
     def __init__(self, tmp: Path, **env: str) -> None:
         self.tmp = tmp
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self.redis_server = EmbeddedRedis().start()
+        # its own Redis server, unless the test brings one (REDIS_URL: e.g. a Sentinel set)
+        self.redis_server = None if "REDIS_URL" in env else EmbeddedRedis().start()
+        redis_url = env.get("REDIS_URL") or self.redis_server.url
         self.emulator = EmulatorServer(EmulatorConfig()).start()
-        self.env = {**BASE_ENV, "REDIS_URL": self.redis_server.url, "QVQ_BASE_URL": self.emulator.url,
+        self.env = {**BASE_ENV, "REDIS_URL": redis_url, "QVQ_BASE_URL": self.emulator.url,
                     "DATABASE_URL": f"sqlite:///{tmp / 'qvq.db'}", **env}
         self.workers: list[WorkerProcess] = []
         self.client = Client(Settings.from_env(self.env))
-        self.redis = redis.Redis.from_url(self.redis_server.url)
+        self.redis = sync_client(redis_url)
         self.image = tmp / "red.png"
         self.image.write_bytes(make_image("PNG", size=(64, 48), color=(220, 20, 20)))
 
@@ -81,7 +84,8 @@ class Stack:
         self.client.close()
         self.redis.close()
         self.emulator.stop()
-        self.redis_server.close()
+        if self.redis_server is not None:
+            self.redis_server.close()
 
     def __enter__(self) -> Stack:
         return self
