@@ -34,7 +34,7 @@ from producer.api.responses import JSONResponse
 from producer.service.batches import render_results
 
 log = get_logger(__name__)
-router = APIRouter()
+router = APIRouter(tags=["batches"])
 errors = schemas.error_responses
 BatchId = Annotated[str, Path(max_length=128)]
 #: Whether the results are every item's (the batch ended) or the finished ones so far.
@@ -83,9 +83,7 @@ async def batch_results(batch_id: BatchId, api: Api, principal: Caller,
 
 @router.get("/batches/{batch_id}/events", response_class=StreamingResponse, responses={
     200: {"description": "Server-Sent Events: `id: <seq>`, `event: batch.progress | batch.completed`",
-          "content": {"text/event-stream": {"schema": {"type": "object", "properties": {
-              "id": {"type": "string"}, "event": {"type": "string", "enum": list(ev.BATCH_EVENT_TYPES)},
-              "data": {"type": "string"}}}}}},
+          "content": schemas.event_stream(ev.BATCH_EVENT_TYPES)},
     **errors(400, 401, 404, 422, 503)})
 async def batch_events(
     batch_id: BatchId, api: Api, principal: Viewer,

@@ -80,9 +80,25 @@ async def read_multipart(request: Request, limit: int, *, max_files: int, max_fi
     """A multipart/form-data body, at most `limit` bytes in all; 415 for any other type."""
     if media_type(request) != "multipart/form-data":
         raise unsupported("send the files as multipart/form-data")
-    parser = MultiPartParser(request.headers, limited_stream(request, limit), max_files=max_files,
+    parser = FilePartsParser(request.headers, limited_stream(request, limit), max_files=max_files,
                              max_fields=max_fields, max_part_size=128 * 1024)
     try:
         return await parser.parse()
     except MultiPartException as exc:
         raise bad_request(f"the form is not valid: {exc.message}") from None
+
+
+class FilePartsParser(MultiPartParser):
+    """Starlette's multipart parser, except that a part sent with a Content-Type other than text/* is a
+    file even when its Content-Disposition names no filename: generated clients (and httpx's `files=` with
+    no name) send image parts that way, and they would otherwise be read as text fields and refused."""
+
+    def on_headers_finished(self) -> None:
+        part = self._current_part
+        content_type = dict((name.lower(), value) for name, value in part.item_headers).get(b"content-type", b"")
+        disposition = part.content_disposition or b""
+        if content_type.strip() and not content_type.strip().lower().startswith(b"text/") \
+                and b"filename" not in disposition.lower():
+            part.content_disposition = disposition + b'; filename="upload"'
+        super().on_headers_finished()
+

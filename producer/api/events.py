@@ -26,17 +26,14 @@ from producer.api.deps import Api, Viewer
 from producer.api.fanout import FanoutHub
 
 log = get_logger(__name__)
-router = APIRouter()
+router = APIRouter(tags=["tasks"])
 KEEPALIVE_S = 15.0
 SSE_RETRY_MS = 3000  # how long a browser waits before reconnecting a dropped stream
 
 
 @router.get("/tasks/{task_id}/events", response_class=StreamingResponse, responses={
     200: {"description": "Server-Sent Events: `id: <seq>`, `event: <type>`, `data: <event JSON>`",
-          "content": {"text/event-stream": {"schema": {
-              "type": "object", "required": ["data"], "properties": {
-                  "id": {"type": "string"}, "event": {"type": "string", "enum": list(ev.EVENT_TYPES)},
-                  "data": {"type": "string", "description": "the event JSON"}}}}}},
+          "content": schemas.event_stream(ev.EVENT_TYPES)},
     204: {"description": "the task had already ended before Last-Event-ID: nothing more will come"},
     **schemas.error_responses(400, 401, 404, 410, 422, 503)})
 async def task_events(

@@ -49,11 +49,15 @@ class Notification:
 
 
 def parse_notification(body: Any) -> Notification:
-    """The created objects of a notification body (already JSON-decoded)."""
+    """The created objects of a notification body (already JSON-decoded). A body is refused
+    (NotificationError) unless it is one of NOTIFICATION_SCHEMAS' shapes, an envelope holding one, or a
+    list of them; a record that is not an object creation is counted in `ignored`."""
     body = _unwrap(body)
     if isinstance(body, list):
         out = Notification()
         for item in body:
+            if not isinstance(_unwrap(item), dict):
+                raise NotificationError("a list of notifications holds objects only")
             part = parse_notification(item)
             out.objects += part.objects
             out.ignored += part.ignored
@@ -101,13 +105,16 @@ def _decode(text: str) -> Any:
 
 
 def _records(records: Any, scheme: str, section: str) -> Notification:
+    where = "Records" if scheme == "s3" else "events"
     if not isinstance(records, list):
-        raise NotificationError(f"`{'Records' if scheme == 's3' else 'events'}` must be a list")
+        raise NotificationError(f"`{where}` must be a list")
     out = Notification()
-    for record in records:
-        name = str(record.get("eventName", "")) if isinstance(record, dict) else ""
-        found = _object(record.get(section), scheme, name, url_encoded=scheme == "s3") if _created(name) else None
-        if found is None:
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise NotificationError(f"`{where}[{index}]` must be an object")
+        name = _string(record, "eventName", f"{where}[{index}]") or ""
+        found = _object(_section(record, section, f"{where}[{index}]"), scheme, name, url_encoded=scheme == "s3")
+        if found is None or not _created(name):
             out.ignored += 1
         else:
             out.objects.append(found)
@@ -117,9 +124,12 @@ def _records(records: Any, scheme: str, section: str) -> Notification:
 def _cloud_event(event: dict[str, Any]) -> Notification:
     name = event["type"]
     data = event["data"]
-    section = data.get("oss") if isinstance(data.get("oss"), dict) else data
-    found = _object(section, "oss", name, url_encoded=False) if _created(name) else None
-    return Notification(objects=[found] if found else [], ignored=0 if found else 1)
+    # EventBridge puts bucket and object in data.oss, or in data itself
+    in_data = _object(data, "oss", name, url_encoded=False)
+    found = _object(_section(data, "oss", "data"), "oss", name, url_encoded=False) or in_data
+    if found is None or not _created(name):
+        return Notification(ignored=1)
+    return Notification(objects=[found])
 
 
 #: ObjectCreated events that do not mean a whole new object (OSS reports each step of a multipart upload).
@@ -133,17 +143,88 @@ def _created(event_name: str) -> bool:
     return "ObjectCreated" in parts[:2] and parts[-1] not in _PARTIAL
 
 
-def _object(section: Any, scheme: str, event: str, *, url_encoded: bool) -> StoredObject | None:
-    if not isinstance(section, dict):
+#: What makes this write of an object unique, in order of preference (null or absent: the next one).
+VERSION_FIELDS = ("versionId", "eTag", "sequencer")
+
+
+def _object(section: dict[str, Any] | None, scheme: str, event: str, *, url_encoded: bool) -> StoredObject | None:
+    """The object a record's section names; None when it names none (the record is then ignored)."""
+    if section is None:
         return None
-    bucket, obj = section.get("bucket"), section.get("object")
-    if not (isinstance(bucket, dict) and isinstance(obj, dict)):
-        return None
-    name, key = bucket.get("name"), obj.get("key")
-    if not (isinstance(name, str) and name and isinstance(key, str) and key):
+    bucket, obj = _section(section, "bucket", "bucket"), _section(section, "object", "object")
+    name = _string(bucket, "name", "bucket", required=True) if bucket is not None else None
+    key = _string(obj, "key", "object", required=True) if obj is not None else None
+    versions = [_string(obj, field_, "object", nullable=True) for field_ in VERSION_FIELDS] if obj else []
+    if not (name and key):
         return None
     if url_encoded:
         key = unquote_plus(key)  # S3 and MinIO send the key form-encoded: `+` is a space, %2B a plus
-    version = next((str(obj[name_]) for name_ in ("versionId", "eTag", "etag", "sequencer")
-                    if obj.get(name_) not in (None, "", "null")), "")
-    return StoredObject(scheme=scheme, bucket=name, key=key, version=version, event=event)
+    version = next((value for value in versions if value not in (None, "", "null")), "")
+    return StoredObject(scheme=scheme, bucket=name, key=key, version=version or "", event=event)
+
+
+def _section(parent: dict[str, Any], name: str, where: str) -> dict[str, Any] | None:
+    """parent[name] when it is an object; None when absent; refused when it is anything else (null too)."""
+    if name not in parent:
+        return None
+    value = parent[name]
+    if not isinstance(value, dict):
+        raise NotificationError(f"`{where}.{name}` must be an object")
+    return value
+
+
+def _string(parent: dict[str, Any], name: str, where: str, *, nullable: bool = False,
+            required: bool = False) -> str | None:
+    """parent[name] when it is a string holding no NUL; None when absent (unless `required`) or null (where
+    `nullable`); refused otherwise."""
+    value = parent.get(name)
+    if (name not in parent and not required) or (value is None and nullable):
+        return None
+    if not isinstance(value, str) or "\x00" in value:
+        raise NotificationError(f"`{where}.{name}` must be a string without NUL")
+    return value
+
+
+# -- the request body's schema (POST /v1/webhooks/objects), for the OpenAPI document -------------------
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_TEXT = {"type": "string", "pattern": r"^[^\x00]*$"}
+#: A body whose `Message` is a string is an envelope (read from that string), not this shape.
+_ENVELOPE = {"required": ["Message"], "properties": {"Message": {"type": "string"}}}
+#: Every shape parse_notification reads, as named schemas: a body is accepted exactly when it is one of
+#: them (or a list of them). SNS and MNS envelopes (the notification as JSON or base64 in a string
+#: `Message`, or in MNS's XML) are read too, but no schema can say what a string must decode to: they are
+#: described, not typed.
+NOTIFICATION_SCHEMAS: dict[str, dict[str, Any]] = {
+    "NotificationBucket": {"type": "object", "required": ["name"], "properties": {"name": _TEXT}},
+    "NotificationObject": {"type": "object", "required": ["key"], "properties": {
+        "key": _TEXT, **{name: {"anyOf": [_TEXT, {"type": "null"}]} for name in VERSION_FIELDS}}},
+    "NotificationSection": {"type": "object", "description": "where the object is", "properties": {
+        "bucket": _ref("NotificationBucket"), "object": _ref("NotificationObject")}},
+    "S3Record": {"type": "object", "description": "a record of an S3 or MinIO notification (not a creation: ignored)",
+                 "properties": {"eventName": {"type": "string"}, "s3": _ref("NotificationSection")}},
+    "OssEvent": {"type": "object", "description": "an event of an OSS notification (not a creation: ignored)",
+                 "properties": {"eventName": {"type": "string"}, "oss": _ref("NotificationSection")}},
+    "S3Notification": {"type": "object", "required": ["Records"], "description": "S3 or MinIO",
+                       "properties": {"Records": {"type": "array", "items": _ref("S3Record")}}},
+    "OssNotification": {"type": "object", "required": ["events"], "description": "Alibaba OSS (through MNS)",
+                        "properties": {"events": {"type": "array", "items": _ref("OssEvent")}},
+                        "not": {"required": ["Records"]}},
+    "OssCloudEvent": {
+        "type": "object", "required": ["type", "data"], "description": "an Alibaba EventBridge OSS event",
+        "properties": {"type": {"type": "string", "description": "oss:ObjectCreated:<how>; others are ignored"},
+                       "data": {"type": "object", "properties": {
+                           "oss": _ref("NotificationSection"), "bucket": _ref("NotificationBucket"),
+                           "object": _ref("NotificationObject")}}},
+        "not": {"anyOf": [{"required": ["Records"]}, {"required": ["events"]}, _ENVELOPE]}},
+    "StoreCheck": {"type": "object", "description": "a store checking the endpoint (S3's test event, SNS asking "
+                                                    "to be confirmed): acknowledged, nothing queued",
+                   "anyOf": [{"required": ["Event"], "properties": {"Event": {"const": "s3:TestEvent"}},
+                              "not": _ENVELOPE},
+                             {"required": ["Type"], "properties": {"Type": {"const": "SubscriptionConfirmation"}}}]},
+    "ObjectNotification": {"anyOf": [_ref("S3Notification"), _ref("OssNotification"), _ref("OssCloudEvent"),
+                                     _ref("StoreCheck")]},
+}
+NOTIFICATION_BODY = {"anyOf": [_ref("ObjectNotification"), {"type": "array", "items": _ref("ObjectNotification")}]}

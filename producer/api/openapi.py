@@ -10,6 +10,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
 
 from producer.api import schemas
+from producer.api.notifications import NOTIFICATION_SCHEMAS
 
 DESCRIPTION = "Visual-reasoning jobs on Alibaba QVQ: submit, watch live, get the result."
 
@@ -25,10 +26,15 @@ def document(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes, description=DESCRIPTION)
     components = doc.setdefault("components", {}).setdefault("schemas", {})
-    for model in (schemas.JobRequestBody, schemas.BatchRequestBody, schemas.ErrorBody):
+    for model in (schemas.NewJobBody, schemas.FollowUpBody, schemas.BatchRequestBody, schemas.ErrorBody):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(schema.pop("$defs", {}))
         components[model.__name__] = schema
+    components["JobRequestBody"] = schemas.JOB_BODY_SCHEMA
+    components.update(schemas.metadata_schemas())
+    components.update(NOTIFICATION_SCHEMAS)
+    for body in (schemas.NewJobBody, schemas.FollowUpBody):
+        components[body.__name__]["properties"]["metadata"] = schemas.METADATA_PROPERTY
     _name_patterns_as_property_names(components)
     _replace_fastapi_errors(doc)
     _declare_server_errors(doc)

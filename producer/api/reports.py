@@ -16,7 +16,7 @@ from producer.api import schemas
 from producer.api.deps import Api, Caller
 from producer.api.tasks import query_moment
 
-router = APIRouter()
+router = APIRouter(tags=["reports"])
 
 
 @router.get("/usage", response_model=schemas.UsageReport, responses=schemas.error_responses(400, 401, 403, 422, 503))

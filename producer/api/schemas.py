@@ -6,18 +6,20 @@ these models describe the same rules, so a body valid here is valid there.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 from pydantic.json_schema import SkipJsonSchema
-from typing_extensions import TypeAliasType
 
 from contracts.batches.progress import BATCH_STATUSES
 from contracts.catalog import MODELS
-from contracts.job import MAX_IMAGES, MAX_PROMPT_CHARS
+from contracts.job import MAX_IMAGES, MAX_METADATA_DEPTH, MAX_PROMPT_CHARS
 from contracts.store import CALLBACK_DELIVERED, CALLBACK_FAILED, CALLBACK_GONE, CALLBACK_PENDING
 
 SAFE_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}$"
+#: A listing's position: `<created_at in Unix microseconds>-<task id>` (producer/api/tasks.py).
+CURSOR_PATTERN = r"^[0-9]{1,16}-[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}$"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOST_PORT = rf"{_LABEL}(?:\.{_LABEL})*(?::[1-9][0-9]{{0,3}})?"
 _PATH_CHAR = r"[^\s?#\x00-\x1f\x7f]"
@@ -34,38 +36,85 @@ NOT_BLANK = r"[^\s\x1c-\x1f\x85]"
 NO_NUL = r"^[^\x00]*$"
 PROMPT_PATTERN = rf"^[^\x00]*{NOT_BLANK[:-1]}\x00][^\x00]*$"
 Text = Annotated[str, StringConstraints(pattern=NO_NUL)]
-#: Any JSON value whose strings (keys included) hold no NUL: what `metadata` may hold.
-MetadataValue = TypeAliasType(  # type: ignore[misc]
-    "MetadataValue",
-    Union[Text, int, float, bool, None, list["MetadataValue"], dict[Text, "MetadataValue"]],  # type: ignore[misc]  # noqa: UP007
-)
+#: `metadata` as the API checks it (contracts/job.py): an object nested at most MAX_METADATA_DEPTH levels,
+#: no NUL in any string, keys included. Written out level by level (MetadataValue2..8, then MetadataScalar)
+#: rather than as one recursive union, which client generators cannot type.
+METADATA_SCHEMA_NAMES = [f"MetadataValue{level}" for level in range(2, MAX_METADATA_DEPTH + 1)]
+
+
+def metadata_schemas() -> dict[str, dict[str, Any]]:
+    """The components `metadata` refers to, one per level below the top object."""
+    def ref(name: str) -> dict[str, str]:
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    scalars = [{"type": "string", "pattern": NO_NUL}, {"type": "integer"}, {"type": "number"},
+               {"type": "boolean"}, {"type": "null"}]
+    components: dict[str, dict[str, Any]] = {"MetadataScalar": {"anyOf": scalars}}
+    below = "MetadataScalar"
+    for name in reversed(METADATA_SCHEMA_NAMES):
+        components[name] = {"anyOf": [*scalars, {"type": "array", "items": ref(below)},
+                                      {"type": "object", "propertyNames": {"pattern": NO_NUL},
+                                       "additionalProperties": ref(below)}]}
+        below = name
+    return components
+
+
+METADATA_PROPERTY: dict[str, JsonValue] = {
+    "anyOf": [{"type": "object", "propertyNames": {"pattern": NO_NUL},
+               "additionalProperties": {"$ref": f"#/components/schemas/{METADATA_SCHEMA_NAMES[0]}"}},
+              {"type": "null"}],
+    "description": f"echoed in the result (at most 16 KB as JSON, nested at most {MAX_METADATA_DEPTH} levels; "
+                   "no NUL in any string)"}
 DATETIME_DESCRIPTION = "ISO 8601 / RFC 3339 date-time, e.g. 2026-12-01T00:00:00Z"
 Status = Literal["queued", "running", "completed", "failed", "cancelled"]
 CALLBACK_STATUSES = (CALLBACK_PENDING, CALLBACK_DELIVERED, CALLBACK_GONE, CALLBACK_FAILED)
 ListedStatus = Literal["queued", "running", "completed", "failed", "cancelled", "waiting"]
 
 
-class JobRequestBody(BaseModel):
-    """A job (README, "Job request"). Over HTTP, images are s3://, oss://, https:// or the
-    upload:// references of POST /v1/uploads; never files on the server."""
+class _JobFields(BaseModel):
+    """What every job request may hold besides its images and conversation (README, "Job request")."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
-        {"required": ["images"], "properties": {"images": {"minItems": 1}}}, {"required": ["conversation_id"], "properties": {"conversation_id": {"type": "string"}}}]})
+    model_config = ConfigDict(extra="forbid")
     task_id: str | None = Field(None, pattern=SAFE_ID_PATTERN, description="caller-chosen id; a UUID if absent")
     idempotency_key: str | None = Field(None, pattern=r"^[\x21-\x7e]{1,256}$",
                                         description="a repeat with the same key (same tenant) returns the first task")
     model: str | None = Field(None, description="default: QVQ_MODEL", json_schema_extra={"enum": [*MODELS, None]})
-    images: list[str] = Field(default_factory=list, max_length=MAX_IMAGES,
-                              json_schema_extra={"items": {"type": "string", "pattern": IMAGE_REF_PATTERN}})
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS, pattern=PROMPT_PATTERN)
-    conversation_id: str | None = Field(None, pattern=SAFE_ID_PATTERN)
     high_resolution: bool = False
     tenant: str | None = Field(None, pattern=SAFE_ID_PATTERN,
                                description="who pays: with a tenant key, its own tenant (or absent)")
     callback_url: str | None = Field(None, max_length=2048, pattern=URL_PATTERN)
-    metadata: dict[Text, MetadataValue] | None = Field(
-        None, description="echoed in the result (at most 16 KB, depth 8; no NUL in any string)")
+    metadata: dict[str, Any] | None = None  # documented as METADATA_PROPERTY (producer/api/openapi.py)
     cache: bool = Field(False, description="answer from the result cache when this request was answered before")
+
+
+_IMAGE_REFS: dict[str, JsonValue] = {"items": {"type": "string", "pattern": IMAGE_REF_PATTERN}}
+
+
+class NewJobBody(_JobFields):
+    """A job with images: a first turn, or a turn of a conversation that brings new images. Over HTTP,
+    images are s3://, oss://, https:// or the upload:// references of POST /v1/uploads; never files on
+    the server."""
+
+    images: list[str] = Field(..., min_length=1, max_length=MAX_IMAGES, json_schema_extra=_IMAGE_REFS)
+    conversation_id: str | None = Field(None, pattern=SAFE_ID_PATTERN,
+                                        description="continue this conversation (or start it)")
+
+
+class FollowUpBody(_JobFields):
+    """A later turn of a conversation with no new image: the earlier turns, their images included, are
+    sent again as history."""
+
+    conversation_id: str = Field(..., pattern=SAFE_ID_PATTERN, description="the conversation this turn continues")
+    images: list[str] = Field(default_factory=list, max_length=0, description="none: absent or empty",
+                              json_schema_extra=_IMAGE_REFS)
+
+
+#: The job body: exactly one of the two shapes, told apart by whether it brings images.
+JOB_BODY_SCHEMA = {
+    "description": "A job request (README, \"Job request\"): NewJobBody when it brings images, FollowUpBody for "
+                   "a conversation's later turn without any.",
+    "oneOf": [{"$ref": "#/components/schemas/NewJobBody"}, {"$ref": "#/components/schemas/FollowUpBody"}]}
 
 
 class ErrorDetail(BaseModel):
@@ -374,3 +423,14 @@ _DESCRIPTIONS = {
     422: "a field is invalid (request.invalid, model.unknown, image.unsupported_format)",
     503: "the queue or the database is unavailable; nothing was queued (unavailable)",
 }
+
+
+def event_stream(types: Iterable[str]) -> dict[str, Any]:
+    """An SSE response's content: each event as OpenAPI 3.2's `itemSchema` describes it (`id: <seq>`,
+    `event: <type>`, `data: <the event as JSON>`; README, "Events"). No `schema` for the stream as a
+    whole: a generated client hands the stream back as it came, to be read as Server-Sent Events."""
+    return {"text/event-stream": {"itemSchema": {
+        "type": "object", "required": ["data"], "properties": {
+            "id": {"type": "string", "description": "the event's seq"},
+            "event": {"type": "string", "enum": list(types)},
+            "data": {"type": "string", "description": "the event as JSON"}}}}}

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request
 from starlette.datastructures import UploadFile
 
 from contracts.catalog import MODELS
+from contracts.image_formats import ACCEPTED, MIME
 from contracts.job import MAX_PROMPT_CHARS
 from contracts.logging import get_logger
 from contracts.store import UploadRecord, iso
@@ -42,8 +43,10 @@ def _multipart_body(*, single: bool) -> dict[str, Any]:
         "prompt": {"type": "string", "minLength": 1, "maxLength": MAX_PROMPT_CHARS, "pattern": schemas.NOT_BLANK},
         "model": {"type": "string", "enum": list(MODELS)}, "high_resolution": {"type": "boolean"}}
     required = ["file"] if single else ["images", "prompt"]
+    images = {"contentType": ", ".join(MIME[name] for name in ACCEPTED)}  # sniffed from the bytes, whatever is sent
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "properties": properties, "required": required, "additionalProperties": False}}}}}
+        "type": "object", "properties": properties, "required": required, "additionalProperties": False},
+        "encoding": {"file" if single else "images": images}}}}}
 
 
 @router.post("/uploads", status_code=201, response_model=schemas.UploadCreated,

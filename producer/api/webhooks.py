@@ -36,7 +36,7 @@ from contracts.webhook import SIGNATURE_HEADER, verified_digest
 from producer.api import schemas
 from producer.api.bodies import bad_request, limited_stream, media_type, parse_json, too_large, unsupported
 from producer.api.deps import Api, AppServices, Viewer
-from producer.api.notifications import StoredObject, parse_notification
+from producer.api.notifications import NOTIFICATION_BODY, StoredObject, parse_notification
 from producer.api.responses import JSONResponse
 from producer.api.tasks import created_response, request_trace
 
@@ -44,7 +44,7 @@ log = get_logger(__name__)
 MNS_MESSAGE = re.compile(rb"<Message>(.*?)</Message>", re.DOTALL)
 
 
-router = APIRouter()
+router = APIRouter(tags=["webhooks"])
 errors = schemas.error_responses
 
 
@@ -96,7 +96,7 @@ async def _read(request: Request, limit: int) -> bytes:
              openapi_extra={"requestBody": {"required": True, "description": (
                  "an S3/MinIO bucket notification (Records[]), an Alibaba OSS event notification "
                  "(events[], plain, base64 or in its MNS envelope) or an EventBridge CloudEvent"),
-                 "content": {"application/json": {"schema": {"type": ["object", "array"]}}}}})
+                 "content": {"application/json": {"schema": NOTIFICATION_BODY}}}})
 async def object_webhook(request: Request, api: Api, principal: Viewer) -> JSONResponse:
     """Object-created notifications (S3, MinIO, OSS via MNS or EventBridge) -> one task per new object."""
     try:

@@ -87,7 +87,7 @@ class BatchService:
             if request.dry_run:
                 return {"items": estimate.items, "estimate": estimate.to_dict(), "dry_run": True}
             if request.max_cost_cny is not None and estimate.cost_max > request.max_cost_cny:
-                raise RequestError(
+                raise ConflictError(  # 409: a well-formed request, refused by the state of the objects it names
                     f"the estimate's maximum, {money_text(estimate.cost_max)} CNY, is over max_cost_cny "
                     f"{money_text(request.max_cost_cny)}; nothing was queued (raise it, or check the dry run)",
                     field="max_cost_cny", code="budget.exceeded")

@@ -8,7 +8,7 @@ import unicodedata
 import uuid
 
 from contracts.errors import ApiCallError, RequestError
-from contracts.image_formats import sniff_format
+from contracts.image_formats import MIME, sniff_format
 from contracts.logging import get_logger
 from contracts.settings import Settings
 from contracts.store import Store, UploadRecord
@@ -53,7 +53,7 @@ class UploadService:
         record = self.store.add_upload(upload_id, tenant=principal.tenant, filename=name, format_=format_,
                                        size=len(data), ttl_s=self.settings.upload_ttl_s)
         try:
-            self.storage.put(upload_id, data, f"image/{format_.lower()}")
+            self.storage.put(upload_id, data, MIME[format_])
         except BaseException:
             self.store.delete_upload(upload_id)
             raise

@@ -164,6 +164,6 @@ def test_cancel_retry_of_the_failed_the_callback_once_and_tenant_walls(
             assert view["status"] == "cancelled" and view["counts"] == {"cancelled": 12}
 
             refused = httpx.post(f"{api.url}/v1/batches", headers=acme, json={**body, "max_cost_cny": "0.000001"})
-            assert refused.status_code == 422 and refused.json()["error"]["code"] == "budget.exceeded"
+            assert refused.status_code == 409 and refused.json()["error"]["code"] == "budget.exceeded"
     finally:
         receiver.shutdown()

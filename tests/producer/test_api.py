@@ -340,3 +340,14 @@ def test_the_viewer_page_listens_to_every_event_type(settings: Settings) -> None
     script = re.search(r"<script>(.*?)</script>", page.text, re.S).group(1)  # type: ignore[union-attr]
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     assert f"'sha256-{digest}'" in policy  # the page as served is the one its policy allows
+
+
+def test_an_image_part_without_a_file_name_is_a_file(settings: Settings, tmp_path: Path) -> None:
+    """Generated clients (and httpx without a name) send binary parts with a Content-Type and no filename."""
+    png = make_image("PNG", size=(32, 24), color=(0, 120, 0))
+    with ApiServer(settings, upload_dir=tmp_path / "uploads") as api:
+        unnamed = httpx.post(api.url + "/v1/uploads", files={"file": (None, png, "image/png")})
+        assert unnamed.status_code == 201, unnamed.text
+        assert unnamed.json()["format"] == "PNG" and unnamed.json()["bytes"] == len(png)
+        as_text = httpx.post(api.url + "/v1/uploads", files={"file": (None, b"hello", "text/plain")})
+        assert as_text.status_code == 422 and as_text.json()["error"]["field"] == "file"

@@ -33,7 +33,7 @@ import pillow_heif
 from PIL import Image, ImageFile, ImageOps
 
 from contracts.errors import ImageError
-from contracts.image_formats import MAX_IMAGE_BYTES, sniff_format, unsupported_reason
+from contracts.image_formats import MAX_IMAGE_BYTES, MIME, sniff_format, unsupported_reason
 from contracts.tokens import HIGH_RES_TOKEN_CAP, PATCH, RECOMMENDED_MAX_PIXELS, image_tokens
 from worker.intake.fetch import ImageFetcher
 from worker.intake.memory import TRIM_AFTER_BYTES, decode_budget, release_memory
@@ -55,14 +55,6 @@ FALLBACK_QUALITIES = (85, 75, 60)
 DOWNSCALE_STEP = 0.75
 MAX_DOWNSCALE_STEPS = 6
 
-MIME = {
-    "BMP": "image/bmp",
-    "JPEG": "image/jpeg",
-    "PNG": "image/png",
-    "TIFF": "image/tiff",
-    "WEBP": "image/webp",
-    "HEIC": "image/heic",
-}
 _PIL_FORMAT = {"BMP": "BMP", "JPEG": "JPEG", "PNG": "PNG", "TIFF": "TIFF", "WEBP": "WEBP", "HEIC": "HEIF"}
 _REENCODE_AS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WEBP", "BMP": "PNG", "TIFF": "PNG", "HEIC": "JPEG"}
 _SAFE_MODES = {
