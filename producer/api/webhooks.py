@@ -141,11 +141,14 @@ def _decode_body(raw: bytes) -> Any:
             raise bad_request("an XML body must be an MNS notification with a <Message>")
         return html.unescape(found.group(1).decode("utf-8", "replace")).strip()
     try:
-        return loads_bounded(text)
+        decoded = loads_bounded(text)
     except (UnicodeDecodeError, json.JSONDecodeError):
         return text.decode("ascii", "replace")  # maybe base64: parse_notification decodes it
     except JsonTooDeep as exc:
         raise bad_request(f"the body is {exc.message}") from None
+    if not isinstance(decoded, dict | list):  # a notification is a JSON object or a list of them
+        raise bad_request("expected an object-store notification (a JSON object, or a list of them)")
+    return decoded
 
 
 async def _trigger(api: AppServices, principal: Principal, obj: StoredObject, rule: TriggerRule) -> dict[str, Any]:

@@ -293,7 +293,14 @@ def test_refusals_enqueue_nothing(api: ApiServer, settings: Settings, redis_clie
     for body in (globex_object, both):  # one object of another tenant's rule refuses the whole notification
         refused = notify(api, body, ACME)
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "auth.forbidden"
-    assert notify(api, {"hello": "world"}).status_code == 400
+    malformed = [{"hello": "world"}, [None, None], "[]", [[minio_event("photos", "in/x.png", etag="e")]],
+                 {"Records": [5]}, {"Records": [{"eventName": 5}]}, {"Records": [{"s3": "photos"}]},
+                 {"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "photos"}, "object": {}}}]},
+                 {"Records": [{"s3": {"bucket": {"name": "photos"}, "object": {"key": "a\u0000.png"}}}]},
+                 {"type": "oss:ObjectCreated:PutObject", "data": {"oss": {"bucket": None}}}]
+    for body in malformed:  # none of the documented shapes: refused whole, even records that would be ignored
+        refused = notify(api, body)
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "request.invalid", (body, refused.text)
     assert rows(settings) == [] and queued_messages(redis_client) == 0
     assert notify(api, globex_object, GLOBEX).status_code == 202  # its own tenant's key may
     assert notify(api, globex_object, ADMIN).json()["tasks"][0]["created"] is False  # so may an admin key
