@@ -38,6 +38,6 @@ MODEL = Backoff("model", base_s=1.0, max_s=60.0, jitter=0.5)
 CALLBACK_DELIVERY = Backoff("callback_delivery", base_s=5.0, max_s=3_600.0, jitter=0.2)
 SUBSCRIBE_RECONNECT = Backoff("subscribe_reconnect", base_s=0.1, max_s=2.0)
 #: A Redis command behind Sentinel while the master changes (contracts/redis_clients.py): redis-py's
-#: jittered exponential waits with this base and cap, REDIS_FAILOVER_TRIES times (about 15 s in all).
+#: jittered exponential waits with this base and cap, REDIS_FAILOVER_TRIES times (waits of at most 17.5 s in all, about 9 s on average).
 REDIS_FAILOVER = Backoff("redis_failover", base_s=0.05, max_s=1.0)
 REDIS_FAILOVER_TRIES = 20

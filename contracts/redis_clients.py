@@ -3,7 +3,7 @@ the master a set of sentinels names (contracts/redis_url.py reads the URL).
 
 Behind Sentinel, a client asks the sentinels for the master before it connects, and again after a
 connection error. While the sentinels promote a replica, a command is tried again on the schedule
-REDIS_FAILOVER (contracts/backoff.py): about 15 s, the length of a failover with a down-after of a few
+REDIS_FAILOVER (contracts/backoff.py): up to about 17 s, the length of a failover with a down-after of a few
 seconds (as managed services run it); past that, each caller's own retry policy (contracts/retry.py) takes over.
 The Celery broker is configured from the same URL (`celery_broker`), so kombu follows the same master.
 """

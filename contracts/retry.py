@@ -23,7 +23,7 @@ clients), for loops that must do something between tries and read their waits fr
                                                                 QVQ_CALLBACK_BACKOFF_MAX_S), for QVQ_CALLBACK_MAX_AGE_S
     SUBSCRIBE_RECONNECT  0.1, 2          none                   a Redis subscription that lost its connection
     REDIS_FAILOVER       0.05, 1         full (redis-py's)      a Redis command behind Sentinel while the master
-                                                                changes (REDIS_FAILOVER_TRIES tries, ~15 s)
+                                                                changes (REDIS_FAILOVER_TRIES tries, up to ~17 s)
 
 and single pauses: REQUEUE_PAUSE_S (a task put back while the database is away), EVENTS_COOLDOWN_S
 (non-terminal events skipped after a failed publish), LOOP_ERROR_PAUSE_S (a background loop's error).
