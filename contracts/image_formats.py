@@ -7,10 +7,10 @@ refuses a local file that is not an image before anything is queued), so neither
 from __future__ import annotations
 
 MAX_IMAGE_BYTES = 10 * 1024 * 1024  # one image file, as stored (the vendor's limit)
-ACCEPTED = ("BMP", "JPEG", "PNG", "TIFF", "WEBP", "HEIC")
-#: Each accepted format's MIME type (what the model is sent, what an upload is stored and documented as).
+#: Each accepted format and its MIME type (what the model is sent, what an upload is stored and documented as).
 MIME = {"BMP": "image/bmp", "JPEG": "image/jpeg", "PNG": "image/png", "TIFF": "image/tiff", "WEBP": "image/webp",
         "HEIC": "image/heic"}
+ACCEPTED = tuple(MIME)
 SNIFF_BYTES = 512  # enough of the head for every check below
 
 _BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}  # the DIB header versions (so "BMW..." is text, not BMP)

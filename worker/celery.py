@@ -40,8 +40,9 @@ def restore_interval_s(visibility_timeout_s: int) -> int:
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
+    broker_url, sentinel_options = celery_broker(settings.celery_broker_url)
     return {
-        "broker_url": celery_broker(settings.celery_broker_url)[0],
+        "broker_url": broker_url,
         "broker_connection_retry_on_startup": True,
         "broker_connection_retry": True,
         "broker_connection_max_retries": None,  # forever (0 would mean: never retry)
@@ -56,7 +57,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "socket_keepalive": True,
             "socket_connect_timeout": 5,
             "health_check_interval": 25,
-            **celery_broker(settings.celery_broker_url)[1],  # Sentinel's master name, when it names one
+            **sentinel_options,  # Sentinel's master name, when the URL names one
         },
         "task_serializer": "json",
         "accept_content": ["json"],

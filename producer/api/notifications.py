@@ -27,6 +27,7 @@ from urllib.parse import unquote_plus
 
 from contracts.errors import JsonTooDeep, NotificationError
 from contracts.json_shape import loads_bounded
+from producer.api.schemas import NO_NUL
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,8 @@ def _records(records: Any, scheme: str, section: str) -> Notification:
         if not isinstance(record, dict):
             raise NotificationError(f"`{where}[{index}]` must be an object")
         name = _string(record, "eventName", f"{where}[{index}]") or ""
-        found = _object(_section(record, section, f"{where}[{index}]"), scheme, name, url_encoded=scheme == "s3")
+        found = _object(_section(record, section, f"{where}[{index}]"), f"{where}[{index}].{section}", scheme, name,
+                        url_encoded=scheme == "s3")
         if found is None or not _created(name):
             out.ignored += 1
         else:
@@ -125,8 +127,8 @@ def _cloud_event(event: dict[str, Any]) -> Notification:
     name = event["type"]
     data = event["data"]
     # EventBridge puts bucket and object in data.oss, or in data itself
-    in_data = _object(data, "oss", name, url_encoded=False)
-    found = _object(_section(data, "oss", "data"), "oss", name, url_encoded=False) or in_data
+    in_data = _object(data, "data", "oss", name, url_encoded=False)
+    found = _object(_section(data, "oss", "data"), "data.oss", "oss", name, url_encoded=False) or in_data
     if found is None or not _created(name):
         return Notification(ignored=1)
     return Notification(objects=[found])
@@ -144,23 +146,24 @@ def _created(event_name: str) -> bool:
 
 
 #: What makes this write of an object unique, in order of preference (null or absent: the next one).
-VERSION_FIELDS = ("versionId", "eTag", "sequencer")
+VERSION_FIELDS = ("versionId", "eTag", "etag", "sequencer")
 
 
-def _object(section: dict[str, Any] | None, scheme: str, event: str, *, url_encoded: bool) -> StoredObject | None:
+def _object(section: dict[str, Any] | None, where: str, scheme: str, event: str, *,
+            url_encoded: bool) -> StoredObject | None:
     """The object a record's section names; None when it names none (the record is then ignored)."""
     if section is None:
         return None
-    bucket, obj = _section(section, "bucket", "bucket"), _section(section, "object", "object")
-    name = _string(bucket, "name", "bucket", required=True) if bucket is not None else None
-    key = _string(obj, "key", "object", required=True) if obj is not None else None
-    versions = [_string(obj, field_, "object", nullable=True) for field_ in VERSION_FIELDS] if obj else []
+    bucket, obj = _section(section, "bucket", where), _section(section, "object", where)
+    name = _string(bucket, "name", f"{where}.bucket", required=True) if bucket is not None else None
+    key = _string(obj, "key", f"{where}.object", required=True) if obj is not None else None
+    versions = [_string(obj, field_, f"{where}.object", nullable=True) for field_ in VERSION_FIELDS] if obj else []
     if not (name and key):
         return None
     if url_encoded:
         key = unquote_plus(key)  # S3 and MinIO send the key form-encoded: `+` is a space, %2B a plus
     version = next((value for value in versions if value not in (None, "", "null")), "")
-    return StoredObject(scheme=scheme, bucket=name, key=key, version=version or "", event=event)
+    return StoredObject(scheme=scheme, bucket=name, key=key, version=version, event=event)
 
 
 def _section(parent: dict[str, Any], name: str, where: str) -> dict[str, Any] | None:
@@ -178,7 +181,9 @@ def _string(parent: dict[str, Any], name: str, where: str, *, nullable: bool = F
     """parent[name] when it is a string holding no NUL; None when absent (unless `required`) or null (where
     `nullable`); refused otherwise."""
     value = parent.get(name)
-    if (name not in parent and not required) or (value is None and nullable):
+    if name not in parent and required:
+        raise NotificationError(f"`{where}.{name}` is required")
+    if name not in parent or (value is None and nullable):
         return None
     if not isinstance(value, str) or "\x00" in value:
         raise NotificationError(f"`{where}.{name}` must be a string without NUL")
@@ -190,7 +195,7 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-_TEXT = {"type": "string", "pattern": r"^[^\x00]*$"}
+_TEXT = {"type": "string", "pattern": NO_NUL}
 #: A body whose `Message` is a string is an envelope (read from that string), not this shape.
 _ENVELOPE = {"required": ["Message"], "properties": {"Message": {"type": "string"}}}
 #: Every shape parse_notification reads, as named schemas: a body is accepted exactly when it is one of

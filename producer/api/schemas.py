@@ -32,10 +32,9 @@ SOURCE_PATTERN = rf"^(?:s3|oss)://[a-z0-9][a-z0-9.-]{{1,62}}(?:/{_PATH_CHAR}*)?$
 #: At least one character that is not whitespace to Python's str.strip() too (which also strips
 #: \x1c-\x1f and \x85, unlike a JSON Schema \S).
 NOT_BLANK = r"[^\s\x1c-\x1f\x85]"
-#: Text without NUL (contracts/text.py refuses it, and lone surrogates, in every string of a request).
+#: No NUL in a string (contracts/text.py refuses it, and lone surrogates, in every string of a request).
 NO_NUL = r"^[^\x00]*$"
 PROMPT_PATTERN = rf"^[^\x00]*{NOT_BLANK[:-1]}\x00][^\x00]*$"
-Text = Annotated[str, StringConstraints(pattern=NO_NUL)]
 #: `metadata` as the API checks it (contracts/job.py): an object nested at most MAX_METADATA_DEPTH levels,
 #: no NUL in any string, keys included. Written out level by level (MetadataValue2..8, then MetadataScalar)
 #: rather than as one recursive union, which client generators cannot type.

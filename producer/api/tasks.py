@@ -138,15 +138,19 @@ def query_moment(value: str | None, field: str) -> dt.datetime | None:
         raise invalid("expected a date-time like 2026-12-01T00:00:00Z", field=field) from None
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MICROSECOND = dt.timedelta(microseconds=1)
+
+
 def _encode_cursor(record: TaskRecord) -> str:
     """A page's end as `<created_at in Unix microseconds>-<task id>`: a position in the listing's order,
     so every cursor the pattern allows is one to read on from (and shows nothing another listing would not)."""
     created = record.created_at if record.created_at.tzinfo else record.created_at.replace(tzinfo=dt.UTC)
-    return f"{round(created.timestamp() * 1_000_000)}-{record.id}"
+    return f"{(created - _EPOCH) // _MICROSECOND}-{record.id}"  # exact: no float on the way
 
 
 def _decode_cursor(cursor: str | None) -> tuple[dt.datetime, str] | None:
     if not cursor:
         return None
     micros, _, task_id = cursor.partition("-")
-    return dt.datetime.fromtimestamp(int(micros) / 1_000_000, dt.UTC), task_id
+    return _EPOCH + int(micros) * _MICROSECOND, task_id
