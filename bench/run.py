@@ -87,7 +87,8 @@ class Bench:
 
     # -- one batch through the queue ----------------------------------------------------------------
     def batch(self, env: dict[str, str], workers: list[Worker], n: int, images: list[str], prompt: str,
-              timeout: float, label: str = "batch") -> dict[str, Any]:
+              timeout: float, label: str = "batch", token_interval_ms: float = 0.0) -> dict[str, Any]:
+        """`token_interval_ms`: the emulator's pace, which also sets when a stream ends after its last token."""
         from contracts.settings import Settings
         from producer.client import Client
 
@@ -126,7 +127,7 @@ class Bench:
         commands = self.redis_commands() - commands0
         for c in clients:
             c.close()
-        out = summarize(trace)
+        out = summarize(trace, settings.coalesce_ms, settings.coalesce_chars, token_interval_ms)
         finished = [t.finished_at for t in trace.tasks.values() if t.finished_at]
         out.update(sampler.summary())
         out["machine_cpu_pct"] = round(100 * busy / sampler.wall_s, 1)  # of one core; 200 = both cores busy
@@ -163,7 +164,7 @@ class Bench:
                     with Worker(env, concurrency=max(200, n), name=f"fanout{n}") as worker:
                         time.sleep(1.0)
                         row = self.batch(env, [worker], n, [SAMPLE.as_uri()], "Describe the picture.", 300,
-                                         label=f"fanout{n}-c{coalesce}")
+                                         label=f"fanout{n}-c{coalesce}", token_interval_ms=1000 / emulator.tps)
                     self.record("fanout", f"threads c={max(200, n)} coalesce={coalesce}ms", n=n, pool="threads",
                                 coalesce_ms=int(coalesce), **row)
 
@@ -225,7 +226,8 @@ class Bench:
             env = self.env(emulator)
             with Worker(env, pool="prefork", concurrency=cores, name="prefork") as worker:
                 time.sleep(2.0)
-                row = self.batch(env, [worker], n, [SAMPLE.as_uri()], "Describe the picture.", 300)
+                row = self.batch(env, [worker], n, [SAMPLE.as_uri()], "Describe the picture.", 300,
+                                 token_interval_ms=1000 / emulator.tps)
             self.record("fanout", f"prefork c={cores} (Celery default)", n=n, pool="prefork", coalesce_ms=50, **row)
 
     def short(self) -> None:
@@ -312,16 +314,18 @@ def table(rows: list[dict[str, Any]]) -> str:
     streams = [r for r in rows if r["section"] in ("fanout", "direct")]
     if streams:
         lines.append("| case | N | token delay p50 / p99 / max ms | delta delay (last token) p50 / p99 ms | "
+                     "added delay p50 / p99 / max ms | "
                      "tok/s per stream generated -> delivered | CPU % (100 = 1 core) | peak RSS MB | "
                      "events/task | Redis cmds/task | peak concurrent | completed |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in streams:
-            d, dd = r["delay_ms"], r.get("delta_delay_ms") or r["delay_ms"]
+            d, dd, a = r["delay_ms"], r.get("delta_delay_ms") or r["delay_ms"], r.get("added_delay_ms") or {}
             gen, dlv = r.get("stream_tps_generated"), r.get("stream_tps_delivered")
             ratio = f" ({100 * dlv / gen:.1f}%)" if gen and dlv else ""
             done = f"{r.get('completed', r['n'] - r.get('error_count', 0))}/{r['n']}"
             lines.append(f"| {r['section']}: {r['label']} | {r['n']} | {fmt(d['p50'], 2)} / {fmt(d['p99'], 1)} / "
                          f"{fmt(d['max'], 0)} | {fmt(dd['p50'], 2)} / {fmt(dd['p99'], 1)} | "
+                         f"{fmt(a.get('p50'), 2)} / {fmt(a.get('p99'), 1)} / {fmt(a.get('max'), 0)} | "
                          f"{fmt(gen, 2)} -> {fmt(dlv, 2)}{ratio} | {fmt(r.get('cpu_pct'))} | "
                          f"{fmt(r.get('peak_rss_mb'))} | {fmt(r.get('events_per_task'))} | "
                          f"{fmt(r.get('redis_commands_per_task'))} | {fmt(r.get('peak_concurrent'))} | {done} |")

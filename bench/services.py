@@ -43,6 +43,7 @@ class Emulator:
     def __init__(self, *, tps: float, first_token_s: float, reasoning_tokens: int, answer_tokens: int,
                  stamp: bool = True) -> None:
         self.port = free_port()
+        self.tps = tps
         self.args = [sys.executable, "-m", "bench.stamp_emulator", "--port", str(self.port), "--tps", str(tps),
                      "--first-token-s", str(first_token_s), "--reasoning-tokens", str(reasoning_tokens),
                      "--answer-tokens", str(answer_tokens)] + ([] if stamp else ["--plain"])

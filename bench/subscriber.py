@@ -40,6 +40,8 @@ class Trace:
     tasks: dict[str, TaskTrace] = field(default_factory=dict)
     delays_ms: list[float] = field(default_factory=list)  # one per token: received - sent
     delta_delays_ms: list[float] = field(default_factory=list)  # one per delta: received - last token's send
+    #: one per delta, in arrival order: (task, type, received, first token's send, last token's send, characters)
+    delta_log: list[tuple[str, str, float, float, float, int]] = field(default_factory=list)
     cpu_s: float = 0.0  # the subscriber's own CPU time
     wall_s: float = 0.0
     subscribed_at: float = 0.0
@@ -65,6 +67,7 @@ def collect(redis_url: str, task_ids: list[str], ready: Any, timeout: float) -> 
     open_tasks = len(task_ids)
     cpu0, wall0 = time.process_time(), time.monotonic()
     delta_delays = trace.delta_delays_ms
+    delta_log = trace.delta_log
     deadline = time.monotonic() + timeout
     delays = trace.delays_ms
     tasks = trace.tasks
@@ -92,6 +95,7 @@ def collect(redis_url: str, task_ids: list[str], ready: Any, timeout: float) -> 
                 t.last_sent, t.last_recv = sent[-1], now
                 delays.extend((now - s) * 1000 for s in sent)
                 delta_delays.append((now - sent[-1]) * 1000)
+                delta_log.append((channels[message["channel"]], kind, now, sent[0], sent[-1], len(event["text"])))
         elif kind == "task.started":
             t.started_at, t.worker = now, event.get("worker", "")
         elif kind in TERMINAL:
@@ -159,8 +163,46 @@ def peak_concurrency(tasks: list[TaskTrace]) -> int:
     return peak
 
 
-def summarize(trace: Trace) -> dict[str, Any]:
+def added_delays(trace: Trace, window_ms: float, max_chars: int, end_after_ms: float = 0.0) -> list[tuple[float, float]]:
+    """(received, added delay ms) per delta: how much later than its coalescing rule allows it arrived.
+
+    A delta is due one window after its first token was sent, or sooner: when its last token was sent if
+    it was cut for size (`max_chars`), `end_after_ms` after it if it ends the stream (the end of the
+    stream flushes; the emulator paces the closing chunk as one more token), when the next delta's first
+    token was sent if that one is of the other kind (the switch flushes). What the subscriber sees beyond that was added by the worker, Redis and the wire; with no
+    coalescing it is each token's whole delay."""
+    by_task: dict[str, list[tuple[str, float, float, float, int]]] = {}
+    for task, kind, received, first, last, chars in trace.delta_log:
+        by_task.setdefault(task, []).append((kind, received, first, last, chars))
+    out = []
+    for deltas in by_task.values():
+        for i, (kind, received, first, last, chars) in enumerate(deltas):
+            due = first + window_ms / 1000
+            if window_ms <= 0 or chars >= max_chars:
+                due = min(due, last)
+            elif i + 1 == len(deltas):
+                due = min(due, last + end_after_ms / 1000)
+            elif deltas[i + 1][0] != kind:
+                due = min(due, deltas[i + 1][2])
+            out.append((received, (received - due) * 1000))
+    return out
+
+
+def by_second(points: list[tuple[float, float]]) -> list[float | None]:
+    """The p99 of each second of a run (from its first point), to tell the ramp from the steady state."""
+    if not points:
+        return []
+    start = min(t for t, _ in points)
+    buckets: dict[int, list[float]] = {}
+    for t, value in points:
+        buckets.setdefault(int(t - start), []).append(value)
+    return [percentiles(buckets.get(s, []))["p99"] for s in range(max(buckets) + 1)]
+
+
+def summarize(trace: Trace, coalesce_ms: float = 0.0, coalesce_chars: int = 256,
+              end_after_ms: float = 0.0) -> dict[str, Any]:
     tasks = list(trace.tasks.values())
+    added = added_delays(trace, coalesce_ms, coalesce_chars, end_after_ms)
     done = [t for t in tasks if t.status == "task.completed"]
     with_tokens = [t for t in tasks if t.tokens > 1 and t.last_sent > t.first_sent and t.last_recv > t.first_recv]
     gen = [(t.tokens - 1) / (t.last_sent - t.first_sent) for t in with_tokens]
@@ -176,6 +218,8 @@ def summarize(trace: Trace) -> dict[str, Any]:
         "tokens": total_tokens,
         "delay_ms": percentiles(trace.delays_ms),
         "delta_delay_ms": percentiles(trace.delta_delays_ms),
+        "added_delay_ms": percentiles([a for _, a in added]),
+        "added_delay_p99_by_second": by_second(added),
         "subscriber_cpu_pct": round(100 * trace.cpu_s / trace.wall_s, 1) if trace.wall_s else None,
         "events_per_task": round(sum(t.events for t in tasks) / len(tasks), 1) if tasks else 0,
         "deltas_per_task": round(sum(t.deltas for t in tasks) / len(tasks), 1) if tasks else 0,
