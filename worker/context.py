@@ -26,6 +26,7 @@ from worker.flow.control import FlowControl
 from worker.intake.fetch import ImageFetcher
 from worker.intake.memory import decode_budget
 from worker.loop import WorkerLoop
+from worker.persist import free_gate_on_queries
 from worker.recovery.cancel import CancelWatcher
 from worker.recovery.lease import LeaseKeeper
 from worker.stream.model import QvqModel
@@ -64,6 +65,7 @@ class WorkerContext:
         name = f"{socket.gethostname()}:{os.getpid()}"
         decode_budget.resize(settings.decode_memory_mb << 20)
         store = Store.from_url(settings.database_url, timeout_s=settings.db_timeout_s)
+        free_gate_on_queries(store.engine)
         loop = WorkerLoop()
         aclient = async_client(settings.redis_url, health_check_interval=30, socket_keepalive=True,
                                           socket_connect_timeout=5, socket_timeout=10)

@@ -73,7 +73,9 @@ class WorkerLoop:
         if self.in_loop():
             coro.close()
             raise RuntimeError("WorkerLoop.run called from the loop's own thread (await the coroutine instead)")
-        return self.submit(coro).result()
+        future = self.submit(coro)
+        with cpu_gate.waiting():
+            return future.result()
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Start a coroutine on the loop, in a copy of the caller's context (its log fields, such as the
@@ -111,6 +113,8 @@ class WorkerLoop:
         with self._lock:
             loop, thread = self._loop, self._thread
             self._loop = self._thread = None
+        if loop is not None:
+            cpu_gate.forget(loop)
         if loop is None or thread is None or loop.is_closed():
             return
         with contextlib.suppress(RuntimeError):  # already stopping
@@ -127,6 +131,7 @@ class WorkerLoop:
         self._loop, self._thread = loop, thread
         thread.start()
         ready.wait()
+        cpu_gate.defer_to(loop, thread)
 
     @staticmethod
     def _serve(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
@@ -214,18 +219,32 @@ class TaskCloser:
 
 
 class CpuGate:
-    """How many task threads may run a CPU-heavy step at once; re-entrant per thread.
+    """Task threads' CPU-heavy steps: one at a time, each after the loop has caught up; re-entrant per thread.
 
-    The loop shares the process's GIL with every task thread. A task thread's end of run (the row's
-    terminal write, the ledger, the terminal event) is milliseconds of Python, and with 200 runs ending
-    within a second or two those threads took the GIL from the loop: the deltas of the streams still
-    running waited, delta delay p99 163-459 ms at 200 streams x 50 tokens/s, against 24-50 ms in the
-    steady state. Through this gate (2 at once) it was 83-125 ms (bench/RESULTS.md). A parked thread
-    waits on the gate without CPU."""
+    The loop shares the process's GIL with every task thread, and Python gives the GIL no priorities. A
+    task thread's start and end of run (the row, the attempt, the ledger, the terminal write) are
+    milliseconds of Python; with 200 runs starting or ending within a second or two, those threads took
+    the GIL from the loop and the text of every stream still running waited. So a step holds the one
+    slot, and first waits until the loop has run what was ready when it asked (`_after_loop`): the loop
+    goes first and a step gets what it leaves. A wait inside a step (a database round trip, a wait for
+    the loop) frees the slot meanwhile (`waiting`), so a slow database does not queue the other steps.
+    Measured at 200 streams x 50 tokens/s (bench/RESULTS.md): added delay p99 10.8-11.7 ms with one slot
+    after the loop, 13-32 ms with two slots after the loop, 28-67 ms with two slots. A parked thread waits
+    on the gate without CPU."""
 
     def __init__(self, slots: int) -> None:
         self._slots = threading.BoundedSemaphore(slots)
-        self._held = threading.local()
+        self._local = threading.local()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+
+    def defer_to(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+        """The loop steps wait for: the process's one (the latest started)."""
+        self._loop, self._loop_thread = loop, thread
+
+    def forget(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is loop:
+            self._loop = self._loop_thread = None
 
     def gated(self, function: Callable[P, T]) -> Callable[P, T]:
         """`function` run through the gate."""
@@ -238,17 +257,56 @@ class CpuGate:
 
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
-        depth = getattr(self._held, "depth", 0)
+        if threading.current_thread() is self._loop_thread:  # the loop goes first: it never waits here
+            yield
+            return
+        depth = getattr(self._local, "depth", 0)
         if depth == 0:
-            self._slots.acquire()
-        self._held.depth = depth + 1
+            self._enter()
+        self._local.depth = depth + 1
         try:
             yield
         finally:
-            self._held.depth = depth
+            self._local.depth = depth
             if depth == 0:
-                self._slots.release()
+                self._leave()
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """A wait inside a step: the slot is someone else's until it is over (a no-op outside a step)."""
+        if not getattr(self._local, "held", False):
+            yield
+            return
+        self._leave()
+        try:
+            yield
+        finally:
+            self._enter()
+
+    def _enter(self) -> None:
+        self._slots.acquire()
+        self._local.held = True
+        self._after_loop()
+
+    def _leave(self) -> None:
+        if getattr(self._local, "held", False):
+            self._local.held = False
+            self._slots.release()
+
+    def _after_loop(self) -> None:
+        """Wait until the loop has run every callback that was ready now (bounded: a stuck loop does not
+        stop the steps)."""
+        loop = self._loop
+        if loop is None:
+            return
+        caught_up = threading.Event()
+        try:
+            loop.call_soon_threadsafe(caught_up.set)
+        except RuntimeError:  # the loop is closed
+            return
+        caught_up.wait(LOOP_FIRST_TIMEOUT_S)
 
 
-CPU_STEP_SLOTS = 2
+CPU_STEP_SLOTS = 1
+LOOP_FIRST_TIMEOUT_S = 0.5
 cpu_gate = CpuGate(CPU_STEP_SLOTS)

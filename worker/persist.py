@@ -15,8 +15,32 @@ from contracts.errors import StoreRejected, StoreUnavailable
 from contracts.logging import get_logger
 from contracts.retry import TRANSIENT_DB_ERRORS
 from contracts.store import Outcome, Store
+from worker.loop import cpu_gate
 
 log = get_logger(__name__)
+
+
+def free_gate_on_queries(engine: sa.engine.Engine) -> None:
+    """Every statement's round trip to the database frees the CPU gate (worker/loop.py) while it waits,
+    so the gate serializes only the Python of the steps, not the database's latency."""
+    def execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        with cpu_gate.waiting():
+            context.dialect.do_execute(cursor, statement, parameters, context)
+        return True
+
+    def execute_many(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        with cpu_gate.waiting():
+            context.dialect.do_executemany(cursor, statement, parameters, context)
+        return True
+
+    def execute_bare(cursor: Any, statement: str, context: Any) -> bool:
+        with cpu_gate.waiting():
+            context.dialect.do_execute_no_params(cursor, statement, context)
+        return True
+
+    sa.event.listen(engine, "do_execute", execute)
+    sa.event.listen(engine, "do_executemany", execute_many)
+    sa.event.listen(engine, "do_execute_no_params", execute_bare)
 
 
 def store_call(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

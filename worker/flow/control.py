@@ -37,6 +37,7 @@ from worker.flow.budget import BudgetKeeper, Reservation
 from worker.flow.fairness import TenantGate
 from worker.flow.limiter import Decision, ModelLimiter
 from worker.flow.parking import ParkingLot
+from worker.loop import cpu_gate
 from worker.recovery.cancel import sleep_unless_stopped
 from worker.stream.model import StreamResult
 
@@ -247,6 +248,7 @@ class FlowControl:
             raise StreamStopped(StreamResult())
         return ticket
 
+    @cpu_gate.gated  # the ledger's write and the limiter's settlement: Python the loop goes before
     def _settle(self, job: JobRequest, attempt: int, call: ModelCall, ticket: str | None,
                 reservation: Reservation | None, outcome: str) -> None:
         """Never raises; each settlement on its own, a failed one logged (the terminal write also writes a

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx
 import openai
 
@@ -93,6 +94,12 @@ class QvqModel:
                                               transport=model_transport(limits)),
             )
         return self._client
+
+    async def warm(self) -> None:
+        """Load now, on the loop, what the first call would load lazily (the SDK's chat resources,
+        anyio's asyncio backend): tens of ms of imports, holding the GIL while other streams flow."""
+        _ = self.client.chat.completions.with_streaming_response
+        await anyio.sleep(0)
 
     async def aclose(self) -> None:
         if self._client is not None:
