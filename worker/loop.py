@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, ParamSpec, TypeVar
 
+from contracts import retry
 from contracts.logging import get_logger
 
 log = get_logger(__name__)
@@ -282,6 +283,11 @@ class CpuGate:
             yield
         finally:
             self._enter()
+
+    def sleep(self, seconds: float) -> None:
+        """A retry's wait inside a step (tenacity's `sleep`): the slot is free meanwhile."""
+        with self.waiting():
+            retry.sleep(seconds)
 
     def _enter(self) -> None:
         self._slots.acquire()

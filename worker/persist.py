@@ -64,7 +64,7 @@ def persist(store: Store, task_id: str, outcome: Outcome) -> dict[str, Any] | No
         return store.finish(task_id, outcome)
 
     try:
-        claimed = retry.DATABASE.call(claim)
+        claimed = retry.DATABASE.retrying(sleep=cpu_gate.sleep)(claim)  # the gate is free while it waits
     except TRANSIENT_DB_ERRORS as exc:
         log.error("store.finish_gave_up", error=str(exc), tries=tries)
         raise StoreUnavailable(f"cannot persist the result: {type(exc).__name__}: {exc}") from exc

@@ -202,3 +202,23 @@ def test_waiting_for_the_loop_frees_the_slot() -> None:
         release.set()
         loop.stop()
     assert results == ["done"]
+
+
+def test_a_retry_wait_inside_a_step_frees_the_slot() -> None:
+    gate = CpuGate(1)
+    sleeping, other_ran, wake = threading.Event(), threading.Event(), threading.Event()
+
+    def fake_sleep(seconds: float) -> None:  # contracts.retry.sleep, which every policy's wait calls
+        sleeping.set()
+        wake.wait(10)
+
+    with patch("contracts.retry.sleep", fake_sleep):
+        first = threading.Thread(target=gate.gated(lambda: gate.sleep(5)))
+        first.start()
+        assert sleeping.wait(10)
+        second = threading.Thread(target=gate.gated(other_ran.set))
+        second.start()
+        assert other_ran.wait(10)
+        wake.set()
+        first.join(10)
+        second.join(10)

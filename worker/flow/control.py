@@ -257,7 +257,7 @@ class FlowControl:
         prompt, completion, estimated = billed if billed else (call.input_tokens, 0, True)
         steps: list[tuple[str, Callable[[], Any]]] = []
         if billed is not None:
-            steps.append(("ledger", lambda: retry.DATABASE.call(  # a bill is never dropped for a busy database
+            steps.append(("ledger", lambda: retry.DATABASE.retrying(sleep=cpu_gate.sleep)(  # never dropped for a busy database
                 self.store.record_usage,
                 job.task_id, attempt, model=job.model, tenant=job.tenant, prompt_tokens=prompt,
                 completion_tokens=completion, estimated=estimated, outcome=outcome)))
