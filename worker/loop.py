@@ -227,14 +227,19 @@ class CpuGate:
     milliseconds of Python; with 200 runs starting or ending within a second or two, those threads took
     the GIL from the loop and the text of every stream still running waited. So a step holds the one
     slot, and first waits until the loop has run what was ready when it asked (`_after_loop`): the loop
-    goes first and a step gets what it leaves. A wait inside a step (a database round trip, a wait for
-    the loop) frees the slot meanwhile (`waiting`), so a slow database does not queue the other steps.
+    goes first and a step gets what it leaves. A wait inside a step (a database round trip, a retry's
+    sleep, a wait for the loop) frees the slot meanwhile (`waiting`), so a slow database does not queue
+    the other steps. At most `admitted` steps are under way at once (one running, the others waiting
+    inside or to go on), fewer than the store's connection pool holds: a step that holds the slot and
+    waits for a connection never waits for one held by a step that waits for the slot (without this
+    bound, 200 short tasks on PostgreSQL deadlocked until the pool's timeout).
     Measured at 200 streams x 50 tokens/s (bench/RESULTS.md): added delay p99 10.8-11.7 ms with one slot
     after the loop, 13-32 ms with two slots after the loop, 28-67 ms with two slots. A parked thread waits
     on the gate without CPU."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, admitted: int = 8) -> None:
         self._slots = threading.BoundedSemaphore(slots)
+        self._admitted = threading.BoundedSemaphore(max(slots, admitted))
         self._local = threading.local()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
@@ -263,7 +268,14 @@ class CpuGate:
             return
         depth = getattr(self._local, "depth", 0)
         if depth == 0:
-            self._enter()
+            self._admitted.acquire()
+            try:
+                self._enter()
+                self._after_loop()
+            except BaseException:
+                self._leave()
+                self._admitted.release()
+                raise
         self._local.depth = depth + 1
         try:
             yield
@@ -271,6 +283,7 @@ class CpuGate:
             self._local.depth = depth
             if depth == 0:
                 self._leave()
+                self._admitted.release()
 
     @contextlib.contextmanager
     def waiting(self) -> Iterator[None]:
@@ -292,7 +305,6 @@ class CpuGate:
     def _enter(self) -> None:
         self._slots.acquire()
         self._local.held = True
-        self._after_loop()
 
     def _leave(self) -> None:
         if getattr(self._local, "held", False):
@@ -314,5 +326,7 @@ class CpuGate:
 
 
 CPU_STEP_SLOTS = 1
+#: Steps under way at once; below the store's pool (contracts/store/engine.py: 20 + 50 on PostgreSQL).
+ADMITTED_STEPS = 8
 LOOP_FIRST_TIMEOUT_S = 0.5
-cpu_gate = CpuGate(CPU_STEP_SLOTS)
+cpu_gate = CpuGate(CPU_STEP_SLOTS, ADMITTED_STEPS)

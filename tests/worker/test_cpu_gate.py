@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from unittest.mock import patch
 
@@ -222,3 +224,62 @@ def test_a_retry_wait_inside_a_step_frees_the_slot() -> None:
         wake.set()
         first.join(10)
         second.join(10)
+
+
+def test_more_steps_than_the_pool_has_connections_never_deadlock(tmp_path: Any) -> None:
+    """A step holding the slot may wait for a connection; the admission bound keeps one free for it
+    (unbounded, the steps waiting to go on hold every connection and the pool times out)."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'pool.db'}", pool_size=3, max_overflow=0, pool_timeout=3)
+    sa.event.listen(engine, "connect", lambda conn, _: conn.create_function("slow", 1, _slow))
+    gate = CpuGate(1, admitted=2)
+    free_gate_on_queries(engine, gate)
+
+    @gate.gated
+    def step(i: int) -> int:
+        with engine.connect() as conn:
+            first = int(conn.execute(sa.text("SELECT slow(:i)"), {"i": i}).scalar_one())
+            return first + int(conn.execute(sa.text("SELECT slow(1)")).scalar_one())
+
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            assert sorted(pool.map(step, range(12))) == [i + 1 for i in range(12)]
+    finally:
+        engine.dispose()
+
+
+def _slow(value: int) -> int:
+    time.sleep(0.02)
+    return value
+
+
+def test_a_commit_frees_the_slot(tmp_path: Any) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'commit.db'}")
+    committing, release, other_ran = threading.Event(), threading.Event(), threading.Event()
+    commit = engine.dialect.do_commit
+
+    def slow_commit(dbapi_connection: Any) -> None:  # a COMMIT that takes as long as the test says
+        committing.set()
+        release.wait(10)
+        commit(dbapi_connection)
+
+    engine.dialect.do_commit = slow_commit  # type: ignore[method-assign]
+    gate = CpuGate(1)
+    free_gate_on_queries(engine, gate)
+
+    @gate.gated
+    def write() -> None:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE IF NOT EXISTS t (x INTEGER)"))
+
+    first = threading.Thread(target=write)
+    first.start()
+    try:
+        assert committing.wait(10)
+        second = threading.Thread(target=gate.gated(other_ran.set))
+        second.start()
+        assert other_ran.wait(10)  # ran while the first step's COMMIT waited
+        second.join(10)
+    finally:
+        release.set()
+        first.join(10)
+        engine.dispose()
