@@ -233,9 +233,10 @@ class CpuGate:
     inside or to go on), fewer than the store's connection pool holds: a step that holds the slot and
     waits for a connection never waits for one held by a step that waits for the slot (without this
     bound, 200 short tasks on PostgreSQL deadlocked until the pool's timeout).
-    Measured at 200 streams x 50 tokens/s (bench/RESULTS.md): added delay p99 10.8-11.7 ms with one slot
-    after the loop, 13-32 ms with two slots after the loop, 28-67 ms with two slots. A parked thread waits
-    on the gate without CPU."""
+    Every entry waits for the loop, the return from a wait inside a step too: between any two bursts of
+    task-thread Python the loop catches up. Measured at 200 streams x 50 tokens/s (bench/RESULTS.md):
+    added delay p99 11-16 ms so; 20-47 ms when only a step's start waited for the loop; 13-32 ms with two
+    slots; 28-67 ms with two slots and no waiting for the loop. A parked thread waits without CPU."""
 
     def __init__(self, slots: int, admitted: int = 8) -> None:
         self._slots = threading.BoundedSemaphore(slots)
@@ -271,7 +272,6 @@ class CpuGate:
             self._admitted.acquire()
             try:
                 self._enter()
-                self._after_loop()
             except BaseException:
                 self._leave()
                 self._admitted.release()
@@ -305,6 +305,7 @@ class CpuGate:
     def _enter(self) -> None:
         self._slots.acquire()
         self._local.held = True
+        self._after_loop()
 
     def _leave(self) -> None:
         if getattr(self._local, "held", False):
