@@ -186,8 +186,11 @@ def _settle_heap(context: WorkerContext) -> None:
     model client's resources), then freeze what the process built to start. An import holds the GIL for
     tens of ms, and a full collection scanned those ~200,000 objects again each time: 60-100 ms pauses in
     the middle of 200 streams, 17-30 ms once frozen (bench/RESULTS.md)."""
-    Image.init()
-    context.loop.run(context.model.warm())
+    try:
+        Image.init()
+        context.loop.run(context.model.warm())
+    except Exception as exc:  # only a head start: the first run loads it otherwise
+        log.warning("worker.warm_up_failed", error=f"{type(exc).__name__}: {exc}")
     gc.collect()
     gc.freeze()
 

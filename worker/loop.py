@@ -234,9 +234,9 @@ class CpuGate:
     waits for a connection never waits for one held by a step that waits for the slot (without this
     bound, 200 short tasks on PostgreSQL deadlocked until the pool's timeout).
     Every entry waits for the loop, the return from a wait inside a step too: between any two bursts of
-    task-thread Python the loop catches up. Measured at 200 streams x 50 tokens/s (bench/RESULTS.md):
-    added delay p99 11-16 ms so; 20-47 ms when only a step's start waited for the loop; 13-32 ms with two
-    slots; 28-67 ms with two slots and no waiting for the loop. A parked thread waits without CPU."""
+    task-thread Python the loop catches up. Measured at 200 streams x 50 tokens/s (bench/RESULTS.md, 50 ms
+    / no coalescing): added delay p99 11-14 / 12-19 ms so, against 20-47 / 26-32 ms when only a step's
+    start waited for the loop and 13-15 / 17-32 ms with two slots. A parked thread waits without CPU."""
 
     def __init__(self, slots: int, admitted: int = 8) -> None:
         self._slots = threading.BoundedSemaphore(slots)
