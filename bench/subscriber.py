@@ -39,7 +39,6 @@ class TaskTrace:
 class Trace:
     tasks: dict[str, TaskTrace] = field(default_factory=dict)
     delays_ms: list[float] = field(default_factory=list)  # one per token: received - sent
-    delta_delays_ms: list[float] = field(default_factory=list)  # one per delta: received - last token's send
     #: one per delta, in arrival order: (task, type, received, first token's send, last token's send, characters)
     delta_log: list[tuple[str, str, float, float, float, int]] = field(default_factory=list)
     cpu_s: float = 0.0  # the subscriber's own CPU time
@@ -66,7 +65,6 @@ def collect(redis_url: str, task_ids: list[str], ready: Any, timeout: float) -> 
     ready.set()
     open_tasks = len(task_ids)
     cpu0, wall0 = time.process_time(), time.monotonic()
-    delta_delays = trace.delta_delays_ms
     delta_log = trace.delta_log
     deadline = time.monotonic() + timeout
     delays = trace.delays_ms
@@ -94,7 +92,6 @@ def collect(redis_url: str, task_ids: list[str], ready: Any, timeout: float) -> 
                     t.first_sent, t.first_recv = sent[0], now
                 t.last_sent, t.last_recv = sent[-1], now
                 delays.extend((now - s) * 1000 for s in sent)
-                delta_delays.append((now - sent[-1]) * 1000)
                 delta_log.append((channels[message["channel"]], kind, now, sent[0], sent[-1], len(event["text"])))
         elif kind == "task.started":
             t.started_at, t.worker = now, event.get("worker", "")
@@ -169,8 +166,8 @@ def added_delays(trace: Trace, window_ms: float, max_chars: int, end_after_ms: f
     A delta is due one window after its first token was sent, or sooner: when its last token was sent if
     it was cut for size (`max_chars`), `end_after_ms` after it if it ends the stream (the end of the
     stream flushes; the emulator paces the closing chunk as one more token), when the next delta's first
-    token was sent if that one is of the other kind (the switch flushes). What the subscriber sees beyond that was added by the worker, Redis and the wire; with no
-    coalescing it is each token's whole delay."""
+    token was sent if that one is of the other kind (the switch flushes). What the subscriber sees beyond
+    that was added by the worker, Redis and the wire; with no coalescing it is each token's whole delay."""
     by_task: dict[str, list[tuple[str, float, float, float, int]]] = {}
     for task, kind, received, first, last, chars in trace.delta_log:
         by_task.setdefault(task, []).append((kind, received, first, last, chars))
@@ -217,7 +214,7 @@ def summarize(trace: Trace, coalesce_ms: float = 0.0, coalesce_chars: int = 256,
         "seq_gaps": sum(1 for t in tasks if not t.seqs_ok),
         "tokens": total_tokens,
         "delay_ms": percentiles(trace.delays_ms),
-        "delta_delay_ms": percentiles(trace.delta_delays_ms),
+        "delta_delay_ms": percentiles([(received - last) * 1000 for _, _, received, _, last, _ in trace.delta_log]),
         "added_delay_ms": percentiles([a for _, a in added]),
         "added_delay_p99_by_second": by_second(added),
         "subscriber_cpu_pct": round(100 * trace.cpu_s / trace.wall_s, 1) if trace.wall_s else None,

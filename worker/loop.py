@@ -132,7 +132,7 @@ class WorkerLoop:
         self._loop, self._thread = loop, thread
         thread.start()
         ready.wait()
-        cpu_gate.defer_to(loop, thread)
+        cpu_gate.defer_to(loop)
 
     @staticmethod
     def _serve(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
@@ -243,15 +243,14 @@ class CpuGate:
         self._admitted = threading.BoundedSemaphore(max(slots, admitted))
         self._local = threading.local()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: threading.Thread | None = None
 
-    def defer_to(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    def defer_to(self, loop: asyncio.AbstractEventLoop) -> None:
         """The loop steps wait for: the process's one (the latest started)."""
-        self._loop, self._loop_thread = loop, thread
+        self._loop = loop
 
     def forget(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._loop is loop:
-            self._loop = self._loop_thread = None
+            self._loop = None
 
     def gated(self, function: Callable[P, T]) -> Callable[P, T]:
         """`function` run through the gate."""
@@ -264,7 +263,7 @@ class CpuGate:
 
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
-        if threading.current_thread() is self._loop_thread:  # the loop goes first: it never waits here
+        if self._on_the_loop():  # the loop goes first: it never waits here
             yield
             return
         depth = getattr(self._local, "depth", 0)
@@ -323,11 +322,17 @@ class CpuGate:
             loop.call_soon_threadsafe(caught_up.set)
         except RuntimeError:  # the loop is closed
             return
-        caught_up.wait(LOOP_FIRST_TIMEOUT_S)
+        caught_up.wait(LOOP_CATCH_UP_TIMEOUT_S)
+
+    def _on_the_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:  # a thread with no running loop: a task thread
+            return False
 
 
 CPU_STEP_SLOTS = 1
 #: Steps under way at once; below the store's pool (contracts/store/engine.py: 20 + 50 on PostgreSQL).
 ADMITTED_STEPS = 8
-LOOP_FIRST_TIMEOUT_S = 0.5
+LOOP_CATCH_UP_TIMEOUT_S = 0.5  # the longest a step waits for the loop (a stuck loop does not stop the steps)
 cpu_gate = CpuGate(CPU_STEP_SLOTS, ADMITTED_STEPS)

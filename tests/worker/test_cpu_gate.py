@@ -71,7 +71,7 @@ def test_a_step_that_raises_gives_its_slot_back() -> None:
 def test_a_step_starts_only_after_the_loop_has_run_what_was_ready() -> None:
     loop = WorkerLoop(name="gate-test").start()
     gate = CpuGate(1)
-    gate.defer_to(loop.loop, loop._thread)  # type: ignore[arg-type]
+    gate.defer_to(loop.loop)
     hold, loop_done, entered = threading.Event(), threading.Event(), threading.Event()
     order: list[str] = []
 
@@ -97,7 +97,7 @@ def test_a_step_starts_only_after_the_loop_has_run_what_was_ready() -> None:
 def test_the_loop_thread_never_waits_on_the_gate() -> None:
     loop = WorkerLoop(name="gate-test").start()
     gate = CpuGate(1)
-    gate.defer_to(loop.loop, loop._thread)  # type: ignore[arg-type]
+    gate.defer_to(loop.loop)
     inside, release = threading.Event(), threading.Event()
 
     def hold_the_slot() -> None:
